@@ -1,0 +1,2421 @@
+"""MMBoundary, from scratch: the library.
+
+He et al., "MMBoundary: Advancing MLLM Knowledge Boundary Awareness through Reasoning Step Confidence
+Calibration", ACL 2025, arXiv 2505.23224. A multimodal model reasons step by step and, after every step, says
+in words how sure it is ("..., with total certainty." / "..., but I'm not sure."). Training has two stages:
+a confidence warm-up SFT whose statements come from four internal signals (train_sft.py), then PPO with three
+step-level rewards (train_rl.py). evaluate.py measures calibration. This file holds everything they share,
+in paper order; importing it has no side effects.
+
+It is NOT a wrapper around a large model: TinyVLM (a few million parameters) and TinyCLIP are trained from
+scratch on an embedded shapes world whose step truth is known exactly, so the whole method runs on a laptop CPU.
+
+Map of this file (sections under # ---- rulers):
+  errors, configuration, command line   UserError, run_cli, parse_configs, seed_everything, pick_device
+  the shapes world (DESIGN 3)            make_dataset, render_scene, verify_step, describe_step
+  tokenizer, TinyVLM, TinyCLIP (4)       Tokenizer, TinyVLM (ViT -> projector -> GPT, KV cache), TinyCLIP
+  checkpoints                            save_checkpoint (atomic), load_checkpoint (checked)
+  5.1 the four signals                   token_logprobs, token_entropy, u_lnlp, u_mte, u_tokensar, u_clipscore
+  5.2 normalise, fuse, level             fit_minmax, to_confidence, fuse_confidence, confidence_levels
+  5.3 statements                         STATEMENTS, statement_for, level_of_statement
+  5.5 rewards and PPO maths              r_ka, r_ec, r_cs, masked_whiten, gae, ppo_policy_loss, ppo_value_loss
+  6 metrics                              ece, auroc, brier, reliability_bins
+  text and steps                         format_prompt, split_steps, score_responses (5.1 on real responses)
+  bench, golden vectors                  python mmboundary.py --bench | --golden PATH
+
+Shapes: B batch, T tokens, V vocab, S steps, D embedding, N pooled items, P image tokens, C width.
+
+Paper symbol -> code name:
+  U_LNLP, U_MTE, U_TokenSAR, U_CLIPS    u_lnlp, u_mte, u_tokensar, u_clipscore
+  R_l, R~_l (TokenSAR relevance)         relevance (raw R_l), normalised inside u_tokensar
+  g (text similarity)                    cosine of TinyCLIP text embeddings (tokensar_relevance)
+  c_final, w_i                           fuse_confidence(conf, weights)
+  confidence level, score->statement     confidence_levels, statement_for; statement->score level_of_statement
+  R_KA, R_EC, R_CS; α, β, γ              r_ka, r_ec, r_cs; --alpha, --beta, --gamma (train_rl.py)
+  β_KL (KL to reference)                 kl_coef
+  γ, λ of GAE; ε                         discount, gae_lambda; clip_eps
+  MECE (step-level ECE)                  ece over all steps (evaluate.py)
+
+Commands:
+  python train_sft.py && python train_rl.py && python evaluate.py     # the whole method, CPU, minutes
+  python mmboundary.py --bench                                         # throughput on this machine
+  python mmboundary.py --golden golden.safetensors                     # porting vectors (DESIGN 8)
+"""
+
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+
+
+# ---------------------------------------------------------------------------- #
+# Errors, configuration and the command line
+# ---------------------------------------------------------------------------- #
+
+class UserError(Exception):
+    """A bad input from the user (file, flag, checkpoint). Scripts print its message as one line, exit 2."""
+
+
+def run_cli(main, argv=None):
+    """Run a script's main(argv); a UserError (or Ctrl-C) ends in one clear line instead of a traceback."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def note(help_text, check=None, choices=None):
+    """Field metadata: the --help text, an optional validity check (a predicate + what it means) and choices.
+    e.g. lr: float = field(default=1e-3, metadata=note("learning rate", POSITIVE))"""
+    return {"help": help_text, "check": check, "choices": choices}
+
+
+POSITIVE = (lambda v: v > 0, "> 0")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+UNIT_INTERVAL = (lambda v: 0 <= v <= 1, "in [0, 1]")
+OPEN_UNIT = (lambda v: 0 < v < 1, "in (0, 1)")
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a UserError (one line, exit 2) instead of usage text."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def parse_configs(argv, description, classes, quick=None):
+    """Flags for every field of every dataclass in `classes`; `quick` ({field: value}) replaces defaults when
+    --quick is given (explicit flags still win). Returns one instance per class, each checked."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--quick", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    parser = ArgParser(description=description)
+    for cls in classes:
+        add_config_args(parser, cls, quick if known.quick else None)
+    args = parser.parse_args(argv)
+    return [config_from_args(cls, args) for cls in classes]
+
+
+def add_config_args(parser, cls, defaults=None):
+    """Turn every field of dataclass `cls` into a --flag (underscores become dashes; bools become
+    --flag / --no-flag). `defaults` (a dict) overrides the dataclass defaults, e.g. for a --quick preset."""
+    defaults = defaults or {}
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata or {}
+        default = defaults.get(f.name, f.default)
+        help_text = meta.get("help", "")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            parser.add_argument(flag, dest=f.name, type=typ, default=default, metavar=f.name.upper(),
+                                help=f"{help_text} (default: {default})")
+
+
+def config_from_args(cls, args):
+    """Build the dataclass from parsed args and check every field's constraint; a bad value is a UserError
+    naming the flag, e.g. 'error: --lr must be > 0 (got -0.1)'."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return check_config(cls(**values))
+
+
+def check_config(cfg):
+    for f in dataclasses.fields(cfg):
+        meta = f.metadata or {}
+        value = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            raise UserError(f"{flag} must be one of {', '.join(map(str, meta['choices']))} (got {value!r})")
+        if meta.get("check") is not None:
+            predicate, meaning = meta["check"]
+            if not predicate(value):
+                raise UserError(f"{flag} must be {meaning} (got {value!r})")
+    return cfg
+
+
+def seed_everything(seed):
+    """One seed for python's random, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name="auto"):
+    """'auto' picks cuda, then mps, then cpu; anything else is passed to torch.device after a check."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise UserError(f"--device must be auto, cpu, cuda[:N] or mps (got {name!r})")
+    return torch.device(name)
+
+
+def print_config(*cfgs):
+    """Print each resolved config as one JSON line, so a log says exactly what ran."""
+    for cfg in cfgs:
+        print(f"{type(cfg).__name__} {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
+
+
+class Progress:
+    """One progress line per log interval: step/total, the given metrics, it/s and ETA."""
+
+    def __init__(self, total, name=""):
+        self.total, self.name, self.t0 = total, name, time.time()
+
+    def line(self, step, **metrics):
+        elapsed = time.time() - self.t0
+        rate = step / max(elapsed, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        parts = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        print(f"{self.name} {step}/{self.total} {parts} | {rate:.2f} it/s | eta {eta:.0f}s", flush=True)
+
+
+# ---------------------------------------------------------------------------- #
+# The shapes world: vocabulary
+# ---------------------------------------------------------------------------- #
+# The paper trains on A-OKVQA / ScienceQA / CulturalVQA with COCO images; none of that can ship in a
+# laptop-sized reference. Instead we build a tiny procedural world where the truth of every reasoning
+# step is known *exactly* (the paper had to approximate step truth with a cross-encoder). The world is
+# designed so that a small model has a real knowledge boundary:
+#   - perception is hard for small objects in confusable colours (red/orange, blue/purple),
+#   - knowledge questions need a fictional name learned from text, and the names follow a long tail,
+#     so rare names sit past what the model has memorised.
+# Every name below is part of the data contract: the templates and the verifier are built from these lists.
+
+SHAPES = ["circle", "square", "triangle", "diamond"]
+
+# RGB of each colour name. The two confusable pairs differ by about 21 RGB units, mostly in one channel.
+# Why that works: the noise on an object's mean colour shrinks like noise_std / sqrt(#pixels). A large object
+# (~75 pure pixels) averages it away and stays easy; a small one (~20 pixels, many of them blended with the
+# background by anti-aliasing) does not. Measured with a linear probe on the object's masked mean colour
+# (the object's cell given): small red-vs-orange ~99% on train noise (14) but ~78% on ood noise (26), large
+# >= 98% on both. An ideal observer thus still separates small ones in-distribution; a small model trained
+# for minutes does not, which is the uncertainty we want. These numbers are the knobs for harder/easier perception.
+COLORS = {
+    "red": (200, 55, 50),  # confusable with orange: +20 green, +5 red, -5 blue
+    "orange": (205, 75, 45),
+    "blue": (60, 80, 205),  # confusable with purple: +20 red, -8 green
+    "purple": (80, 72, 205),
+    "green": (60, 170, 70),  # green and yellow are far from everything else: the "easy" colours
+    "yellow": (215, 205, 60),
+}
+
+# Each colour's look-alike. Used for hard distractors and for the per-colour accuracy breakdown.
+CONFUSABLE = {"red": "orange", "orange": "red", "blue": "purple", "purple": "blue"}
+
+SIZES = ["small", "large"]
+
+# The 3x3 grid in row-major order: POSITIONS[3 * row + col] names cell (row, col), row 0 = top.
+POSITIONS = [
+    "top left", "top middle", "top right",
+    "middle left", "center", "middle right",
+    "bottom left", "bottom middle", "bottom right",
+]
+
+# Counts never exceed 6 (the largest OOD scene), so seven words cover every answer.
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six"]
+
+# The fictional lexicon: one made-up name per (colour, shape) pair, e.g. a red circle is called a "zorp".
+# The words are nonsense on purpose: the model cannot guess them from the picture, only remember them from
+# the training text, which is what makes the knowledge question a *knowledge* (not perception) question.
+# subtle: no name may clash with any other word of the world (colours, shapes, template words), or the
+# verifier's regexes and a word-level tokenizer could confuse a name with an attribute; a test checks this.
+_LEXICON_WORDS = [
+    "zorp", "blick", "dax", "wug",  # red circle, red square, red triangle, red diamond
+    "fep", "tupa", "glim", "kiki",  # orange ...
+    "bouba", "mavo", "plonk", "drizz",  # blue ...
+    "quog", "vorn", "snib", "taffle",  # purple ...
+    "grint", "yomp", "flurb", "nerk",  # green ...
+    "pilk", "zib", "krell", "womble",  # yellow ...
+]
+LEXICON = {
+    (color, shape): _LEXICON_WORDS[4 * ci + si]
+    for ci, color in enumerate(COLORS)  # dicts keep insertion order, so this order is fixed
+    for si, shape in enumerate(SHAPES)
+}
+
+# ---------------------------------------------------------------------------- #
+# The long tail of facts
+# ---------------------------------------------------------------------------- #
+# Real world knowledge is long-tailed: a few facts are everywhere, most are rare. MMBoundary's point is that
+# a model should be *unsure* about the rare ones. We reproduce that with a Zipf law over the 24 facts:
+#     p(rank k) ∝ 1 / k^1.2,   k = 1..24
+# so the most common fact is 24^1.2 ≈ 45x as frequent as the rarest one. Which pair gets which rank is a
+# fixed seeded shuffle, so frequency is not tied to colour or shape (otherwise "red things are easy" would
+# leak into perception).
+FACT_ZIPF_EXPONENT = 1.2
+FACT_SHUFFLE_SEED = 1234  # fixed forever: changing it changes which facts are rare, i.e. the dataset
+
+
+def _zipf_fact_weights(exponent=FACT_ZIPF_EXPONENT, shuffle_seed=FACT_SHUFFLE_SEED):
+    """Probability of each (color, shape) fact, in rank order (most common first), summing to 1.
+
+    Example with 3 facts and exponent 1: raw weights 1, 1/2, 1/3 -> probabilities 6/11, 3/11, 2/11.
+    """
+    pairs = list(LEXICON)  # the 24 (color, shape) pairs in canonical order
+    random.Random(shuffle_seed).shuffle(pairs)  # private Random: never touches the global random state
+    raw = [1.0 / (rank ** exponent) for rank in range(1, len(pairs) + 1)]  # Zipf weight of ranks 1..24
+    total = sum(raw)  # normalise so the weights read as probabilities
+    return {pair: weight / total for pair, weight in zip(pairs, raw)}
+
+
+# dict[(color, shape), float]; iteration order is the frequency rank (list(FACT_WEIGHTS)[0] = most common).
+FACT_WEIGHTS = _zipf_fact_weights()
+
+# ---------------------------------------------------------------------------- #
+# Rendering
+# ---------------------------------------------------------------------------- #
+IMAGE_SIZE = 36  # px per side; a 3x3 grid of 12 px cells
+CELL_SIZE = IMAGE_SIZE // 3  # 12 px
+RENDER_SCALE = 4  # draw at 4x then box-downsample: cheap anti-aliasing, so small shapes blur into the background
+SIZE_RADIUS = {"small": 2.75, "large": 5.0}  # half-extent of a shape in px (at 1x)
+JITTER_PX = 1  # an object's centre moves by -1, 0 or +1 px on each axis, so position is not one fixed pixel
+# subtle: every shape fits in the box of half-size r, and two neighbouring centres are at least
+# 12 - 2*JITTER_PX = 10 = 2 * 5.0 px apart, so even two large objects jittered towards each other only touch.
+
+# Background and noise per split. train and test share a style (in-distribution); ood shifts both the
+# background colour and the noise level, like the paper's in-domain vs out-of-domain evaluation sets.
+SPLITS = ["train", "test", "ood"]
+SPLIT_STYLE = {
+    "train": {"background": (40, 40, 40), "noise": 14.0},  # dark grey, mild noise (std in RGB units)
+    "test": {"background": (40, 40, 40), "noise": 14.0},  # same distribution as train
+    "ood": {"background": (75, 65, 50), "noise": 26.0},  # dark brown, stronger noise
+}
+# Objects per scene, inclusive ranges. ood also shifts the scene complexity (more objects, longer counts).
+SPLIT_NUM_OBJECTS = {"train": (2, 4), "test": (2, 4), "ood": (5, 6)}
+# make_dataset seeds its generators with seed + offset, so train/test/ood with the same seed differ.
+# subtle: seeds a billion apart collide across splits (train seed 1_000_000_007 == test seed 0); nobody
+# uses seeds that large, and a simple offset is easy to port.
+SPLIT_SEED_OFFSET = {"train": 0, "test": 1_000_000_007, "ood": 2_000_000_014}
+
+
+def position_name(row, col):
+    """Grid cell -> its name, e.g. (0, 0) -> "top left", (1, 1) -> "center", (2, 1) -> "bottom middle"."""
+    return POSITIONS[3 * row + col]
+
+
+def object_name(obj):
+    """An object's unique name inside its scene, e.g. {"color": "red", "shape": "circle", ...} -> "red circle"."""
+    return f"{obj['color']} {obj['shape']}"
+
+
+def _shape_polygon(shape, cx, cy, r):
+    """Vertices (or, for a circle, the bounding box) of a shape centred at (cx, cy) with half-extent r.
+
+    Example: ("diamond", 10, 10, 2) -> [(10, 8), (12, 10), (10, 12), (8, 10)].
+    """
+    if shape == "circle":
+        return [(cx - r, cy - r), (cx + r, cy + r)]  # PIL's ellipse takes its bounding box
+    if shape == "square":
+        h = 0.9 * r  # a bit smaller than its box so its area (3.2 r^2) is close to the circle's (3.1 r^2)
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":
+        # apex up, base down, filling the box vertically; area 2 r^2 (same as the diamond)
+        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]  # a square turned 45 degrees
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def render_scene(scene, rng):
+    """Draw a scene graph to an RGB image: (IMAGE_SIZE, IMAGE_SIZE, 3) uint8.
+
+    rng (np.random.Generator) supplies the position jitter and the pixel noise, so the same scene renders
+    differently with different rngs but identically with the same seed.
+    Example: one large red circle at the center, noise 0 -> pixel [18, 18] == COLORS["red"].
+    """
+    s = RENDER_SCALE  # shorthand: every coordinate below is multiplied by it
+    background = tuple(int(v) for v in scene.get("background", SPLIT_STYLE["train"]["background"]))
+    canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), background)  # (144, 144) at 4x
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene.get("objects", []):
+        jitter_x, jitter_y = rng.integers(-JITTER_PX, JITTER_PX + 1, size=2)  # each in {-1, 0, 1}
+        cx = (obj["col"] * CELL_SIZE + CELL_SIZE / 2 + jitter_x) * s  # cell centre, in 4x pixels
+        cy = (obj["row"] * CELL_SIZE + CELL_SIZE / 2 + jitter_y) * s
+        points = _shape_polygon(obj["shape"], cx, cy, SIZE_RADIUS[obj["size"]] * s)
+        fill = COLORS[obj["color"]]
+        if obj["shape"] == "circle":
+            draw.ellipse(points, fill=fill)
+        else:
+            draw.polygon(points, fill=fill)
+    # BOX averages each 4x4 block: the anti-aliased edge pixels mix object and background colour
+    small = canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+    pixels = np.asarray(small, dtype=np.float32)  # (36, 36, 3)
+    # additive Gaussian pixel noise; rounding then clipping keeps a valid uint8 image
+    pixels = pixels + rng.normal(0.0, float(scene.get("noise", 0.0)), size=pixels.shape)
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)  # (36, 36, 3) uint8
+
+
+# ---------------------------------------------------------------------------- #
+# Step templates: the one place where the sentences are written
+# ---------------------------------------------------------------------------- #
+# One fact per step, one template per kind of fact. The generator writes them with these functions and the
+# verifier parses them with the regexes further down; keep the two in sync (a test checks every reference
+# step of every question type verifies True).
+
+def perception_step(obj):
+    """Image_level step for one object, e.g. "There is a small red circle at the top left."."""
+    position = position_name(obj["row"], obj["col"])
+    return f"There is a {obj['size']} {obj['color']} {obj['shape']} at the {position}."
+
+
+def count_step(color, n):
+    """e.g. ("red", 2) -> "The number of red objects is two."."""
+    return f"The number of {color} objects is {NUMBER_WORDS[n]}."
+
+
+def relation_step(obj1, obj2, relation):
+    """relation in left/right/above/below, e.g. -> "The red circle is left of the blue square."."""
+    phrase = {"left": "left of", "right": "right of", "above": "above", "below": "below"}[relation]
+    return f"The {object_name(obj1)} is {phrase} the {object_name(obj2)}."
+
+
+def compare_step(large_obj, small_obj):
+    """e.g. -> "The red circle is larger than the blue square."."""
+    return f"The {object_name(large_obj)} is larger than the {object_name(small_obj)}."
+
+
+def knowledge_step(color, shape):
+    """e.g. ("red", "circle") -> "A red circle is called a zorp."."""
+    # subtle: always "a", even "A orange diamond ...": one fixed template is simpler for a tiny model and a
+    # porter than English article rules; the verifier accepts "an" as well.
+    return f"A {color} {shape} is called a {LEXICON[(color, shape)]}."
+
+
+def answer_step(answer):
+    """The last step of every chain, e.g. "two" -> "So, the answer is two."."""
+    return f"So, the answer is {answer}."
+
+
+# ---------------------------------------------------------------------------- #
+# Question generators: one per question type
+# ---------------------------------------------------------------------------- #
+# Each takes the scene's objects (row-major order) and a random.Random (knowledge also the queried pair),
+# and returns
+#     (question, answer, distractors (3 strings), image_steps, reasoning_steps)
+# reasoning_steps always ends with answer_step(answer).
+QTYPES = ["color", "count", "spatial", "compare", "knowledge"]
+
+
+def _fill_distractors(answer, preferred, pool, rng, k=3):
+    """k distinct distractors: the `preferred` ones first (hard negatives), then random picks from `pool`.
+
+    Example: answer "red", preferred ["orange"], pool = all colours -> ["orange", <2 random others>].
+    """
+    chosen = []
+    for d in preferred:  # hard negatives first, in the given order
+        if d != answer and d not in chosen and len(chosen) < k:
+            chosen.append(d)
+    rest = [d for d in pool if d != answer and d not in chosen]  # everything still allowed
+    chosen += rng.sample(rest, k - len(chosen))  # raises if the pool is too small: a bug, not bad data
+    return chosen
+
+
+def _ask_color(objects, rng):
+    """ "What color is the object at the top left?" -> its colour; the confusable partner is a distractor."""
+    obj = rng.choice(objects)
+    pos = position_name(obj["row"], obj["col"])
+    answer = obj["color"]
+    preferred = [CONFUSABLE[answer]] if answer in CONFUSABLE else []  # the hard one, when there is one
+    distractors = _fill_distractors(answer, preferred, list(COLORS), rng)
+    return (f"What color is the object at the {pos}?", answer, distractors,
+            [perception_step(obj)], [answer_step(answer)])  # colour needs no reasoning beyond seeing
+
+
+def _ask_count(objects, rng):
+    """ "How many red objects are there?" -> a number word; every object is a perception step."""
+    if rng.random() < 0.8:
+        color = rng.choice(objects)["color"]  # mostly a colour in the scene, so answers > 0 are common
+    else:
+        color = rng.choice(list(COLORS))  # sometimes any colour, so "zero" happens too
+    n = sum(obj["color"] == color for obj in objects)
+    answer = NUMBER_WORDS[n]
+    # neighbouring numbers are the plausible miscounts, so they are the hard distractors
+    preferred = [NUMBER_WORDS[m] for m in (n - 1, n + 1) if 0 <= m < len(NUMBER_WORDS)]
+    distractors = _fill_distractors(answer, preferred, NUMBER_WORDS, rng)
+    return (f"How many {color} objects are there?", answer, distractors,
+            [perception_step(obj) for obj in objects],  # counting needs every object, in row-major order
+            [count_step(color, n), answer_step(answer)])
+
+
+def _ask_spatial(objects, rng):
+    """ "Where is the red circle relative to the blue square?" -> left/right/above/below."""
+    obj1, obj2 = rng.sample(objects, 2)
+    # left/right when the columns differ, else above/below (objects sit in distinct cells, so rows differ)
+    if obj1["col"] != obj2["col"]:
+        relation = "left" if obj1["col"] < obj2["col"] else "right"
+    else:
+        relation = "above" if obj1["row"] < obj2["row"] else "below"
+    distractors = [r for r in ("left", "right", "above", "below") if r != relation]  # always all four
+    return (f"Where is the {object_name(obj1)} relative to the {object_name(obj2)}?", relation, distractors,
+            [perception_step(obj1), perception_step(obj2)],
+            [relation_step(obj1, obj2, relation), answer_step(relation)])
+
+
+def _ask_compare(objects, rng):
+    """ "Which is larger, the red circle or the blue square?" -> the name of the large one.
+
+    subtle: this mutates the sizes of the two chosen objects (one large, one small) so the question has an
+    answer; it runs before rendering, so the image always agrees with the scene graph.
+    """
+    obj1, obj2 = rng.sample(objects, 2)  # obj1 is asked about first
+    large, small = (obj1, obj2) if rng.random() < 0.5 else (obj2, obj1)
+    large["size"], small["size"] = "large", "small"
+    answer = object_name(large)
+    others = [f"{c} {s}" for (c, s) in LEXICON if f"{c} {s}" not in (answer, object_name(small))]
+    distractors = [object_name(small)] + rng.sample(others, 2)  # the other object plus two random names
+    return (f"Which is larger, the {object_name(obj1)} or the {object_name(obj2)}?", answer, distractors,
+            [perception_step(obj1), perception_step(obj2)],
+            [compare_step(large, small), answer_step(answer)])
+
+
+def _ask_knowledge(objects, pair, rng):
+    """ "What is the object at the center called?" -> LEXICON name of the object with (color, shape) == pair.
+
+    Unlike the other generators it takes the queried pair: make_record drew it from FACT_WEIGHTS before
+    sampling the scene (see sample_objects), so rare facts are rare questions.
+    """
+    obj = next(o for o in objects if (o["color"], o["shape"]) == pair)  # unique: pairs are unique in a scene
+    pos = position_name(obj["row"], obj["col"])
+    answer = LEXICON[pair]
+    # hard distractor: the name the model would give if it mistook the colour for its look-alike
+    preferred = [LEXICON[(CONFUSABLE[pair[0]], pair[1])]] if pair[0] in CONFUSABLE else []
+    distractors = _fill_distractors(answer, preferred, list(LEXICON.values()), rng)
+    return (f"What is the object at the {pos} called?", answer, distractors,
+            [perception_step(obj)],
+            [knowledge_step(*pair), answer_step(answer)])
+
+
+# ---------------------------------------------------------------------------- #
+# Scenes and the dataset
+# ---------------------------------------------------------------------------- #
+
+def sample_objects(rng, n_objects, first_pair=None):
+    """n_objects objects in distinct cells with unique (color, shape) pairs, sorted row-major.
+
+    first_pair, when given, is forced into the scene (the knowledge question's fact); the other pairs are
+    uniform. Example: (rng, 2) -> [{"shape": "square", "color": "blue", "size": "small", "row": 0, "col": 2},
+                                   {"shape": "circle", "color": "red", "size": "large", "row": 1, "col": 1}]
+    """
+    all_pairs = list(LEXICON)  # 24 (color, shape) pairs, canonical order (so sampling is deterministic)
+    if first_pair is None:
+        pairs = rng.sample(all_pairs, n_objects)
+    else:
+        pairs = [first_pair] + rng.sample([p for p in all_pairs if p != first_pair], n_objects - 1)
+    cells = rng.sample(range(9), n_objects)  # distinct cells, so a position names at most one object
+    objects = [
+        {"shape": shape, "color": color, "size": rng.choice(SIZES), "row": cell // 3, "col": cell % 3}
+        for (color, shape), cell in zip(pairs, cells)
+    ]
+    objects.sort(key=lambda o: (o["row"], o["col"]))  # row-major: the order of the count chain's steps
+    return objects
+
+
+def make_record(index, seed, split, py_rng, np_rng):
+    """One dataset record (see make_dataset). py_rng drives every discrete choice, np_rng the rendering."""
+    qtype = py_rng.choice(QTYPES)  # uniform over question types
+    lo, hi = SPLIT_NUM_OBJECTS[split]
+    n_objects = py_rng.randint(lo, hi)  # inclusive on both ends
+    if qtype == "knowledge":
+        # the queried fact follows the long tail: this is where the knowledge boundary comes from
+        pair = py_rng.choices(list(FACT_WEIGHTS), weights=list(FACT_WEIGHTS.values()), k=1)[0]
+        objects = sample_objects(py_rng, n_objects, first_pair=pair)
+        question, answer, distractors, image_steps, reasoning_steps = _ask_knowledge(objects, pair, py_rng)
+    else:
+        objects = sample_objects(py_rng, n_objects)
+        ask = {"color": _ask_color, "count": _ask_count, "spatial": _ask_spatial, "compare": _ask_compare}[qtype]
+        question, answer, distractors, image_steps, reasoning_steps = ask(objects, py_rng)
+    choices = [answer] + list(distractors)
+    py_rng.shuffle(choices)  # the answer's slot is uniform over 0..3
+    assert len(set(choices)) == 4, choices  # 4 distinct strings, one of them the answer
+    style = SPLIT_STYLE[split]
+    scene = {
+        "objects": objects,
+        "answer": answer,  # in the scene because the verifier checks the answer step from the scene alone
+        "background": list(style["background"]),  # lists, not tuples: the scene must survive a JSON round trip
+        "noise": float(style["noise"]),
+    }
+    return {
+        "id": f"{split}-{seed}-{index}",
+        "question": question,
+        "choices": choices,
+        "correct_choice_idx": choices.index(answer),
+        "answer": answer,
+        "qtype": qtype,
+        "keys_filtered": {"Image_level": image_steps, "Reasoning_level": reasoning_steps},  # official schema
+        "scene": scene,
+        "image": render_scene(scene, np_rng),  # (36, 36, 3) uint8; the only non-JSON field
+    }
+
+
+def make_dataset(n, seed, split="train"):
+    """n records of the shapes world, deterministic per (seed, split).
+
+    Each record: {"id", "question", "choices" (4 str), "correct_choice_idx", "answer", "qtype",
+    "keys_filtered": {"Image_level": [...], "Reasoning_level": [..., "So, the answer is X."]},
+    "scene" (JSON-able scene graph), "image" (36, 36, 3) uint8}.
+    Example: make_dataset(1, 0)[0]["id"] == "train-0-0". Records are drawn one after another from the same
+    two generators, so make_dataset(10, s) is the first 10 records of make_dataset(100, s).
+    """
+    if split not in SPLIT_STYLE:
+        raise ValueError(f"make_dataset: unknown split {split!r}; expected one of {SPLITS}")
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"make_dataset: n must be a non-negative int, got {n!r}")
+    if not isinstance(seed, int) or seed < 0:
+        # subtle: random.Random(-s) == random.Random(s) and numpy rejects negative seeds, so refuse them
+        raise ValueError(f"make_dataset: seed must be a non-negative int, got {seed!r}")
+    py_rng = random.Random(seed + SPLIT_SEED_OFFSET[split])  # discrete choices (question, scene)
+    np_rng = np.random.default_rng(seed + SPLIT_SEED_OFFSET[split])  # pixels (jitter, noise)
+    return [make_record(i, seed, split, py_rng, np_rng) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------- #
+# The exact step verifier
+# ---------------------------------------------------------------------------- #
+# A step is parsed against the templates above with regexes built from the vocabulary lists, then checked
+# against the scene graph. This gives exact per-step truth (the paper used a text cross-encoder instead).
+# Returns True / False for a parseable step, None for text that matches no template (counts as wrong).
+
+def _alternation(words):
+    """Regex group matching exactly one of the words, longest first so "middle left" wins over a prefix.
+
+    Example: ["top left", "center"] -> "(top\\ left|center)".
+    """
+    return "(" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + ")"
+
+
+_COLOR = _alternation(COLORS)
+_SHAPE = _alternation(SHAPES)
+_SIZE = _alternation(SIZES)
+_POSITION = _alternation(POSITIONS)
+# number words, and 1-2 ASCII digits as a tolerance.
+# subtle: not \d+: int() of a 5000-digit string raises (Python's int-string limit), and \d also matches
+# non-ASCII digits; the verifier must never raise.
+_NUMBER = "(" + "|".join(NUMBER_WORDS) + r"|[0-9]{1,2})"
+# Full-match patterns on the normalised sentence (lower case, single spaces, no trailing period).
+STEP_PATTERNS = {
+    "perception": re.compile(rf"there is an? {_SIZE} {_COLOR} {_SHAPE} at the {_POSITION}"),
+    "count": re.compile(rf"the number of {_COLOR} objects is {_NUMBER}"),
+    "relation": re.compile(rf"the {_COLOR} {_SHAPE} is (left of|right of|above|below) the {_COLOR} {_SHAPE}"),
+    "compare": re.compile(rf"the {_COLOR} {_SHAPE} is larger than the {_COLOR} {_SHAPE}"),
+    # any one-word name parses: a made-up or wrong name is a false claim (False), not gibberish (None)
+    "knowledge": re.compile(rf"an? {_COLOR} {_SHAPE} is called an? ([a-z]+)"),
+    "answer": re.compile(r"so,? the answer is (.+)"),
+}
+
+
+def normalize_step(sentence):
+    """Lower-case, collapse whitespace, drop one trailing period.
+
+    Example: "  There is a LARGE red  circle at the center . " -> "there is a large red circle at the center".
+    """
+    text = " ".join(sentence.split()).lower()  # split() with no argument also eats tabs/newlines
+    if text.endswith("."):
+        text = text[:-1].rstrip()  # rstrip: tolerate "center ." as well as "center."
+    return text
+
+
+def parse_step(sentence):
+    """A step -> (kind, fields tuple) or None. kind is a key of STEP_PATTERNS.
+
+    Example: "The red circle is left of the blue square."
+             -> ("relation", ("red", "circle", "left of", "blue", "square"))
+    """
+    if not isinstance(sentence, str):  # None, bytes, numbers: not a step
+        return None
+    text = normalize_step(sentence)
+    for kind, pattern in STEP_PATTERNS.items():
+        match = pattern.fullmatch(text)
+        if match:
+            return kind, match.groups()
+    return None
+
+
+def _scene_objects(scene):
+    """The scene's object list, or [] when the scene is not a dict or lacks objects (never raises)."""
+    objects = scene.get("objects") if isinstance(scene, dict) else None
+    return [o for o in objects if isinstance(o, dict)] if isinstance(objects, list) else []
+
+
+def _find_object(objects, color, shape):
+    """The object with this colour and shape, or None (pairs are unique within a generated scene)."""
+    return next((o for o in objects if o.get("color") == color and o.get("shape") == shape), None)
+
+
+def _cell(obj):
+    """(row, col) of an object, or None when either is missing or not an int (a malformed scene)."""
+    row, col = obj.get("row"), obj.get("col")
+    return (row, col) if isinstance(row, int) and isinstance(col, int) else None
+
+
+def _object_at(objects, position):
+    """The object in the named cell, or None if the cell is empty. Example: "center" -> the object at (1, 1)."""
+    cell = divmod(POSITIONS.index(position), 3)  # row-major index -> (row, col)
+    return next((o for o in objects if _cell(o) == cell), None)
+
+
+def verify_step(scene, sentence):
+    """Exact truth of one reasoning step against a scene graph: True, False, or None (no template matched).
+
+    Examples with scene {"objects": [{"shape": "circle", "color": "red", "size": "large", "row": 1, "col": 1}],
+                         "answer": "one"}:
+        "There is a large red circle at the center."   -> True
+        "There is a large orange circle at the center." -> False   (the confusable colour)
+        "The number of red objects is one."            -> True
+        "So, the answer is two."                       -> False
+        "hello world"                                  -> None
+    Never raises: any string and any (even empty or malformed) scene give True, False or None.
+    """
+    parsed = parse_step(sentence)
+    if parsed is None:
+        return None
+    kind, fields = parsed
+    objects = _scene_objects(scene)
+    if kind == "perception":
+        size, color, shape, position = fields
+        obj = _object_at(objects, position)  # the cell holds at most one object
+        return obj is not None and (obj.get("size"), obj.get("color"), obj.get("shape")) == (size, color, shape)
+    if kind == "count":
+        color, number = fields
+        stated = int(number) if number.isdigit() else NUMBER_WORDS.index(number)
+        return stated == sum(o.get("color") == color for o in objects)
+    if kind == "relation":
+        color1, shape1, phrase, color2, shape2 = fields
+        obj1, obj2 = _find_object(objects, color1, shape1), _find_object(objects, color2, shape2)
+        if obj1 is None or obj2 is None or _cell(obj1) is None or _cell(obj2) is None:
+            return False  # a relation about an object that is not there (or has no cell) is false
+        (row1, col1), (row2, col2) = _cell(obj1), _cell(obj2)
+        # rows grow downwards, columns rightwards: "above" means a smaller row index
+        truth = {"left of": col1 < col2, "right of": col1 > col2, "above": row1 < row2, "below": row1 > row2}
+        return truth[phrase]
+    if kind == "compare":
+        color1, shape1, color2, shape2 = fields
+        obj1, obj2 = _find_object(objects, color1, shape1), _find_object(objects, color2, shape2)
+        # with two sizes, "larger" can only mean large vs small; equal sizes make the claim false
+        return (obj1 is not None and obj2 is not None
+                and obj1.get("size") == "large" and obj2.get("size") == "small")
+    if kind == "knowledge":
+        color, shape, name = fields
+        return LEXICON[(color, shape)] == name  # a fact about the world, true regardless of this scene
+    # kind == "answer": compare normalised strings, so "So, the answer is Red Circle." is fine
+    (stated,) = fields
+    gold = scene.get("answer") if isinstance(scene, dict) else None
+    return isinstance(gold, str) and stated == " ".join(gold.split()).lower()
+
+
+def describe_step(scene, sentence):
+    """What a step is about, for accuracy breakdowns: a dict, or None.
+
+    perception -> {"kind": "perception", "size": ..., "color": ..., "confusable": bool}, describing the *true*
+    object in the stated cell (so a wrong colour claim about a small red object is counted under small and
+    confusable); None when that cell is empty or the step is unparseable.
+    other kinds -> {"kind": "count" | "relation" | "compare" | "knowledge" | "answer"}; knowledge steps also
+    carry "fact_weight", the stated fact's FACT_WEIGHTS probability (rare facts have small weights).
+    Example: large red circle at the center, "There is a small orange circle at the center." ->
+        {"kind": "perception", "size": "large", "color": "red", "confusable": True}
+    """
+    parsed = parse_step(sentence)
+    if parsed is None:
+        return None
+    kind, fields = parsed
+    if kind == "perception":
+        obj = _object_at(_scene_objects(scene), fields[3])
+        if obj is None:  # a hallucinated object: nothing true to describe
+            return None
+        return {"kind": "perception", "size": obj.get("size"), "color": obj.get("color"),
+                "confusable": obj.get("color") in tuple(CONFUSABLE)}  # tuple: == test, no hashing of odd values
+    if kind == "knowledge":
+        return {"kind": "knowledge", "fact_weight": FACT_WEIGHTS[(fields[0], fields[1])]}
+    return {"kind": kind}
+
+
+# ---------------------------------------------------------------------------- #
+# Tokenizer: word level, one word one token (keeps TokenSAR's "remove token l" readable)
+# ---------------------------------------------------------------------------- #
+
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<sep>"]
+PAD, BOS, EOS, UNK, SEP = range(5)  # ids of the special tokens, fixed by their order above
+TOKEN_RE = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")  # a word, or any single non-space symbol
+
+
+class Tokenizer:
+    """Word-level tokenizer: lower-case words and single punctuation marks are tokens.
+    e.g. "So, the answer is red." -> ["so", ",", "the", "answer", "is", "red", "."]"""
+
+    def __init__(self, vocab):
+        assert list(vocab[:len(SPECIAL_TOKENS)]) == SPECIAL_TOKENS, "vocab must start with the special tokens"
+        self.vocab = list(vocab)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        assert len(self.index) == len(self.vocab), "duplicate word in vocab"
+
+    @staticmethod
+    def split(text):
+        return TOKEN_RE.findall(text.lower())
+
+    @classmethod
+    def build(cls, texts):
+        """Vocabulary = specials + every word seen in texts, sorted (so it is deterministic)."""
+        words = sorted({w for t in texts for w in cls.split(t)})
+        return cls(SPECIAL_TOKENS + [w for w in words if w not in SPECIAL_TOKENS])
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def encode(self, text):
+        return [self.index.get(w, UNK) for w in self.split(text)]
+
+    def decode(self, ids, skip_special=True):
+        """Join words with spaces, then glue punctuation back: "so , the answer is red ." -> "so, the answer is
+        red."; "can ' t" -> "can't"; "( confidence 4 / 5 )" -> "(confidence 4/5)"."""
+        words = [self.vocab[i] if 0 <= i < len(self.vocab) else "<unk>" for i in ids]
+        if skip_special:
+            words = [w for w in words if w not in SPECIAL_TOKENS]
+        text = " ".join(words)
+        text = re.sub(r" ([.,;:?!)])", r"\1", text)
+        text = re.sub(r"\( ", "(", text)
+        text = re.sub(r" ?([/']) ?", r"\1", text)
+        return text
+
+    def save(self, path):
+        atomic_write_text(path, json.dumps({"format_version": 1, "vocab": self.vocab}, indent=0))
+
+    @classmethod
+    def load(cls, path):
+        data = read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("vocab"), list):
+            raise UserError(f"{path}: not a tokenizer file (no 'vocab' list)")
+        if data["vocab"][:len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
+            raise UserError(f"{path}: vocab does not start with {SPECIAL_TOKENS}")
+        return cls(data["vocab"])
+
+
+# ---------------------------------------------------------------------------- #
+# TinyVLM: ViT patch encoder -> projector -> image tokens prefixed to a GPT decoder (LLaVA-style)
+# ---------------------------------------------------------------------------- #
+
+@dataclass
+class VLMConfig:
+    image_size: int = field(default=36, metadata=note("input images are resized to image_size x image_size RGB", POSITIVE))
+    patch_size: int = field(default=6, metadata=note("ViT patch side in pixels; (image_size/patch_size)^2 image tokens", POSITIVE))
+    vit_layers: int = field(default=2, metadata=note("transformer blocks in the image encoder", NON_NEGATIVE))
+    vit_embd: int = field(default=96, metadata=note("image encoder width", POSITIVE))
+    n_layer: int = field(default=4, metadata=note("decoder blocks", POSITIVE))
+    n_head: int = field(default=4, metadata=note("attention heads (decoder and ViT); must divide both widths", POSITIVE))
+    n_embd: int = field(default=128, metadata=note("decoder width", POSITIVE))
+    vocab_size: int = field(default=0, metadata=note("filled in from the tokenizer", NON_NEGATIVE))
+    block_size: int = field(default=160, metadata=note("max text tokens (prompt + response)", POSITIVE))
+    use_sdpa: bool = field(default=True, metadata=note("use torch's scaled_dot_product_attention (else the manual path)"))
+
+    @property
+    def n_image_tokens(self):
+        return (self.image_size // self.patch_size) ** 2
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with an optional boolean mask and an optional KV cache."""
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        assert n_embd % n_head == 0, f"n_head {n_head} must divide the width {n_embd}"
+        self.n_head = n_head
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.use_sdpa = True
+
+    def forward(self, x, mask=None, cache=None):
+        # x (B, T, C); mask (B, 1, T, T_all) bool, True = may attend; cache = dict with "k","v" of earlier tokens
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            # KV cache: preallocated buffers (B, nh, capacity, hs); the new keys/values go after the n already seen
+            if "k" not in cache:
+                shape = (B, self.n_head, cache["capacity"], C // self.n_head)
+                cache["k"], cache["v"], cache["n"] = k.new_zeros(shape), v.new_zeros(shape), 0
+            n = cache["n"]
+            cache["k"][:, :, n:n + T] = k
+            cache["v"][:, :, n:n + T] = v
+            cache["n"] = n + T
+            k, v = cache["k"][:, :, :n + T], cache["v"][:, :, :n + T]  # (B, nh, T_all, hs)
+        if self.use_sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = manual_attention(q, k, v, mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.proj(y)
+
+
+def manual_attention(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(hs) + mask) v, written out; tested equal to scaled_dot_product_attention.
+    q (B,nh,T,hs), k and v (B,nh,T_all,hs), mask (B,1,T,T_all) bool or None -> (B,nh,T,hs)"""
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T_all)
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    att = torch.softmax(att, dim=-1)
+    return att @ v
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)) with a GELU MLP."""
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.attn = SelfAttention(n_embd, n_head)
+        self.ln2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
+
+    def forward(self, x, mask=None, cache=None):
+        x = x + self.attn(self.ln1(x), mask, cache)
+        return x + self.mlp(self.ln2(x))
+
+
+def images_to_tensor(images, image_size, device="cpu"):
+    """uint8 images (list of (H,W,3) arrays, or an (B,H,W,3) array/tensor) -> normalised float (B,3,S,S)."""
+    if isinstance(images, torch.Tensor) and images.dtype == torch.float32 and images.dim() == 4 and images.size(1) == 3:
+        return images.to(device)  # already converted
+    if isinstance(images, torch.Tensor):
+        x = images  # (B, H, W, 3) uint8
+    elif isinstance(images, (list, tuple)):
+        x = torch.as_tensor(np.stack([np.asarray(im) for im in images]))
+    else:
+        x = torch.as_tensor(np.asarray(images))
+    x = x.to(device=device, dtype=torch.float32).permute(0, 3, 1, 2) / 255.0  # (B, 3, H, W) in [0, 1]
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return (x - 0.5) / 0.25
+
+
+class ViT(nn.Module):
+    """Patch encoder: split the image into p x p patches, a linear map each, + learned positions, blocks."""
+
+    def __init__(self, image_size, patch_size, width, n_layer, n_head):
+        super().__init__()
+        assert image_size % patch_size == 0, "patch_size must divide image_size"
+        self.patch_size = patch_size
+        n_patches = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Linear(3 * patch_size * patch_size, width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_patches, width))
+        self.blocks = nn.ModuleList([Block(width, n_head) for _ in range(n_layer)])
+        self.ln = nn.LayerNorm(width)
+
+    def forward(self, x):
+        # x (B, 3, S, S) -> (B, N, width) with N = (S/p)^2 patches in row-major order
+        p = self.patch_size
+        B = x.size(0)
+        patches = x.unfold(2, p, p).unfold(3, p, p)  # (B, 3, S/p, S/p, p, p)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(B, -1, 3 * p * p)  # (B, N, 3*p*p)
+        h = self.patch_embed(patches) + self.pos_embed
+        for block in self.blocks:
+            h = block(h)  # no mask: every patch sees every patch
+        return self.ln(h)
+
+
+class TinyVLM(nn.Module):
+    """LLaVA in miniature. Sequence = [P image tokens][T text tokens]; causal attention over all of it.
+    Text may be left-padded (batched prompts of different lengths): text_mask marks the real tokens, pads are
+    never attended to, and positions count real tokens only, so padding does not change any real logit."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        assert cfg.vocab_size > 0, "set cfg.vocab_size from the tokenizer"
+        self.cfg = cfg
+        self.vit = ViT(cfg.image_size, cfg.patch_size, cfg.vit_embd, cfg.vit_layers, cfg.n_head)
+        # the projector: LLaVA-1.5's two-layer MLP from image features to the decoder's width
+        self.projector = nn.Sequential(nn.Linear(cfg.vit_embd, cfg.n_embd), nn.GELU(), nn.Linear(cfg.n_embd, cfg.n_embd))
+        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_embed = nn.Embedding(cfg.n_image_tokens + cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([Block(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_embed.weight  # weight tying, as in GPT-2
+        # PPO's critic: a linear read-out of the last hidden state, zero-initialised so V = 0 at the start
+        self.value_head = nn.Linear(cfg.n_embd, 1)
+        self.apply(self._init_weights)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.set_sdpa(cfg.use_sdpa)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def set_sdpa(self, flag):
+        for m in self.modules():
+            if isinstance(m, SelfAttention):
+                m.use_sdpa = flag
+
+    def encode_images(self, images):
+        """(B,3,S,S) float -> (B, P, n_embd) image tokens in the decoder's space."""
+        return self.projector(self.vit(images))
+
+    def _positions_and_mask(self, text_mask, P):
+        # text_mask (B, T) 1 = real token. Positions: image tokens 0..P-1, then real text tokens P, P+1, ...
+        B, T = text_mask.shape
+        device = text_mask.device
+        text_pos = P + (text_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        pos = torch.cat([torch.arange(P, device=device).expand(B, P), text_pos], dim=1)  # (B, P+T)
+        valid = torch.cat([torch.ones(B, P, dtype=torch.bool, device=device), text_mask.bool()], dim=1)  # (B, P+T)
+        causal = torch.ones(P + T, P + T, dtype=torch.bool, device=device).tril()  # (P+T, P+T)
+        mask = causal[None] & valid[:, None, :]  # (B, P+T, P+T): causal, and never a pad key
+        # subtle: a pad query would see no key at all (softmax of all -inf = NaN); let it see itself
+        mask = mask | torch.eye(P + T, dtype=torch.bool, device=device)[None]
+        return pos, mask[:, None], valid  # mask (B, 1, P+T, P+T)
+
+    def forward(self, images, input_ids, targets=None, loss_mask=None, text_mask=None, return_values=False):
+        """images (B,3,S,S) float or uint8 arrays; input_ids (B,T) long; targets (B,T) = the next token at each
+        position; loss_mask (B,T) = which targets count (the response); text_mask (B,T) = real tokens (None: all).
+        Returns (logits (B,T,V), loss or None[, values (B,T)])."""
+        images = images_to_tensor(images, self.cfg.image_size, input_ids.device)
+        B, T = input_ids.shape
+        assert T <= self.cfg.block_size, f"text of {T} tokens > block_size {self.cfg.block_size}"
+        P = self.cfg.n_image_tokens
+        if text_mask is None:
+            text_mask = torch.ones_like(input_ids)
+        pos, mask, _ = self._positions_and_mask(text_mask, P)
+        x = torch.cat([self.encode_images(images), self.tok_embed(input_ids)], dim=1)  # (B, P+T, C)
+        x = x + self.pos_embed(pos)
+        for block in self.blocks:
+            x = block(x, mask)
+        h = self.ln_f(x[:, P:])  # (B, T, C): only text positions predict tokens
+        logits = self.lm_head(h)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(B, T)
+            m = torch.ones_like(nll) if loss_mask is None else loss_mask.float()
+            loss = (nll * m).sum() / m.sum().clamp(min=1)  # mean over response tokens
+        if return_values:
+            return logits, loss, self.value_head(h).squeeze(-1)  # values (B, T)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, images, prompt_ids, prompt_mask=None, max_new_tokens=64, temperature=0.0,
+                 generator=None, use_cache=True, eos_id=EOS):
+        """Batched decoding. prompt_ids (B,T0) left-padded, prompt_mask (B,T0) 1 = real token.
+        temperature 0 = greedy, else sample from softmax(logits / temperature).
+        Returns new tokens (B, N): after a row's EOS everything is PAD. use_cache=False recomputes the whole
+        sequence each step (the plain path the cache is tested against). eos_id may be a list of stop ids
+        (e.g. [period, EOS] to decode one reasoning step at a time)."""
+        images = images_to_tensor(images, self.cfg.image_size, prompt_ids.device)
+        B, T0 = prompt_ids.shape
+        P = self.cfg.n_image_tokens
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(prompt_ids)
+        ids, text_mask = prompt_ids, prompt_mask.long()
+        finished = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+        stop_ids = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=prompt_ids.device)
+        out = []
+        caches = None
+        for step in range(max_new_tokens):
+            if ids.size(1) > self.cfg.block_size:
+                break
+            if not use_cache or caches is None:
+                # full pass over image + all text so far (the first step of the cached path too)
+                pos, mask, _ = self._positions_and_mask(text_mask, P)
+                x = torch.cat([self.encode_images(images), self.tok_embed(ids)], dim=1) + self.pos_embed(pos)
+                capacity = x.size(1) + max_new_tokens
+                caches = [dict(capacity=capacity) for _ in self.blocks] if use_cache else [None] * len(self.blocks)
+                for block, cache in zip(self.blocks, caches):
+                    x = block(x, mask, cache)
+                last = x[:, -1]  # (B, C)
+                next_pos = pos[:, -1] + 1  # (B,) position of the token to come
+                valid = torch.cat([torch.ones(B, P, dtype=torch.bool, device=ids.device), text_mask.bool()], 1)
+            else:
+                # one new token per row: attend to every cached real key and to itself
+                x = self.tok_embed(ids[:, -1:]) + self.pos_embed(next_pos)[:, None]  # (B, 1, C)
+                valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=ids.device)], 1)  # (B, T_all)
+                mask = valid[:, None, None, :]  # (B, 1, 1, T_all)
+                for block, cache in zip(self.blocks, caches):
+                    x = block(x, mask, cache)
+                last = x[:, -1]
+                next_pos = next_pos + 1
+            logits = self.lm_head(self.ln_f(last))  # (B, V)
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+            else:
+                nxt = logits.argmax(-1)
+            nxt = torch.where(finished, torch.full_like(nxt, PAD), nxt)
+            out.append(nxt)
+            finished = finished | torch.isin(nxt, stop_ids)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            text_mask = torch.cat([text_mask, torch.ones(B, 1, dtype=text_mask.dtype, device=ids.device)], 1)
+            if use_cache is False:
+                caches = None
+            if finished.all():
+                break
+        if not out:
+            return torch.zeros(B, 0, dtype=torch.long, device=prompt_ids.device)
+        return torch.stack(out, 1)  # (B, N)
+
+
+# ---------------------------------------------------------------------------- #
+# TinyCLIP: image and text encoders trained with the symmetric InfoNCE loss
+# ---------------------------------------------------------------------------- #
+
+@dataclass
+class CLIPConfig:
+    image_size: int = field(default=36, metadata=note("input image side (resized)", POSITIVE))
+    patch_size: int = field(default=6, metadata=note("ViT patch side", POSITIVE))
+    n_layer: int = field(default=2, metadata=note("blocks in each encoder", NON_NEGATIVE))
+    n_head: int = field(default=4, metadata=note("attention heads", POSITIVE))
+    n_embd: int = field(default=64, metadata=note("encoder width", POSITIVE))
+    embed_dim: int = field(default=64, metadata=note("joint embedding size D", POSITIVE))
+    vocab_size: int = field(default=0, metadata=note("filled in from the tokenizer", NON_NEGATIVE))
+    block_size: int = field(default=64, metadata=note("max text tokens", POSITIVE))
+
+
+class TinyCLIP(nn.Module):
+    """Two towers into one D-dim space: cos(image, text) is high for a matching (image, step) pair."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        assert cfg.vocab_size > 0, "set cfg.vocab_size from the tokenizer"
+        self.cfg = cfg
+        self.vit = ViT(cfg.image_size, cfg.patch_size, cfg.n_embd, cfg.n_layer, cfg.n_head)
+        self.image_proj = nn.Linear(cfg.n_embd, cfg.embed_dim, bias=False)
+        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.block_size, cfg.n_embd))
+        self.text_blocks = nn.ModuleList([Block(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer)])
+        self.text_ln = nn.LayerNorm(cfg.n_embd)
+        self.text_proj = nn.Linear(cfg.n_embd, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's learned temperature
+        self.apply(TinyVLM._init_weights)
+
+    def embed_image(self, images):
+        """images -> (B, D) unit vectors (mean-pooled patch features, projected)."""
+        x = images_to_tensor(images, self.cfg.image_size, self.image_proj.weight.device)
+        h = self.vit(x).mean(1)  # (B, n_embd)
+        return F.normalize(self.image_proj(h), dim=-1)
+
+    def embed_text(self, ids, mask):
+        """ids (B,T) right-padded, mask (B,T) 1 = real token -> (B, D) unit vectors (masked mean pool)."""
+        T = ids.size(1)
+        assert T <= self.cfg.block_size, f"text of {T} tokens > CLIP block_size {self.cfg.block_size}"
+        x = self.tok_embed(ids) + self.pos_embed[:, :T]
+        key_mask = mask.bool()[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=ids.device)[None, None]
+        for block in self.text_blocks:
+            x = block(x, key_mask)  # bidirectional, pads never attended to
+        x = self.text_ln(x)
+        m = mask.float()[..., None]  # (B, T, 1)
+        h = (x * m).sum(1) / m.sum(1).clamp(min=1)  # (B, n_embd)
+        return F.normalize(self.text_proj(h), dim=-1)
+
+    def forward(self, images, ids, mask):
+        """Symmetric InfoNCE: L = (CE(s, I) + CE(s^T, I)) / 2 with s_ij = exp(t) cos(img_i, txt_j)."""
+        img, txt = self.embed_image(images), self.embed_text(ids, mask)  # (B, D) each
+        logits = self.logit_scale.exp().clamp(max=100) * img @ txt.t()  # (B, B)
+        labels = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def pad_right(seqs, pad=PAD, max_len=None):
+    """list of id lists -> (ids (B,T) long, mask (B,T) long), padded on the right."""
+    T = max(1, max(len(s) for s in seqs)) if max_len is None else max_len
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        s = s[:T]
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def pad_left(seqs, pad=PAD):
+    """list of id lists -> (ids (B,T) long, mask (B,T) long), padded on the left (prompts for generation)."""
+    T = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def clip_embed_image(clip, images):
+    """(B, D) unit image embeddings v."""
+    return clip.embed_image(images)
+
+
+@torch.no_grad()
+def clip_embed_text(clip, tokenizer, texts):
+    """list of B strings -> (B, D) unit text embeddings e."""
+    ids, mask = pad_right([tokenizer.encode(t)[:clip.cfg.block_size] for t in texts])
+    device = clip.image_proj.weight.device
+    return clip.embed_text(ids.to(device), mask.to(device))
+
+
+# ---------------------------------------------------------------------------- #
+# Checkpoints: a folder of safetensors + JSON, written atomically, loaded with exact checks
+# ---------------------------------------------------------------------------- #
+
+def atomic_write_text(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    """Read a JSON file; a missing or malformed file is a UserError naming the file (and line)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: file not found")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+
+
+CHECKPOINT_FORMAT = 1  # bump when the folder layout or a file's meaning changes
+
+
+def unique_state_dict(module):
+    """state_dict without tied duplicates (lm_head.weight is tok_embed.weight): safetensors stores each tensor once."""
+    seen, out = set(), {}
+    for k, v in module.state_dict().items():
+        if v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v.detach().cpu().contiguous()
+    return out
+
+
+def save_checkpoint(path, model, tokenizer, config, clip=None, extra_json=None, extra_tensors=None):
+    """Write a checkpoint folder atomically: everything goes to PATH.tmp, then PATH.tmp replaces PATH.
+    The previous PATH lives on as PATH.old until the new one is complete, so a run killed mid-write always
+    leaves a loadable checkpoint (load_checkpoint falls back to PATH.old).
+    config: a JSON-able dict (model config, training config, stage); extra_json: {filename: JSON-able};
+    extra_tensors: {filename: {name: tensor}} (e.g. optimizer state for --resume)."""
+    from safetensors.torch import save_file
+    path = os.path.normpath(path)
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    meta = {"format_version": str(CHECKPOINT_FORMAT)}
+    save_file(unique_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata=meta)
+    if clip is not None:
+        save_file(unique_state_dict(clip), os.path.join(tmp, "clip.safetensors"), metadata=meta)
+    for name, tensors in (extra_tensors or {}).items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(tmp, name), metadata=meta)
+    config = dict(config, format_version=CHECKPOINT_FORMAT)
+    atomic_write_text(os.path.join(tmp, "config.json"), json.dumps(config, indent=1, sort_keys=True))
+    tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+    for name, obj in (extra_json or {}).items():
+        atomic_write_text(os.path.join(tmp, name), json.dumps(obj, indent=1, sort_keys=True))
+    # the swap: PATH -> PATH.old, PATH.tmp -> PATH, drop PATH.old. At every instant one complete copy exists.
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_tensors(path):
+    """Load a safetensors file; a missing, truncated or foreign file is a UserError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not os.path.exists(path):
+        raise UserError(f"{path}: file not found")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: truncated or not a safetensors file ({str(e).splitlines()[0][:120]})") from None
+
+
+def load_weights(module, path):
+    """Load weights into module, checking every key and shape; the error names each mismatch."""
+    tensors = load_tensors(path)
+    expected = unique_state_dict(module)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        if wrong:
+            parts.append(f"shape {'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
+        raise UserError(f"{path}: weights do not match config.json ({'; '.join(parts)})")
+    module.load_state_dict(tensors, strict=False)  # strict=False only for the tied lm_head.weight
+    return module
+
+
+@dataclass
+class Checkpoint:
+    """What load_checkpoint returns: the models, the tokenizer, config.json, and the folder's other files."""
+    path: str
+    model: "TinyVLM"
+    tokenizer: Tokenizer
+    config: dict
+    clip: "TinyCLIP | None" = None
+    stats: "dict | None" = None  # confidence_stats.json, once the warm-up has written it
+
+
+def dataclass_from_dict(cls, d, where):
+    names = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(d, dict) or set(d) - names:
+        raise UserError(f"{where}: unknown fields {sorted(set(d) - names) if isinstance(d, dict) else d!r}")
+    return check_config(cls(**d))
+
+
+def load_checkpoint(path, device="cpu", need_clip=False):
+    """Load a checkpoint folder written by save_checkpoint; everything wrong is a one-line UserError."""
+    path = os.path.normpath(path)
+    if not os.path.isdir(path):
+        if os.path.isdir(path + ".old"):  # a run died between the two renames of save_checkpoint
+            print(f"note: {path} missing, loading the previous complete copy {path}.old", file=sys.stderr)
+            path = path + ".old"
+        else:
+            raise UserError(f"checkpoint folder {path} not found")
+    config = read_json(os.path.join(path, "config.json"))
+    if not isinstance(config, dict) or "model" not in config:
+        raise UserError(f"{path}/config.json: no 'model' section")
+    if config.get("format_version") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}/config.json: format_version {config.get('format_version')} != {CHECKPOINT_FORMAT}")
+    tokenizer = Tokenizer.load(os.path.join(path, "tokenizer.json"))
+    mcfg = dataclass_from_dict(VLMConfig, config["model"], f"{path}/config.json model")
+    if mcfg.vocab_size != len(tokenizer):
+        raise UserError(f"{path}: config vocab_size {mcfg.vocab_size} != tokenizer size {len(tokenizer)}")
+    model = load_weights(TinyVLM(mcfg), os.path.join(path, "model.safetensors")).to(device)
+    clip = None
+    if config.get("clip") is not None:
+        ccfg = dataclass_from_dict(CLIPConfig, config["clip"], f"{path}/config.json clip")
+        clip = load_weights(TinyCLIP(ccfg), os.path.join(path, "clip.safetensors")).to(device).eval()
+    elif need_clip:
+        raise UserError(f"{path}: no TinyCLIP in this checkpoint (train_sft.py --stage base writes one)")
+    stats_path = os.path.join(path, "confidence_stats.json")
+    stats = read_json(stats_path) if os.path.exists(stats_path) else None
+    return Checkpoint(path, model, tokenizer, config, clip, stats)
+
+
+# ---------------------------------------------------------------------------- #
+# Tensor helpers for the maths below (inputs: torch tensors, numpy arrays or lists)
+# ---------------------------------------------------------------------------- #
+
+def _as_tensor(x):
+    """`x` as a torch tensor: a tensor is returned as is (never written to), numpy/lists are converted.
+    Example: np.array([1., 2.]) -> tensor([1., 2.], dtype=torch.float64)"""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        # ascontiguousarray: torch cannot wrap numpy views with negative strides (x[::-1])
+        return torch.as_tensor(np.ascontiguousarray(x))
+    return torch.as_tensor(x)  # python lists/numbers: floats become float32, ints int64, bools bool
+
+
+def _as_float(x):
+    """`x` as a float tensor: float64 stays float64 (gradchecks, numpy callers), anything else -> float32.
+    Example: tensor([1, 2]) -> tensor([1., 2.]);  bf16 logits -> float32 (log_softmax wants the precision)"""
+    t = _as_tensor(x)
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _as_mask(mask):
+    """A binary mask (bool, or int/float holding only 0 and 1) as a bool tensor; asserts it is binary.
+    Example: tensor([1., 0., 1.]) -> tensor([True, False, True])"""
+    m = _as_tensor(mask)
+    if m.dtype != torch.bool:
+        assert bool(((m == 0) | (m == 1)).all()), "mask must be binary: values in {0, 1}"
+        m = m != 0
+    return m
+
+
+def _check_step_shapes(per_token, in_step, name):
+    """Assert per_token is (B,T) and in_step is the matching (B,S,T) step mask."""
+    assert per_token.dim() == 2, f"{name}: per-token input must be (B,T), got {tuple(per_token.shape)}"
+    assert in_step.dim() == 3, f"{name}: step_mask must be (B,S,T), got {tuple(in_step.shape)}"
+    assert in_step.shape[0] == per_token.shape[0] and in_step.shape[2] == per_token.shape[1], (
+        f"{name}: step_mask {tuple(in_step.shape)} does not match per-token input {tuple(per_token.shape)}")
+
+
+# Σ_{l in s} x_l   for every step s
+def _step_sum(per_token, in_step):
+    """Sum a (B,T) per-token quantity over each step's tokens: (B,T), (B,S,T) bool -> (B,S).
+    Example: x = [[1, 2, 4]], in_step = [[[1, 1, 0], [0, 0, 1]]] -> [[3, 4]]"""
+    # subtle: where, not multiply: positions outside the step may hold -inf or nan (padding) and 0 * -inf = nan
+    inside = torch.where(in_step, per_token[:, None, :], 0.0)  # (B,S,T)
+    return inside.sum(-1)  # (B,S)
+
+
+# ---------------------------------------------------------------------------- #
+# 5.1 Four confidence signals per step
+# ---------------------------------------------------------------------------- #
+# A response has steps s = 1..S; step s owns tokens l = 1..L_s (its statement excluded). step_mask[b, s, t] = 1
+# when token t of response b belongs to step s. Responses with fewer steps pad with empty step slots (all-zero
+# rows): every u_* returns 0 for such a slot, never nan, so callers mask them out by n_tokens == 0.
+
+# log p(y_t | y_<t, x) = log_softmax(logits_t)[y_t]
+def token_logprobs(logits, targets):
+    """Log-probability of each target token: logits (B,T,V), targets (B,T) long -> (B,T).
+    Example: logits [[[0, 0, 0, 0]]] (uniform over V=4), target [[1]] -> [[ln 0.25]] = [[-1.3863]]"""
+    logits = _as_float(logits)
+    targets = _as_tensor(targets).long()
+    assert logits.dim() == 3 and targets.shape == logits.shape[:2], (
+        f"token_logprobs: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must be (B,T,V), (B,T)")
+    logp_all = torch.log_softmax(logits, dim=-1)  # (B,T,V)
+    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B,T)
+
+
+# H_t = -Σ_v p(v | y_<t, x) log p(v | y_<t, x)      (nats, full vocabulary)
+def token_entropy(logits):
+    """Entropy of each next-token distribution in nats: logits (B,T,V) -> (B,T).
+    Example: uniform logits over V=4 -> ln 4 = 1.3863;  logits [0, 0, ln 2, -inf] -> 1.5 ln 2 = 1.0397"""
+    logits = _as_float(logits)
+    assert logits.dim() == 3, f"token_entropy: logits must be (B,T,V), got {tuple(logits.shape)}"
+    logp_all = torch.log_softmax(logits, dim=-1)  # (B,T,V)
+    probs = torch.exp(logp_all)  # (B,T,V)
+    # subtle: a -inf logit (masked word) gives p = 0 and log p = -inf, and 0 * -inf = nan. Clamping log p to the
+    # most negative finite float makes that term 0 * (-3.4e38) = 0, in the forward and in the backward pass.
+    logp_finite = logp_all.clamp(min=torch.finfo(logp_all.dtype).min)
+    return -(probs * logp_finite).sum(-1)  # (B,T)
+
+
+# U_LNLP(s) = exp( -(1/L_s) Σ_{l in s} log p(y_l | y_<l, x) )       uncertainty: perplexity of the step
+def u_lnlp(logprobs, step_mask):
+    """Per-step perplexity: logprobs (B,T), step_mask (B,S,T) -> (B,S); an empty step slot gives 0.
+    Example: step log p = [ln .5, ln .25, ln 1] -> exp(-(ln .125)/3) = exp(ln 2) = 2.0"""
+    logprobs = _as_float(logprobs)
+    in_step = _as_mask(step_mask)
+    _check_step_shapes(logprobs, in_step, "u_lnlp")
+    n_tokens = in_step.sum(-1)  # (B,S)  L_s
+    mean_logprob = _step_sum(logprobs, in_step) / n_tokens.clamp(min=1)  # (B,S)
+    return torch.where(n_tokens > 0, torch.exp(-mean_logprob), 0.0)  # (B,S)
+
+
+# U_MTE(s) = (1/L_s) Σ_{l in s} H_l                                  uncertainty: mean token entropy (nats)
+def u_mte(entropy, step_mask):
+    """Mean token entropy of each step: entropy (B,T), step_mask (B,S,T) -> (B,S); an empty step slot gives 0.
+    Example: step entropies [0.3, 0.6, 0.9] -> 0.6"""
+    entropy = _as_float(entropy)
+    in_step = _as_mask(step_mask)
+    _check_step_shapes(entropy, in_step, "u_mte")
+    n_tokens = in_step.sum(-1)  # (B,S)
+    # an empty slot: 0 / 1 = 0, which is what we want, so no where is needed here
+    return _step_sum(entropy, in_step) / n_tokens.clamp(min=1)  # (B,S)
+
+
+# U_TokenSAR(s) = Σ_{l in s} R̃_l · ( -log p(y_l | y_<l, x) )
+#        R_l    = 1 - g(x ∪ y, x ∪ y \ y_l)          (relevance of token l: how much removing it changes the text)
+#        R̃_l    = R_l / Σ_{l' in s} R_l'              (uniform 1/L_s when Σ_{l' in s} R_l' = 0)
+def u_tokensar(logprobs, relevance, step_mask):
+    """Relevance-weighted NLL of each step: logprobs (B,T), relevance R_l (B,T), step_mask (B,S,T) -> (B,S).
+    Example: log p = [ln .5, ln .25, ln 1], R = [1, 3, 0] -> R̃ = [.25, .75, 0]
+             -> .25 ln 2 + .75 ln 4 = 1.75 ln 2 = 1.2130;   R = [0, 0, 0] -> mean NLL = ln 2"""
+    logprobs = _as_float(logprobs)
+    relevance = _as_float(relevance).to(logprobs.dtype)
+    in_step = _as_mask(step_mask)
+    _check_step_shapes(logprobs, in_step, "u_tokensar")
+    assert relevance.shape == logprobs.shape, "u_tokensar: relevance must have the shape of logprobs (B,T)"
+    # g is a cosine similarity, so R = 1 - g lies in [0, 2]; a negative R only comes from rounding (g = 1 + ulp).
+    # We clamp it to 0 so that no weight is ever negative.
+    relevance = relevance.clamp(min=0.0)
+    n_tokens = in_step.sum(-1, keepdim=True)  # (B,S,1)  L_s
+    relevance_sum = _step_sum(relevance, in_step).unsqueeze(-1)  # (B,S,1)  Σ_{l' in s} R_l'
+    relevance_in_step = torch.where(in_step, relevance[:, None, :], 0.0)  # (B,S,T)
+    # subtle: divide by a safe denominator (1 where the sum is 0) so the unused branch of where holds no 0/0 = nan
+    safe_sum = torch.where(relevance_sum > 0, relevance_sum, 1.0)  # (B,S,1)
+    uniform = in_step.to(logprobs.dtype) / n_tokens.clamp(min=1)  # (B,S,T)  1/L_s on the step's tokens
+    weights = torch.where(relevance_sum > 0, relevance_in_step / safe_sum, uniform)  # (B,S,T)  R̃
+    nll_in_step = torch.where(in_step, -logprobs[:, None, :], 0.0)  # (B,S,T)
+    return (weights * nll_in_step).sum(-1)  # (B,S); an empty slot has all-zero weights -> 0
+
+
+# U_CLIPS(s) = max( cos(v, e_s), 0 ),   cos(a, b) = a·b / (|a| |b|)    confidence: image-step agreement
+def u_clipscore(image_emb, text_emb):
+    """Clipped cosine of the image embedding with each step's text embedding: (B,D), (B,S,D) -> (B,S) in [0, 1].
+    Example: v = [1, 0], e = [[0, 1], [-1, 0], [2, 0], [0, 0]] -> [0, 0, 1, 0]"""
+    image = _as_float(image_emb)
+    text = _as_float(text_emb).to(image.dtype)
+    assert image.dim() == 2 and text.dim() == 3 and text.shape[::2] == image.shape, (
+        f"u_clipscore: need image_emb (B,D) and text_emb (B,S,D), got {tuple(image.shape)}, {tuple(text.shape)}")
+    # subtle: dividing by max(|a|, 1e-12) turns a zero vector's cosine into 0 rather than 0/0 = nan
+    image_unit = image / image.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # (B,D)
+    text_unit = text / text.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # (B,S,D)
+    cosine = torch.matmul(text_unit, image_unit.unsqueeze(-1)).squeeze(-1)  # (B,S,D) @ (B,D,1) -> (B,S)
+    # the max(., 0) is the paper's; the upper clamp only removes rounding (cos = 1 + ulp for parallel vectors)
+    return cosine.clamp(min=0.0, max=1.0)
+
+
+# ---------------------------------------------------------------------------- #
+# 5.2 Normalise, fuse, level
+# ---------------------------------------------------------------------------- #
+
+SIGNALS = ("lnlp", "mte", "tokensar", "clipscore")  # keys of every per-signal dict, in paper order
+UNCERTAINTY_SIGNALS = ("lnlp", "mte", "tokensar")  # higher = less sure; clipscore is the one confidence signal
+
+
+def fit_minmax(values):
+    """Min and max of each signal over the scored pool: {name: (N,)} -> {name: (lo, hi)} as python floats.
+    Example: {"lnlp": [1., 2., 3.]} -> {"lnlp": (1.0, 3.0)}"""
+    stats = {}
+    for name, pool in values.items():
+        pool = _as_float(pool)
+        if pool.numel() == 0:
+            raise ValueError(f"fit_minmax: signal {name!r} has no values to fit")
+        stats[name] = (float(pool.min()), float(pool.max()))
+    return stats
+
+
+# c = 1 - clip( (U - lo) / (hi - lo), 0, 1 )    for U_LNLP, U_MTE, U_TokenSAR     (uncertainty -> confidence)
+# c =     clip( (U - lo) / (hi - lo), 0, 1 )    for U_CLIPS                       (already a confidence)
+# c = 0.5                                        when hi == lo (the signal carried no information on the pool)
+def to_confidence(values, stats):
+    """Map each raw signal to a confidence in [0, 1] with the pool's (lo, hi): {name: (N,)} -> {name: (N,)}.
+    Example: lnlp [1, 2, 3] with (1, 3) -> [1, .5, 0];  clipscore [0, .25, .5] with (0, .5) -> [0, .5, 1]"""
+    confidences = {}
+    for name, raw in values.items():
+        if name not in SIGNALS:
+            raise ValueError(f"to_confidence: unknown signal {name!r}; expected one of {SIGNALS}")
+        if name not in stats:
+            raise ValueError(f"to_confidence: no (lo, hi) stats for signal {name!r}")
+        raw = _as_float(raw)
+        lo, hi = (float(bound) for bound in stats[name])  # stats may come from JSON as a list
+        assert hi >= lo, f"to_confidence: stats for {name!r} have hi < lo ({hi} < {lo})"
+        if hi == lo:
+            confidences[name] = torch.full_like(raw, 0.5)
+            continue
+        scaled = ((raw - lo) / (hi - lo)).clamp(0.0, 1.0)  # (N,) in [0, 1]; values outside the pool's range clip
+        confidences[name] = 1.0 - scaled if name in UNCERTAINTY_SIGNALS else scaled
+    return confidences
+
+
+# mode "mean":  c_final = Σ_i w_i c_i / Σ_i w_i     over the signals present in conf (default w_i = 1)
+# mode "max":   c_final = max_i c_i                  (the paper's "w U_Max" ablation)
+def fuse_confidence(conf, weights=None, mode="mean"):
+    """Fuse per-signal confidences into one: {name: (N,)} -> (N,) in [0, 1].
+    Only signals present in conf count, so "w/o U_X" = leave X out of conf (the weights renormalise).
+    Example: lnlp [1, 0], tokensar [.5, 1] -> mean [.75, .5];  max [1, 1];
+             weights {lnlp: 3, tokensar: 1} -> [(3 + .5)/4, (0 + 1)/4] = [.875, .25]"""
+    if len(conf) == 0:
+        raise ValueError("fuse_confidence: conf is empty; give at least one signal")
+    for name in conf:
+        if name not in SIGNALS:
+            raise ValueError(f"fuse_confidence: unknown signal {name!r}; expected one of {SIGNALS}")
+    names = [name for name in SIGNALS if name in conf]  # fixed paper order: the sum is the same for any dict order
+    stacked = torch.stack([_as_float(conf[name]) for name in names])  # (n_signals, N)
+    assert bool(((stacked >= 0) & (stacked <= 1)).all()), "fuse_confidence: per-signal confidences must be in [0, 1]"
+    if mode == "max":
+        fused = stacked.max(dim=0).values  # (N,)
+    elif mode == "mean":
+        if weights is None:
+            weights = {name: 1.0 for name in names}
+        missing = [name for name in names if name not in weights]
+        if missing:
+            raise ValueError(f"fuse_confidence: no weight for signal(s) {missing}")
+        # weights of signals absent from conf are ignored on purpose: that is how an ablation drops a signal
+        w = torch.tensor([float(weights[name]) for name in names], dtype=stacked.dtype, device=stacked.device)
+        if bool((w < 0).any()) or float(w.sum()) <= 0:
+            used = dict(zip(names, w.tolist()))
+            raise ValueError(f"fuse_confidence: weights must be >= 0 with a positive sum, got {used}")
+        fused = (w[:, None] * stacked).sum(0) / w.sum()  # (N,)
+    else:
+        raise ValueError(f"fuse_confidence: unknown mode {mode!r}; expected 'mean' or 'max'")
+    assert bool(((fused >= 0) & (fused <= 1)).all()), "fuse_confidence: fused confidence left [0, 1]"
+    return fused
+
+
+LEVEL_CUTS = (-1.5, -0.5, 0.5, 1.5)  # cut points in units of σ around μ (this project's choice; the paper gives none)
+
+
+# cut_k = μ + k σ for k in LEVEL_CUTS;   level(c) = 1 + #{ k : cut_k <= c }        (1 = least sure, 5 = most)
+def confidence_levels(c, mu, sigma):
+    """Five confidence levels from the pool's mean and std of c_final: c (N,) -> (N,) long in 1..5.
+    Example: mu = .5, sigma = .25 -> cuts .125 .375 .625 .875;  c = [0, .125, .5, .9] -> [1, 2, 3, 5]"""
+    c = _as_float(c)
+    assert sigma >= 0, f"confidence_levels: sigma must be >= 0, got {sigma}"
+    assert bool(((c >= 0) & (c <= 1)).all()), "confidence_levels: c must be in [0, 1]"
+    # subtle: cuts are computed in python float64 and then rounded to c's dtype, so a c equal to a cut (both from
+    # the same python float) lands on the upper level also when c is float32
+    cuts = torch.tensor([mu + k * sigma for k in LEVEL_CUTS], dtype=c.dtype, device=c.device)  # (4,)
+    n_cuts_below = (c.unsqueeze(-1) >= cuts).sum(-1)  # (N,)  number of cuts <= c
+    return 1 + n_cuts_below  # (N,) long
+
+
+# confidence(k) = (k - 1) / 4       levels 1..5 -> 0, .25, .5, .75, 1
+def level_to_confidence(level):
+    """A level's numeric confidence: int -> python float, tensor/array (long) -> float tensor.
+    Example: 5 -> 1.0;  tensor([1, 3]) -> tensor([0., .5])"""
+    if isinstance(level, (int, np.integer)) and not isinstance(level, bool):
+        assert 1 <= level <= 5, f"level_to_confidence: level must be in 1..5, got {level}"
+        return (int(level) - 1) / 4
+    levels = _as_tensor(level)
+    assert bool(((levels >= 1) & (levels <= 5)).all()), "level_to_confidence: levels must be in 1..5"
+    return (levels.float() - 1.0) / 4.0
+
+
+# ---------------------------------------------------------------------------- #
+# 5.3 Statements: level -> words -> level
+# ---------------------------------------------------------------------------- #
+# A step with its statement reads "<step without final period>, <clause>." Clauses are lower-case, at most 7 words,
+# with no punctuation except an apostrophe, so they survive the word tokenizer (which splits "can't" into
+# "can ' t"; normalize_statement glues it back). The paper used 40 clauses per level; we use 10. No two clauses
+# of different levels are more alike than difflib ratio 0.72, well under the 0.85 match threshold, so a typo
+# cannot move a clause to another level (a test checks both).
+STATEMENTS = {
+    5: ["with total certainty", "and i am completely sure of this", "and i am absolutely certain",
+        "without any doubt at all", "and there is no doubt about it", "and i know this for a fact",
+        "and i would bet anything on it", "and this is definitely correct", "and i am one hundred percent sure",
+        "beyond any doubt"],
+    4: ["and i believe this is right", "and i am fairly confident", "and it is likely accurate",
+        "and i think this holds", "and i'm quite sure of it", "and i'm reasonably confident",
+        "and this is most likely true", "and i largely trust this", "and i am pretty confident here",
+        "and it seems right to me"],
+    3: ["but i can't be entirely sure", "though i am only moderately confident", "but i could be wrong",
+        "and this is a reasonable guess", "but there is some doubt", "though it might be otherwise",
+        "and this is only somewhat likely", "though i would not swear to it", "but i have mixed feelings",
+        "though i am on the fence"],
+    2: ["but i'm not sure", "but i have serious doubts", "though this is quite uncertain",
+        "but i doubt this is right", "but my confidence is low", "but this is a shaky guess",
+        "though i am rather unsure", "but i would not rely on it", "but this is hard to tell",
+        "but i lack confidence here"],
+    1: ["and this needs checking", "but this is probably wrong", "but i have almost no confidence",
+        "and i am almost certainly mistaken", "though this looks incorrect", "but i am only guessing",
+        "and it should not be trusted", "but i really have no idea", "and this is very doubtful",
+        "and i suspect it is an error"],
+}
+STATEMENT_MATCH_THRESHOLD = 0.85  # min difflib ratio for a fuzzy clause match (this project's choice)
+_LEVEL_OF_CLAUSE = {clause: level for level, clauses in STATEMENTS.items() for clause in clauses}  # exact lookup
+
+
+def statement_for(level, rng: random.Random):
+    """Draw a clause for a level (score -> statement) with a random.Random: (int, rng) -> str.
+    Example: statement_for(5, random.Random(0)) -> "and i would bet anything on it" (one of STATEMENTS[5])"""
+    if isinstance(level, (torch.Tensor, np.integer)):
+        level = int(level)
+    if isinstance(level, bool) or level not in STATEMENTS:
+        raise ValueError(f"statement_for: level must be an int in 1..5, got {level!r}")
+    return rng.choice(STATEMENTS[level])
+
+
+def normalize_statement(text):
+    """Canonical form of a clause: lower-case, punctuation dropped (apostrophes kept and glued), spaces collapsed.
+    Example: "  But I ' M  not SURE. " -> "but i'm not sure";  "can ' t" -> "can't" """
+    text = text.lower().replace("\u2019", "'").replace("\u2018", "'")  # curly apostrophes -> '
+    text = re.sub(r"[^a-z0-9'\s]+", " ", text)  # drop punctuation (as a space, so "sure,really" stays two words)
+    text = re.sub(r"\s*'\s*", "'", text)  # "can ' t" -> "can't": the word tokenizer detokenises like that
+    text = re.sub(r"\s+", " ", text)  # collapse runs of whitespace
+    return text.strip(" '")  # also drop quote-like apostrophes at the ends
+
+
+# level(text) = level of the clause equal to normalise(text), else of argmax_clause ratio(clause, text)
+#               when that ratio >= STATEMENT_MATCH_THRESHOLD, else None
+def level_of_statement(text):
+    """Read a clause back into its level (statement -> score): str -> int in 1..5, or None when nothing matches.
+    Example: "But I'm NOT sure." -> 2;  "with totl certainty" -> 5 (ratio 38/39 = .974);  "the sky is green" -> None"""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise TypeError(f"level_of_statement: text must be a str, got {type(text).__name__}")
+    clause = normalize_statement(text)
+    if not clause:
+        return None
+    if clause in _LEVEL_OF_CLAUSE:
+        return _LEVEL_OF_CLAUSE[clause]
+    # fuzzy match. ratio = 2 M / (len(a) + len(b)), M = matched characters (Ratcliff-Obershelp, as difflib does).
+    # autojunk off: long inputs are not given special treatment. seq2 is the text: difflib caches it across clauses.
+    matcher = difflib.SequenceMatcher(None, autojunk=False)
+    matcher.set_seq2(clause)
+    best_level, best_ratio = None, STATEMENT_MATCH_THRESHOLD
+    for level, clauses in STATEMENTS.items():
+        for candidate in clauses:
+            matcher.set_seq1(candidate)
+            # cheap upper bounds first: skip a clause that cannot reach the threshold or beat the best so far
+            if matcher.real_quick_ratio() < best_ratio or matcher.quick_ratio() < best_ratio:
+                continue
+            ratio = matcher.ratio()
+            # ties keep the first clause found (level 5 first); with clauses this far apart ties do not arise
+            if ratio > best_ratio or (best_level is None and ratio >= best_ratio):
+                best_level, best_ratio = level, ratio
+    return best_level
+
+
+_NUMBER_STATEMENT = re.compile(r"\(\s*confidence\s*([1-5])\s*/\s*5\s*\)")  # "(confidence 4/5)", spaces tolerated
+
+
+def confidence_number_statement(level):
+    """The "w/o S-S mapping" ablation's statement: a number instead of words. Example: 4 -> "(confidence 4/5)" """
+    if isinstance(level, (torch.Tensor, np.integer)):
+        level = int(level)
+    if isinstance(level, bool) or level not in STATEMENTS:
+        raise ValueError(f"confidence_number_statement: level must be an int in 1..5, got {level!r}")
+    return f"(confidence {level}/5)"
+
+
+def level_of_number_statement(text):
+    """Parse "(confidence k/5)" back to k (the last one in text wins); None when absent.
+    Example: "the circle is red ( confidence 4 / 5 ) ." -> 4;  "(confidence 7/5)" -> None"""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise TypeError(f"level_of_number_statement: text must be a str, got {type(text).__name__}")
+    found = _NUMBER_STATEMENT.findall(text.lower())
+    return int(found[-1]) if found else None
+
+
+# ---------------------------------------------------------------------------- #
+# 5.5 Rewards per step
+# ---------------------------------------------------------------------------- #
+# e_s = expressed confidence (stated level -> level_to_confidence), a_s = step correctness in {0, 1},
+# u_s = internal confidence (5.1 to 5.2 on the policy's own tokens -> level -> value). All shapes (..., S).
+
+def _as_binary_float(x, name):
+    """A 0/1 (or bool) tensor as float; asserts it is binary."""
+    t = _as_tensor(x)
+    assert bool(((t == 0) | (t == 1)).all()), f"{name} must be binary (0/1 or bool)"
+    return _as_float(t)
+
+
+def _as_confidence(x, name):
+    """A float tensor of confidences; asserts the values are in [0, 1]."""
+    t = _as_float(x)
+    assert bool(((t >= 0) & (t <= 1)).all()), f"{name} must be in [0, 1]"
+    return t
+
+
+# R_KA(s) = a_s                                knowledge accuracy (the last step carries the final answer)
+def r_ka(correct):
+    """Knowledge-accuracy reward: correct (..., S) in {0, 1} -> (..., S) float.  Example: [1, 0] -> [1., 0.]"""
+    return _as_binary_float(correct, "r_ka: correct")
+
+
+# R_EC(s) = 1 - (e_s - a_s)^2                  expected calibration (Brier: a proper scoring rule)
+def r_ec(expressed, correct):
+    """Expected-calibration reward: expressed (..., S) in [0, 1], correct (..., S) in {0, 1} -> (..., S).
+    Example: e = [1, .75, 0], a = [1, 0, 0] -> [1, 1 - .5625, 1] = [1, .4375, 1]"""
+    expressed = _as_confidence(expressed, "r_ec: expressed")
+    correct = _as_binary_float(correct, "r_ec: correct").to(expressed.dtype)
+    assert expressed.shape == correct.shape, f"r_ec: shapes differ {tuple(expressed.shape)} vs {tuple(correct.shape)}"
+    return 1.0 - (expressed - correct) ** 2
+
+
+# R_CS(s) = 1 - (e_s - u_s)^2                  confidence self-calibration: say what you internally believe
+def r_cs(expressed, internal):
+    """Self-calibration reward: expressed (..., S), internal (..., S), both in [0, 1] -> (..., S).
+    Example: e = [1, .5], u = [.25, .5] -> [1 - .5625, 1] = [.4375, 1]"""
+    expressed = _as_confidence(expressed, "r_cs: expressed")
+    internal = _as_confidence(internal, "r_cs: internal").to(expressed.dtype)
+    assert expressed.shape == internal.shape, f"r_cs: shapes differ {tuple(expressed.shape)} vs {tuple(internal.shape)}"
+    return 1.0 - (expressed - internal) ** 2
+
+
+# ---------------------------------------------------------------------------- #
+# PPO maths: masked statistics, GAE, clipped losses, diagnostics
+# ---------------------------------------------------------------------------- #
+# mask is the response mask (B,T): 1 on generated tokens, 0 on prompt/padding. The same mask is used everywhere.
+
+# masked_mean(x) = Σ_t x_t m_t / Σ_t m_t       (0 when the mask is empty)
+def masked_mean(x, mask):
+    """Mean of x over the mask's ones: x (...), mask (...) binary -> 0-dim tensor; 0 for an empty mask.
+    Example: x = [1, 2, 9], mask = [1, 1, 0] -> 1.5"""
+    x = _as_float(x)
+    valid = _as_mask(mask)
+    assert valid.shape == x.shape, f"masked_mean: mask {tuple(valid.shape)} must have x's shape {tuple(x.shape)}"
+    # where, not x * m: entries outside the mask may be inf/nan (padding) and must not leak into the sum
+    total = torch.where(valid, x, 0.0).sum()
+    # an empty mask has total = 0, so clamping the count to 1 returns 0 instead of 0/0 = nan
+    return total / valid.sum().clamp(min=1)
+
+
+# whiten(x) = (x - mean) / sqrt(var + 1e-8),   mean, var over the mask (biased var: divide by Σ m)
+def masked_whiten(x, mask, shift_mean=True):
+    """Whiten x over the valid entries: x (...), mask (...) -> (...); entries outside the mask are returned as 0.
+    shift_mean=False adds the mean back (scale only). Example: x = [1, 3, 7], mask = [1, 1, 0] -> [-1, 1, 0]"""
+    x = _as_float(x)
+    valid = _as_mask(mask)
+    mean = masked_mean(x, valid)
+    var = masked_mean((x - mean) ** 2, valid)  # biased: Σ m (x - mean)^2 / Σ m
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(valid, whitened, 0.0)
+
+
+# δ_t = r_t + γ V_{t+1} m_{t+1} - V_t
+# A_t = δ_t + γ λ m_{t+1} A_{t+1}          (m_{T} = 0: nothing is bootstrapped past the last valid token, EOS)
+# R_t = A_t + V_t                           (the value target, "returns")
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation, vectorised over the batch: (B,T) x3 -> advantages (B,T), returns (B,T).
+    Both outputs are 0 outside the mask. Call with detached values (they are rollout constants).
+    Example: r = [0, 0, 1], V = [.2, .4, .6], γ = 1, λ = .95 -> A = [.751, .58, .4], R = [.951, .98, 1.0]"""
+    rewards = _as_float(rewards)
+    values = _as_float(values).to(rewards.dtype)
+    valid = _as_mask(mask)
+    assert rewards.dim() == 2 and rewards.shape == values.shape == valid.shape, "gae: rewards, values, mask: all (B,T)"
+    m = valid.to(rewards.dtype)  # (B,T)
+    # padding may hold garbage (even nan); zero it so that m_{t+1} * V_{t+1} is a clean 0 there
+    rewards = torch.where(valid, rewards, 0.0)
+    values = torch.where(valid, values, 0.0)
+    B, T = rewards.shape
+    next_value = rewards.new_zeros(B)  # V_{t+1}
+    next_valid = rewards.new_zeros(B)  # m_{t+1}; 0 past the end: no bootstrap after the last token
+    next_advantage = rewards.new_zeros(B)  # A_{t+1}
+    advantages_reversed = []
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value * next_valid - values[:, t]  # (B,)
+        advantage = delta + gamma * lam * next_valid * next_advantage  # (B,)
+        advantage = advantage * m[:, t]  # 0 outside the mask (finite here, so multiply is safe)
+        advantages_reversed.append(advantage)
+        next_value, next_valid, next_advantage = values[:, t], m[:, t], advantage
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)  # (B,T)
+    returns = (advantages + values) * m  # (B,T)
+    return advantages, returns
+
+
+def gae_loop(rewards, values, mask, gamma, lam):
+    """Reference GAE: the same equations as gae() as a plain python double loop over floats (for tests/ports).
+    (B,T) x3 -> advantages (B,T), returns (B,T) as float64 tensors, 0 outside the mask."""
+    rewards = _as_float(rewards).double().tolist()
+    values = _as_float(values).double().tolist()
+    valid = _as_mask(mask).tolist()
+    advantages = [[0.0] * len(row) for row in rewards]
+    returns = [[0.0] * len(row) for row in rewards]
+    for b in range(len(rewards)):
+        T = len(rewards[b])
+        for t in reversed(range(T)):
+            if not valid[b][t]:
+                continue
+            has_next = t + 1 < T and valid[b][t + 1]  # m_{t+1}
+            next_value = values[b][t + 1] if has_next else 0.0
+            next_advantage = advantages[b][t + 1] if has_next else 0.0
+            delta = rewards[b][t] + gamma * next_value - values[b][t]
+            advantages[b][t] = delta + gamma * lam * next_advantage
+            returns[b][t] = advantages[b][t] + values[b][t]
+    return torch.tensor(advantages, dtype=torch.float64), torch.tensor(returns, dtype=torch.float64)
+
+
+# ratio_t   = exp( log π(y_t) - log π_old(y_t) )
+# pg_loss   = masked_mean( max( -A_t ratio_t, -A_t clip(ratio_t, 1 - ε, 1 + ε) ) )
+# clipfrac  = masked_mean( |ratio_t - 1| > ε )
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
+    """Clipped PPO policy loss: (B,T) x4, ε -> (pg_loss 0-dim tensor with grad, clipfrac 0-dim detached tensor).
+    clipfrac stays a tensor (no GPU sync); call .item() to log it. old_logprobs, advantages: pass detached.
+    Example: log-ratio [0, ln 1.5, ln .5], A = [1, 1, -1], ε = .2 -> (-1 - 1.2 + .8)/3 = -.4667, clipfrac 2/3"""
+    logprobs = _as_float(logprobs)
+    old_logprobs = _as_float(old_logprobs).to(logprobs.dtype)
+    advantages = _as_float(advantages).to(logprobs.dtype)
+    valid = _as_mask(mask)
+    assert logprobs.shape == old_logprobs.shape == advantages.shape == valid.shape, "ppo_policy_loss: shapes differ"
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    pg_loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), valid)  # the pessimistic of the two
+    clipfrac = masked_mean(((ratio - 1.0).abs() > clip_eps).to(logprobs.dtype), valid).detach()
+    return pg_loss, clipfrac
+
+
+# V_clip_t = V_old_t + clip(V_t - V_old_t, -ε, ε)
+# v_loss   = 0.5 * masked_mean( max( (V_t - R_t)^2, (V_clip_t - R_t)^2 ) )
+def ppo_value_loss(values, old_values, returns, mask, clip_eps):
+    """Clipped value loss: values, old_values, returns, mask (B,T), ε -> 0-dim tensor.
+    Example: V = [1, .5], V_old = [.5, .5], R = [1, 0], ε = .2 -> 0.5 * mean(max(0, .09), max(.25, .25)) = .085"""
+    values = _as_float(values)
+    old_values = _as_float(old_values).to(values.dtype)
+    returns = _as_float(returns).to(values.dtype)
+    valid = _as_mask(mask)
+    assert values.shape == old_values.shape == returns.shape == valid.shape, "ppo_value_loss: shapes differ"
+    values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    v_losses = (values - returns) ** 2
+    v_losses_clipped = (values_clipped - returns) ** 2
+    return 0.5 * masked_mean(torch.maximum(v_losses, v_losses_clipped), valid)
+
+
+# log r_t = log π(y_t) - log π_old(y_t);   approx_kl = masked_mean( (r_t - 1) - log r_t )
+def approx_kl_k3(logprobs, old_logprobs, mask):
+    """The "k3" estimator of KL(π_old || π) on tokens sampled from π_old: (B,T) x3 -> 0-dim tensor, always >= 0.
+    Example: log r = [ln 2, 0] -> mean(1 - ln 2, 0) = .1534"""
+    logprobs = _as_float(logprobs)
+    log_ratio = logprobs - _as_float(old_logprobs).to(logprobs.dtype)
+    return masked_mean((torch.exp(log_ratio) - 1.0) - log_ratio, mask)
+
+
+# explained_variance = 1 - Var[R - V] / Var[R]       over the mask (nan when Var[R] = 0)
+def explained_variance(values, returns, mask):
+    """How much of the returns' variance the value head explains: (B,T) x3 -> python float (1 = perfect).
+    Example: V = [0, 2], R = [1, 3] -> Var[R - V] = 0 -> 1.0;  V = [0, 0] -> 1 - 1/1 = 0.0"""
+    values = _as_float(values)
+    returns = _as_float(returns).to(values.dtype)
+    valid = _as_mask(mask)
+    residual = returns - values
+    var_returns = masked_mean((returns - masked_mean(returns, valid)) ** 2, valid)  # biased, like masked_whiten
+    var_residual = masked_mean((residual - masked_mean(residual, valid)) ** 2, valid)
+    if float(var_returns) == 0.0:
+        return math.nan
+    return float(1.0 - var_residual / var_returns)
+
+
+# ---------------------------------------------------------------------------- #
+# 6 Metrics: ECE (and MECE = ECE over steps), reliability bins, AUROC, Brier
+# ---------------------------------------------------------------------------- #
+# These return python floats (they are logged and written to results.json). conf in [0, 1], correct in {0, 1}.
+
+def _as_numpy(x):
+    """`x` as a numpy array: tensors are detached and moved to the cpu, lists become float64/int/bool arrays."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _metric_inputs(conf, correct, name):
+    """conf and correct as flat numpy arrays (conf keeps its float dtype, correct bool); checks ranges and shapes."""
+    conf = _as_numpy(conf).reshape(-1)
+    correct = _as_numpy(correct).reshape(-1)
+    if not np.issubdtype(conf.dtype, np.floating):
+        conf = conf.astype(np.float64)  # ints/bools as confidences (0 or 1)
+    assert conf.shape == correct.shape, f"{name}: conf has {conf.size} items, correct has {correct.size}"
+    assert bool(np.all((conf >= 0) & (conf <= 1))), f"{name}: conf must be in [0, 1]"
+    assert bool(np.all((correct == 0) | (correct == 1))), f"{name}: correct must be binary (0/1 or bool)"
+    return conf, correct.astype(bool)
+
+
+# bin(c) = #{ k in 1..n_bins-1 : k / n_bins < c }       bins [0, 1/n], (1/n, 2/n], ..., ((n-1)/n, 1]
+def _confidence_bins(conf, n_bins):
+    """Equal-width bin index of each confidence: (N,) -> (N,) int in 0..n_bins-1; first bin [0, 1/n], others (lo, hi].
+    Example (n_bins=10): [0.0, 0.1, 0.15, 0.3, 1.0] -> [0, 0, 1, 2, 9]"""
+    # subtle: ceil(c * 10) - 1 is wrong at edges, 0.3 * 10 = 3.0000000000000004 would land in (0.3, 0.4].
+    # Counting the edges strictly below c has no such problem. The edges are computed in float64 and rounded to
+    # conf's dtype, so float32(0.3) also lands in (0.2, 0.3] (in float64 it is 0.30000001 > 0.3).
+    edges = (np.arange(1, n_bins, dtype=np.float64) / n_bins).astype(conf.dtype)  # (n_bins - 1,)
+    return (conf[:, None] > edges[None, :]).sum(axis=1)  # (N,)
+
+
+def reliability_bins(conf, correct, n_bins=10):
+    """Per-bin statistics for reliability diagrams: (N,), (N,) -> list of n_bins dicts
+    {lo, hi, count, accuracy, confidence}; accuracy and confidence are nan for an empty bin."""
+    conf, correct = _metric_inputs(conf, correct, "reliability_bins")
+    bin_of = _confidence_bins(conf, n_bins)
+    bins = []
+    for b in range(n_bins):
+        in_bin = bin_of == b
+        count = int(in_bin.sum())
+        bins.append({
+            "lo": b / n_bins,
+            "hi": (b + 1) / n_bins,
+            "count": count,
+            "accuracy": float(correct[in_bin].mean()) if count else math.nan,  # acc_b
+            "confidence": float(conf[in_bin].astype(np.float64).mean()) if count else math.nan,  # conf_b
+        })
+    return bins
+
+
+# ECE = Σ_b (n_b / N) | acc_b - conf_b |          (empty bins contribute 0)
+def ece(conf, correct, n_bins=10):
+    """Expected calibration error with equal-width bins: conf (N,) in [0, 1], correct (N,) -> float; nan if N = 0.
+    Example: conf [.0, .1, .15, .25, .3, 1.], correct [0, 0, 1, 0, 1, 1] -> (2*.05 + .85 + 2*.225 + 0)/6 = .2333"""
+    bins = reliability_bins(conf, correct, n_bins)
+    n_items = sum(b["count"] for b in bins)
+    if n_items == 0:
+        return math.nan
+    return float(sum(b["count"] / n_items * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]))
+
+
+# AUROC = P(c_i > c_j) + 0.5 P(c_i = c_j),  i correct, j wrong
+#       = (Σ_{i correct} rank_i - n_pos (n_pos + 1) / 2) / (n_pos n_neg)        (Mann-Whitney, average ranks)
+def auroc(conf, correct):
+    """Area under the ROC curve of conf for separating correct from wrong: (N,), (N,) -> float.
+    Ties count 1/2; nan when all items are correct or all wrong.
+    Example: conf [.9, .5, .5, .1], correct [1, 1, 0, 0] -> pairs (.9>.5, .9>.1, .5=.5, .5>.1) = 3.5/4 = .875"""
+    conf, correct = _metric_inputs(conf, correct, "auroc")
+    n_pos = int(correct.sum())
+    n_neg = correct.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    # 1-based ranks of the sorted confidences; a tie group spanning ranks (end - size + 1)..end shares their mean
+    _, group_of, group_size = np.unique(conf, return_inverse=True, return_counts=True)
+    group_end = np.cumsum(group_size)  # rank of each tie group's last member
+    group_rank = group_end - (group_size - 1) / 2.0  # mean rank inside the group
+    ranks = group_rank[group_of.reshape(-1)]  # (N,)
+    u_statistic = ranks[correct].sum() - n_pos * (n_pos + 1) / 2.0  # Σ over (correct, wrong) pairs of [>] + ½[=]
+    return float(u_statistic / (n_pos * n_neg))
+
+
+# Brier = (1/N) Σ_i (c_i - a_i)^2
+def brier(conf, correct):
+    """Brier score (lower is better): conf (N,), correct (N,) -> float; nan if N = 0.
+    Example: conf [1, .75, 0], correct [1, 0, 1] -> (0 + .5625 + 1)/3 = .5208"""
+    conf, correct = _metric_inputs(conf, correct, "brier")
+    if conf.size == 0:
+        return math.nan
+    return float(np.mean((conf.astype(np.float64) - correct) ** 2))
+
+
+# ---------------------------------------------------------------------------- #
+# Text: prompts, responses with statements, and splitting a response back into steps
+# ---------------------------------------------------------------------------- #
+
+def format_prompt(record):
+    """The question and its choices as the model sees them.
+    e.g. "question: what color is the object at the center? choices: red; orange; blue; green" """
+    return f"question: {record['question']} choices: {'; '.join(record['choices'])}"
+
+
+def reference_steps(record):
+    """The reference chain as a list of step sentences: Image_level then Reasoning_level (either may be absent)."""
+    keys = record.get("keys_filtered") or {}
+    return list(keys.get("Image_level") or []) + list(keys.get("Reasoning_level") or [])
+
+
+def attach_statement(step, statement):
+    """"There is a red circle at the center." + "with total certainty" ->
+    "There is a red circle at the center, with total certainty."  A "(confidence k/5)" number statement
+    (the "w/o S-S mapping" ablation) goes after a space instead of a comma."""
+    body = step.strip().rstrip(".").strip()
+    if statement.startswith("("):
+        return f"{body} {statement}."
+    return f"{body}, {statement}."
+
+
+def build_tokenizer(records):
+    """Vocabulary from the training text plus every word the method itself writes (statements, numbers), so
+    no statement clause is ever <unk>."""
+    texts = [format_prompt(r) for r in records] + [s for r in records for s in reference_steps(r)]
+    texts += [c for pool in STATEMENTS.values() for c in pool]
+    texts += [confidence_number_statement(k) for k in range(1, 6)]
+    texts += list(NUMBER_WORDS) + list(LEXICON.values()) + list(POSITIONS) + list(COLORS) + list(SHAPES)
+    texts += ["so, the answer is", "there is a", "the number of objects is", "left of right of above below larger than called"]
+    return Tokenizer.build(texts)
+
+
+def encode_example(tokenizer, record, response):
+    """[<bos>] prompt [<sep>] response [<eos>] -> (ids, response_start): ids[response_start:] is the response."""
+    prompt = [BOS] + tokenizer.encode(format_prompt(record)) + [SEP]
+    return prompt + tokenizer.encode(response) + [EOS], len(prompt)
+
+
+def prompt_ids(tokenizer, record):
+    return [BOS] + tokenizer.encode(format_prompt(record)) + [SEP]
+
+
+def collate_sft(examples, device="cpu"):
+    """examples: list of (image, ids, response_start) -> images, inputs (B,T), targets (B,T), loss_mask (B,T).
+    Next-token training: inputs = ids[:-1], targets = ids[1:]; the loss counts only targets in the response."""
+    seqs = [ids for _, ids, _ in examples]
+    ids, mask = pad_right(seqs)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    loss_mask = torch.zeros_like(targets)
+    for i, (_, s, start) in enumerate(examples):
+        loss_mask[i, start - 1:len(s) - 1] = 1  # target positions start-1 .. len-2 predict ids[start .. len-1]
+    images = torch.stack([torch.as_tensor(np.asarray(im)) for im, _, _ in examples])  # (B,H,W,3) uint8
+    return images.to(device), inputs.to(device), targets.to(device), loss_mask.to(device)
+
+
+@dataclass
+class Step:
+    """One step of a generated response, as token index ranges into the response ids."""
+    start: int  # first content token
+    end: int  # one past the last content token (statement, its comma and the period excluded)
+    last: int  # the step's last token (its period, or the last token of a truncated step): rewards go here
+    text: str  # the content as a sentence, e.g. "There is a small red circle at the center."
+    level: "int | None"  # the stated level 1..5, None when there is no parseable statement
+
+
+def split_steps(response, tokenizer):
+    """Cut a response (token ids, no prompt) at every "." into steps, and each step into content and statement.
+    The statement is what follows the step's last comma when that text is a known clause (level_of_statement),
+    or a "(confidence k/5)" number statement; otherwise the step has no statement (level None).
+    e.g. "there is a red circle at the center , with total certainty . so , the answer is red , but i'm not sure ."
+      -> [Step(text="there is a red circle at the center.", level=5), Step(text="so, the answer is red.", level=2)]
+    subtle: "so , the answer is red" has a comma of its own; "the answer is red" is no clause, so it stays content."""
+    period, comma, lparen = tokenizer.index.get("."), tokenizer.index.get(","), tokenizer.index.get("(")
+    ids = []
+    for t in list(response):
+        if t in (EOS, PAD):
+            break
+        ids.append(int(t))
+    steps, start = [], 0
+    while start < len(ids):
+        stop = start
+        while stop < len(ids) and ids[stop] != period:
+            stop += 1
+        last = min(stop, len(ids) - 1)  # the period, or the final token of a truncated step
+        body = ids[start:stop]  # without the period
+        end, level = start + len(body), None
+        if lparen in body:  # "(confidence k/5)"
+            j = len(body) - 1 - body[::-1].index(lparen)
+            lvl = level_of_number_statement(tokenizer.decode(body[j:]))
+            if lvl is not None:
+                end, level = start + j, lvl
+        if level is None and comma in body:
+            j = len(body) - 1 - body[::-1].index(comma)
+            lvl = level_of_statement(tokenizer.decode(body[j + 1:]))
+            if lvl is not None:
+                end, level = start + j, lvl
+        if end > start:  # an empty step ("." alone) is skipped
+            steps.append(Step(start, end, last, tokenizer.decode(ids[start:end]) + ".", level))
+        start = stop + 1
+    return steps
+
+
+def step_mask_from_steps(steps_per_row, offsets, T):
+    """steps_per_row: B lists of Step; offsets (B,) = where each response starts in the token axis of length T.
+    -> step_mask (B, S, T) float, S = the most steps in any row; empty slots are all zero."""
+    B = len(steps_per_row)
+    S = max(1, max(len(s) for s in steps_per_row))
+    mask = torch.zeros(B, S, T)
+    for b, steps in enumerate(steps_per_row):
+        for s, st in enumerate(steps):
+            mask[b, s, offsets[b] + st.start: offsets[b] + st.end] = 1.0
+    return mask
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, records, temperature=0.0, max_new_tokens=96, batch_size=64,
+                       generator=None, device="cpu"):
+    """Answer every record: batched KV-cache decoding from left-padded prompts. -> list of response id lists
+    (EOS and padding removed)."""
+    model.eval()
+    out = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        ids, mask = pad_left([prompt_ids(tokenizer, r) for r in chunk])
+        images = images_to_tensor([r["image"] for r in chunk], model.cfg.image_size, device)
+        new = model.generate(images, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                             temperature=temperature, generator=generator)
+        for row in new.tolist():
+            out.append([t for t in row if t not in (PAD,)][:max_new_tokens])
+    return [r[:r.index(EOS)] if EOS in r else r for r in out]
+
+
+ANSWER_RE = re.compile(r"^\s*so\s*,?\s*the answer is\s+(.+?)\s*\.?\s*$", re.IGNORECASE)
+
+
+def final_answer(steps):
+    """The X of the last "So, the answer is X." step, or None when the response never answers."""
+    for st in reversed(steps):
+        m = ANSWER_RE.match(st.text)
+        if m:
+            return m.group(1).strip().lower()
+    return None
+
+
+def answer_is_correct(record, steps):
+    """Acc: the stated final answer equals the gold answer (case and spacing normalised)."""
+    answer = final_answer(steps)
+    return answer is not None and " ".join(answer.split()) == " ".join(str(record["answer"]).lower().split())
+
+
+def judge_steps(record, steps):
+    """a_s for every step: the exact verifier on the shapes world (None = unparseable = wrong)."""
+    return [verify_step(record["scene"], st.text) is True for st in steps]
+
+
+# ---------------------------------------------------------------------------- #
+# 5.1 on a batch: the four signals for every step of generated responses
+# ---------------------------------------------------------------------------- #
+
+def response_batch(tokenizer, records, responses, device="cpu"):
+    """Teacher-forcing batch for (prompt + response + <eos>), right-padded.
+    -> images, inputs (B,T), targets (B,T), text_mask (B,T), response_mask (B,T), offsets (B,)
+    response_mask marks target positions that are response tokens (incl. <eos>): the ONE mask PPO uses everywhere.
+    offsets[b] = target index of the response's first token, so response token j sits at offsets[b] + j."""
+    seqs, offsets = [], []
+    for rec, resp in zip(records, responses):
+        prompt = prompt_ids(tokenizer, rec)
+        seqs.append(prompt + list(resp) + [EOS])
+        offsets.append(len(prompt) - 1)
+    ids, mask = pad_right(seqs)
+    inputs, targets, text_mask = ids[:, :-1], ids[:, 1:], mask[:, :-1]
+    response_mask = torch.zeros_like(targets)
+    for b, (off, resp) in enumerate(zip(offsets, responses)):
+        response_mask[b, off:off + len(resp) + 1] = 1
+    images = torch.stack([torch.as_tensor(np.asarray(r["image"])) for r in records])
+    return (images.to(device), inputs.to(device), targets.to(device), text_mask.to(device),
+            response_mask.to(device), offsets)
+
+
+@torch.no_grad()
+def tokensar_relevance(clip, tokenizer, records, responses, steps, T, offsets):
+    """R_l = 1 - g(x ∪ y, x ∪ y \\ y_l) for every content token of every step, laid out as (B, T) like the targets.
+    g = cosine of TinyCLIP text embeddings; x ∪ y is the question followed by the step (our choice: the paper's
+    cross-encoder read the question and the generation). All L deletions of all steps are embedded in one batch."""
+    device = clip.image_proj.weight.device
+    relevance = torch.zeros(len(records), T)
+    full_texts, deleted_texts, where = [], [], []
+    for b, (rec, resp, sts) in enumerate(zip(records, responses, steps)):
+        question = tokenizer.encode(rec["question"])
+        for st in sts:
+            content = list(resp[st.start:st.end])
+            for l in range(len(content)):
+                full_texts.append(question + content)
+                deleted_texts.append(question + content[:l] + content[l + 1:])
+                where.append((b, offsets[b] + st.start + l))
+    limit = clip.cfg.block_size
+    for i in range(0, len(full_texts), 512):
+        a_ids, a_mask = pad_right([t[-limit:] for t in full_texts[i:i + 512]])
+        d_ids, d_mask = pad_right([t[-limit:] for t in deleted_texts[i:i + 512]])
+        g = (clip.embed_text(a_ids.to(device), a_mask.to(device)) *
+             clip.embed_text(d_ids.to(device), d_mask.to(device))).sum(-1)  # cosine of unit vectors
+        for (b, t), r in zip(where[i:i + 512], (1 - g).tolist()):
+            relevance[b, t] = r
+    return relevance
+
+
+@torch.no_grad()
+def score_responses(model, clip, tokenizer, records, responses, steps, device="cpu", batch_size=64):
+    """The four raw signals of DESIGN 5.1 for every step: {"lnlp","mte","tokensar","clipscore"} -> (B, S_max).
+    Uncertainties come from the model's own distribution (temperature 1) on its own tokens (teacher forcing);
+    CLIPScore compares the image with the step's text. Empty step slots hold 0."""
+    model.eval()
+    S = max(1, max((len(s) for s in steps), default=1))
+    out = {k: torch.zeros(len(records), S) for k in SIGNALS}
+    for i in range(0, len(records), batch_size):
+        recs, resps, sts = records[i:i + batch_size], responses[i:i + batch_size], steps[i:i + batch_size]
+        images, inputs, targets, text_mask, _, offsets = response_batch(tokenizer, recs, resps, device)
+        logits, _ = model(images, inputs, text_mask=text_mask)
+        T = targets.size(1)
+        step_mask = step_mask_from_steps(sts, offsets, T).to(device)  # (b, S_b, T)
+        logprobs = token_logprobs(logits, targets)  # (b, T)
+        entropy = token_entropy(logits)  # (b, T)
+        relevance = tokensar_relevance(clip, tokenizer, recs, resps, sts, T, offsets).to(device)
+        image_emb = clip_embed_image(clip, images)  # (b, D)
+        texts = [[st.text for st in s] + [""] * (step_mask.size(1) - len(s)) for s in sts]
+        text_emb = clip_embed_text(clip, tokenizer, [t for row in texts for t in row]).view(len(recs), step_mask.size(1), -1)
+        S_b = step_mask.size(1)
+        out["lnlp"][i:i + len(recs), :S_b] = u_lnlp(logprobs, step_mask).cpu()
+        out["mte"][i:i + len(recs), :S_b] = u_mte(entropy, step_mask).cpu()
+        out["tokensar"][i:i + len(recs), :S_b] = u_tokensar(logprobs, relevance, step_mask).cpu()
+        out["clipscore"][i:i + len(recs), :S_b] = u_clipscore(image_emb, text_emb).cpu() * (step_mask.sum(-1) > 0).cpu()
+    return out
+
+
+# ---------------------------------------------------------------------------- #
+# Benchmark: python mmboundary.py --bench
+# ---------------------------------------------------------------------------- #
+
+def count_forward_flops(model, *inputs):
+    """FLOPs of one forward pass: 2·in·out per token through every nn.Linear (hooks count the tokens), plus
+    attention's two matmuls, 2·2·T·T_all·C per attention layer. A backward pass costs twice a forward."""
+    flops = [0]
+
+    def linear_hook(m, inp, out):
+        flops[0] += 2 * inp[0].numel() // m.in_features * m.in_features * m.out_features
+
+    def attn_hook(m, inp, out):
+        x = inp[0]  # (B, T, C); cache-free full attention: T_all = T
+        flops[0] += 2 * 2 * x.size(0) * x.size(1) * x.size(1) * x.size(2)
+
+    hooks = [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    hooks += [m.register_forward_hook(attn_hook) for m in model.modules() if isinstance(m, SelfAttention)]
+    with torch.no_grad():
+        model(*inputs)
+    for h in hooks:
+        h.remove()
+    return flops[0]
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def bench(device="cpu", batch_size=32, text_len=100, new_tokens=100, repeats=5):
+    """Training-step throughput and achieved FLOP/s against measured fp32 matmul FLOP/s; decoding tokens/s with
+    and without the KV cache. Medians of `repeats` runs, all in one process so the ratios compare like with like."""
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    results = {"device": str(device), "threads": torch.get_num_threads()}
+    # 1. the machine's fp32 matmul rate (1024 x 1024 x 1024)
+    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
+    a @ b
+    t = _median_time(lambda: (a @ b, sync()), repeats * 2)
+    results["matmul_flops"] = 2 * 1024 ** 3 / t
+    # 2. one training step of the default TinyVLM: forward, backward, AdamW
+    torch.manual_seed(0)
+    cfg = VLMConfig(vocab_size=300)
+    model = TinyVLM(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randint(0, 256, (batch_size, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8, device=device)
+    ids = torch.randint(5, 300, (batch_size, text_len), device=device)
+
+    def train_step():
+        _, loss = model(images, ids, ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+
+    train_step()
+    t = _median_time(train_step, repeats)
+    flops = 3 * count_forward_flops(model, images, ids, ids)
+    results["train_step_s"] = t
+    results["train_tokens_per_s"] = batch_size * (cfg.n_image_tokens + text_len) / t
+    results["train_flops"] = flops / t
+    results["train_fraction_of_matmul"] = results["train_flops"] / results["matmul_flops"]
+    # 3. decoding new_tokens tokens for a batch of 8, with and without the KV cache
+    model.eval()
+    prompt = torch.randint(5, 300, (8, 20), device=device)
+    for use_cache in (True, False):
+        model.generate(images[:8], prompt, max_new_tokens=4, use_cache=use_cache, eos_id=-1)
+        t = _median_time(lambda: (model.generate(images[:8], prompt, max_new_tokens=new_tokens, use_cache=use_cache,
+                                                 eos_id=-1), sync()), max(1, repeats // 2))
+        results["decode_tokens_per_s_" + ("cache" if use_cache else "nocache")] = 8 * new_tokens / t
+    results["cache_speedup"] = results["decode_tokens_per_s_cache"] / results["decode_tokens_per_s_nocache"]
+    return results
+
+
+# ---------------------------------------------------------------------------- #
+# Porting vectors (DESIGN 8): python mmboundary.py --golden golden.safetensors
+# ---------------------------------------------------------------------------- #
+
+GOLDEN_FORMAT = "1"
+
+
+def golden_tensors(seed=0):
+    """Inputs and outputs of every section-7 function and of one tiny TinyVLM forward, for a fixed seed.
+    A port loads the file, feeds the inputs to its own functions, and compares with the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, V, S, D, N = 2, 6, 7, 3, 4, 12
+    t = {}
+    t["logits"] = torch.randn(B, T, V, generator=g)
+    t["targets"] = torch.randint(0, V, (B, T), generator=g)
+    t["token_logprobs"] = token_logprobs(t["logits"], t["targets"])
+    t["token_entropy"] = token_entropy(t["logits"])
+    step_mask = torch.zeros(B, S, T)
+    step_mask[0, 0, 0:2], step_mask[0, 1, 2:3], step_mask[0, 2, 3:6] = 1, 1, 1  # incl. a one-token step
+    step_mask[1, 0, 1:4], step_mask[1, 1, 4:6] = 1, 1  # row 1 has an empty third slot
+    t["step_mask"] = step_mask
+    t["relevance"] = torch.rand(B, T, generator=g)
+    t["relevance"][0, 2] = 0.0  # a one-token step with zero relevance: uniform fallback
+    t["u_lnlp"] = u_lnlp(t["token_logprobs"], step_mask)
+    t["u_mte"] = u_mte(t["token_entropy"], step_mask)
+    t["u_tokensar"] = u_tokensar(t["token_logprobs"], t["relevance"], step_mask)
+    t["image_emb"] = torch.randn(B, D, generator=g)
+    t["text_emb"] = torch.randn(B, S, D, generator=g)
+    t["u_clipscore"] = u_clipscore(t["image_emb"], t["text_emb"])
+    values = {k: torch.rand(N, generator=g) * 3 for k in SIGNALS}
+    stats = fit_minmax(values)
+    conf = to_confidence(values, stats)
+    weights = {"lnlp": 1.0, "mte": 2.0, "tokensar": 0.5, "clipscore": 1.0}
+    for k in SIGNALS:
+        t[f"values.{k}"] = values[k]
+        t[f"minmax.{k}"] = torch.tensor(stats[k])
+        t[f"to_confidence.{k}"] = conf[k]
+    t["fuse_weights"] = torch.tensor([weights[k] for k in SIGNALS])
+    t["fuse_mean"] = fuse_confidence(conf, weights)
+    t["fuse_max"] = fuse_confidence(conf, mode="max")
+    t["fuse_without_clipscore"] = fuse_confidence({k: conf[k] for k in UNCERTAINTY_SIGNALS})
+    mu, sigma = t["fuse_mean"].mean().item(), t["fuse_mean"].std(unbiased=False).item()
+    t["levels_mu_sigma"] = torch.tensor([mu, sigma])
+    t["confidence_levels"] = confidence_levels(t["fuse_mean"], mu, sigma)
+    t["level_to_confidence"] = level_to_confidence(torch.arange(1, 6))
+    expressed, correct, internal = torch.rand(S, generator=g), (torch.rand(S, generator=g) > 0.5).float(), torch.rand(S, generator=g)
+    t["expressed"], t["correct"], t["internal"] = expressed, correct, internal
+    t["r_ka"], t["r_ec"], t["r_cs"] = r_ka(correct), r_ec(expressed, correct), r_cs(expressed, internal)
+    mask = torch.ones(B, T)
+    mask[0, :2] = 0  # left padding
+    mask[1, 5:] = 0  # right padding
+    t["mask"] = mask
+    t["x"] = torch.randn(B, T, generator=g)
+    t["masked_mean"] = masked_mean(t["x"], mask).reshape(())
+    t["masked_whiten"] = masked_whiten(t["x"], mask)
+    t["masked_whiten_noshift"] = masked_whiten(t["x"], mask, shift_mean=False)
+    t["rewards"], t["values"] = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    t["gae_advantages"], t["gae_returns"] = gae(t["rewards"], t["values"], mask, 1.0, 0.95)
+    t["logprobs"], t["old_logprobs"] = -torch.rand(B, T, generator=g), -torch.rand(B, T, generator=g)
+    t["old_values"] = t["values"] + 0.3 * torch.randn(B, T, generator=g)
+    loss, clipfrac = ppo_policy_loss(t["logprobs"], t["old_logprobs"], t["gae_advantages"], mask, 0.2)
+    t["ppo_policy_loss"], t["ppo_clipfrac"] = loss.reshape(()), torch.tensor(float(clipfrac))
+    t["ppo_value_loss"] = ppo_value_loss(t["values"], t["old_values"], t["gae_returns"], mask, 0.2).reshape(())
+    conf_n, correct_n = torch.rand(40, generator=g), (torch.rand(40, generator=g) > 0.4).float()
+    conf_n[:4] = torch.tensor([0.0, 0.1, 0.3, 1.0])  # bin edges
+    t["metric_conf"], t["metric_correct"] = conf_n, correct_n
+    t["ece"] = torch.tensor(ece(conf_n, correct_n), dtype=torch.float64)
+    t["auroc"] = torch.tensor(auroc(conf_n, correct_n), dtype=torch.float64)
+    t["brier"] = torch.tensor(brier(conf_n, correct_n), dtype=torch.float64)
+    # one forward of a tiny TinyVLM, its weights included so a port can load them
+    torch.manual_seed(seed)
+    cfg = VLMConfig(image_size=12, patch_size=6, vit_layers=1, vit_embd=8, n_layer=1, n_head=2, n_embd=8,
+                    vocab_size=V, block_size=T)
+    model = TinyVLM(cfg).eval()
+    images = torch.randint(0, 256, (B, 12, 12, 3), generator=g).to(torch.uint8)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    with torch.no_grad():
+        logits, loss = model(images, ids, t["targets"])
+    t["vlm.images"], t["vlm.input_ids"], t["vlm.logits"], t["vlm.loss"] = images, ids, logits, loss.reshape(())
+    for k, v in unique_state_dict(model).items():
+        t["vlm.weights." + k] = v
+    return {k: v.contiguous() for k, v in t.items()}, {"format_version": GOLDEN_FORMAT, "seed": str(seed),
+                                                        "vlm_config": json.dumps(dataclasses.asdict(cfg))}
+
+
+def write_golden(path, seed=0):
+    from safetensors.torch import save_file
+    tensors, meta = golden_tensors(seed)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+    return tensors
+
+
+def _main(argv=None):
+    parser = ArgParser(description="MMBoundary library: --bench or --golden PATH (the scripts train and evaluate)")
+    parser.add_argument("--bench", action="store_true", help="training and decoding throughput on this machine")
+    parser.add_argument("--golden", metavar="PATH", help="write the porting vectors (DESIGN section 8) to PATH")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    parser.add_argument("--repeats", type=int, default=5, help="bench: timed repeats (the median is reported)")
+    args = parser.parse_args(argv)
+    if not args.bench and not args.golden:
+        parser.print_help()
+        return
+    if args.golden:
+        tensors = write_golden(args.golden)
+        print(f"wrote {len(tensors)} tensors to {args.golden} (format_version {GOLDEN_FORMAT})")
+    if args.bench:
+        r = bench(str(pick_device(args.device)), repeats=max(1, args.repeats))
+        print(f"device {r['device']}, {r['threads']} threads")
+        print(f"fp32 matmul 1024^3:           {r['matmul_flops'] / 1e9:8.1f} GFLOP/s")
+        print(f"train step (B=32, T=36+100):  {r['train_step_s'] * 1e3:8.1f} ms, {r['train_tokens_per_s']:9.0f} tokens/s, "
+              f"{r['train_flops'] / 1e9:.1f} GFLOP/s = {r['train_fraction_of_matmul']:.0%} of matmul (target >= 40%)")
+        print(f"decode 100 tokens, batch 8:   {r['decode_tokens_per_s_cache']:8.0f} tokens/s with KV cache, "
+              f"{r['decode_tokens_per_s_nocache']:.0f} without: {r['cache_speedup']:.1f}x (target >= 5x)")
+
+
+if __name__ == "__main__":
+    run_cli(_main)

@@ -1,0 +1,466 @@
+"""Hand-computed tests of the method's maths: signals, normalisation, statements, rewards, PPO, metrics.
+
+Every hand case writes its arithmetic in the docstring. Run: python -m pytest -q tests/test_maths.py
+"""
+import math
+import random
+import string
+
+import numpy as np
+import pytest
+import torch
+
+import mmboundary as mb
+
+LN2 = math.log(2.0)
+
+
+def close(actual, expected, tol=1e-6):
+    """assert a tensor/float equals the expected list/float elementwise within tol."""
+    actual = torch.as_tensor(actual, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.allclose(actual, expected, atol=tol, rtol=0), f"{actual.tolist()} != {expected.tolist()}"
+
+
+# ---------------------------------------------------------------------------- #
+# 5.1 signals
+# ---------------------------------------------------------------------------- #
+
+def test_token_logprobs_and_entropy_hand():
+    """V = 4, three positions.
+    t0 logits [0, 0, 0, 0]           -> p = [.25]*4;            target 1 -> ln .25;  H = ln 4
+    t1 logits [0, 0, ln 2, -inf]     -> p = [.25, .25, .5, 0];  target 2 -> ln .5;   H = 2(.25 ln 4) + .5 ln 2 = 1.5 ln 2
+    t2 logits [ln 3, 0, -inf, -inf]  -> p = [.75, .25, 0, 0];   target 0 -> ln .75;  H = -(.75 ln .75 + .25 ln .25)"""
+    inf = float("inf")
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, LN2, -inf], [math.log(3.0), 0.0, -inf, -inf]]])
+    targets = torch.tensor([[1, 2, 0]])
+    close(mb.token_logprobs(logits, targets), [[math.log(0.25), math.log(0.5), math.log(0.75)]])
+    h2 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    entropy = mb.token_entropy(logits)
+    close(entropy, [[math.log(4.0), 1.5 * LN2, h2]])
+    assert entropy.dtype == torch.float32
+    # the -inf logits give finite gradients (no 0 * -inf)
+    logits_grad = logits.clone().requires_grad_(True)
+    mb.token_entropy(logits_grad).sum().backward()
+    assert torch.isfinite(logits_grad.grad).all()
+
+
+def _steps_fixture():
+    """B=1, T=5, S=3: step 0 = tokens 0..2, step 1 = token 3 (one-token step), step 2 = empty slot, token 4 = padding
+    whose log-prob is -inf and entropy nan (garbage that must not leak)."""
+    logprobs = torch.tensor([[math.log(0.5), math.log(0.25), 0.0, math.log(0.125), -float("inf")]])
+    entropy = torch.tensor([[0.3, 0.6, 0.9, 1.2, float("nan")]])
+    step_mask = torch.tensor([[[1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 0]]], dtype=torch.float32)
+    return logprobs, entropy, step_mask
+
+
+def test_u_lnlp_hand():
+    """step 0: mean log p = (ln .5 + ln .25 + ln 1)/3 = ln(.125)/3 = ln .5 -> exp(-ln .5) = 2
+    step 1 (one token): exp(-ln .125) = 8;   step 2 (empty slot): 0, not nan."""
+    logprobs, _, step_mask = _steps_fixture()
+    close(mb.u_lnlp(logprobs, step_mask), [[2.0, 8.0, 0.0]], tol=1e-5)
+    close(mb.u_lnlp(logprobs, step_mask.bool()), [[2.0, 8.0, 0.0]], tol=1e-5)  # bool masks work too
+
+
+def test_u_mte_hand():
+    """step 0: (.3 + .6 + .9)/3 = .6;  step 1: 1.2;  empty slot: 0 (the nan at padding never enters)."""
+    _, entropy, step_mask = _steps_fixture()
+    close(mb.u_mte(entropy, step_mask), [[0.6, 1.2, 0.0]])
+
+
+def test_u_tokensar_hand():
+    """NLL = [ln 2, ln 4, 0, ln 8].  step 0 with R = [1, 3, 0]: R̃ = [.25, .75, 0] -> .25 ln 2 + .75 * 2 ln 2 = 1.75 ln 2.
+    R = [1, 3, -2] is clamped to [1, 3, 0]: same answer. Zero relevance -> uniform = mean NLL = (ln 2 + 2 ln 2 + 0)/3 = ln 2.
+    step 1 (one token): R̃ = [1] whatever R is -> ln 8 = 3 ln 2. Empty slot -> 0."""
+    logprobs, _, step_mask = _steps_fixture()
+    relevance = torch.tensor([[1.0, 3.0, 0.0, 0.5, float("nan")]])
+    close(mb.u_tokensar(logprobs, relevance, step_mask), [[1.75 * LN2, 3 * LN2, 0.0]], tol=1e-5)
+    negative = torch.tensor([[1.0, 3.0, -2.0, 0.5, 0.0]])
+    close(mb.u_tokensar(logprobs, negative, step_mask), [[1.75 * LN2, 3 * LN2, 0.0]], tol=1e-5)
+    zeros = torch.zeros(1, 5)
+    out = mb.u_tokensar(logprobs, zeros, step_mask)
+    assert not torch.isnan(out).any()
+    close(out, [[LN2, 3 * LN2, 0.0]], tol=1e-5)
+
+
+def test_u_functions_batch_and_no_mutation():
+    """B=2 with different step counts (row 1 pads a second, empty slot): outputs are finite, inputs untouched,
+    and numpy inputs give the same numbers."""
+    logprobs = torch.log(torch.tensor([[0.5, 0.5, 0.25, 1.0], [0.5, 0.25, 0.9, 0.9]]))
+    step_mask = torch.tensor([[[1, 1, 0, 0], [0, 0, 1, 1]], [[1, 1, 0, 0], [0, 0, 0, 0]]])
+    before = logprobs.clone()
+    lnlp = mb.u_lnlp(logprobs, step_mask)
+    # row 0: step 0 exp(ln 2) = 2; step 1 exp(-(ln .25)/2) = 2.  row 1: step 0 exp(-(ln .125)/2) = sqrt 8; slot 0
+    close(lnlp, [[2.0, 2.0], [math.sqrt(8.0), 0.0]], tol=1e-5)
+    assert torch.equal(logprobs, before)
+    close(mb.u_lnlp(logprobs.numpy(), step_mask.numpy()), lnlp, tol=1e-6)
+    with pytest.raises(AssertionError):
+        mb.u_lnlp(logprobs, step_mask * 2)  # a non-binary mask is refused
+
+
+def test_u_clipscore_hand():
+    """v = [1, 0]: e = [0, 1] orthogonal -> 0; [-1, 0] opposite -> max(-1, 0) = 0; [2, 0] parallel -> 1;
+    [0, 0] zero vector -> 0 (not nan); [1, 1] -> cos 45° = 1/sqrt 2. A zero image vector -> all 0."""
+    image = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    text = torch.tensor([[[0.0, 1.0], [-1.0, 0.0], [2.0, 0.0], [0.0, 0.0], [1.0, 1.0]]] * 2)
+    out = mb.u_clipscore(image, text)
+    close(out, [[0.0, 0.0, 1.0, 0.0, 1 / math.sqrt(2.0)], [0.0] * 5])
+
+
+# ---------------------------------------------------------------------------- #
+# 5.2 normalise, fuse, level
+# ---------------------------------------------------------------------------- #
+
+def test_fit_minmax_and_to_confidence_hand():
+    """lnlp [1, 2, 3]: (lo, hi) = (1, 3) -> scaled [0, .5, 1] -> uncertainty flips: c = [1, .5, 0].
+    clipscore [0, .25, .5]: (0, .5) -> c = [0, .5, 1] (no flip). mte [.7, .7, .7]: hi == lo -> .5.
+    With stored stats, lnlp 5 (above hi) -> scaled 1 -> c = 0; lnlp 0 (below lo) -> c = 1."""
+    values = {"lnlp": torch.tensor([1.0, 2.0, 3.0]), "clipscore": torch.tensor([0.0, 0.25, 0.5]),
+              "mte": torch.tensor([0.7, 0.7, 0.7])}
+    stats = mb.fit_minmax(values)
+    assert stats["lnlp"] == (1.0, 3.0) and isinstance(stats["lnlp"][0], float)
+    conf = mb.to_confidence(values, stats)
+    close(conf["lnlp"], [1.0, 0.5, 0.0])
+    close(conf["clipscore"], [0.0, 0.5, 1.0])
+    close(conf["mte"], [0.5, 0.5, 0.5])
+    close(mb.to_confidence({"lnlp": torch.tensor([5.0, 0.0])}, stats)["lnlp"], [0.0, 1.0])
+    close(mb.to_confidence({"lnlp": [2.0]}, {"lnlp": [1.0, 3.0]})["lnlp"], [0.5])  # JSON-style list stats
+    with pytest.raises(ValueError, match="perplexity"):
+        mb.to_confidence({"perplexity": torch.tensor([1.0])}, stats)
+
+
+def test_fuse_confidence_hand():
+    """conf: lnlp [1, 0], mte [0, 0], tokensar [.5, 1], clipscore [1, 1].
+    mean, equal weights: [(1+0+.5+1)/4, (0+0+1+1)/4] = [.625, .5]
+    weights {lnlp 2, mte 1, tokensar 1, clipscore 0}: [(2+0+.5+0)/4, (0+0+1+0)/4] = [.625, .25]
+    max: [1, 1].   drop clipscore (leave it out): [(1+0+.5)/3, (0+0+1)/3] = [.5, 1/3], and a weight
+    given for the absent clipscore is ignored."""
+    conf = {"lnlp": torch.tensor([1.0, 0.0]), "mte": torch.tensor([0.0, 0.0]),
+            "tokensar": torch.tensor([0.5, 1.0]), "clipscore": torch.tensor([1.0, 1.0])}
+    close(mb.fuse_confidence(conf), [0.625, 0.5])
+    close(mb.fuse_confidence(conf, {"lnlp": 2.0, "mte": 1.0, "tokensar": 1.0, "clipscore": 0.0}), [0.625, 0.25])
+    close(mb.fuse_confidence(conf, mode="max"), [1.0, 1.0])
+    dropped = {k: v for k, v in conf.items() if k != "clipscore"}
+    close(mb.fuse_confidence(dropped), [0.5, 1 / 3])
+    close(mb.fuse_confidence(dropped, {"lnlp": 1, "mte": 1, "tokensar": 1, "clipscore": 100.0}), [0.5, 1 / 3])
+    with pytest.raises(ValueError, match="median"):
+        mb.fuse_confidence(conf, mode="median")
+
+
+def test_confidence_levels_at_cuts():
+    """mu = .5, sigma = .25 -> cuts .5 + .25 * (-1.5, -.5, .5, 1.5) = .125, .375, .625, .875 (exact in float32).
+    c == cut goes to the upper level: c = [0, .125, .2, .375, .5, .625, .7, .875, 1] -> [1, 2, 2, 3, 3, 4, 4, 5, 5]."""
+    c = torch.tensor([0.0, 0.125, 0.2, 0.375, 0.5, 0.625, 0.7, 0.875, 1.0])
+    levels = mb.confidence_levels(c, 0.5, 0.25)
+    assert levels.dtype == torch.long
+    assert levels.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5]
+    # mu = .3, sigma = .1: third cut .3 + .05 = .35, and float32(.35) < .35 in float64. A float32 c built from the
+    # same python float still counts as reaching the cut: level 1 + 3 = 4 (a float64 comparison would give 3)
+    mu, sigma = 0.3, 0.1
+    at_cut = torch.tensor([mu + 0.5 * sigma])
+    assert mb.confidence_levels(at_cut, mu, sigma).tolist() == [4]
+    assert mb.confidence_levels(torch.tensor([mu + 0.5 * sigma], dtype=torch.float64), mu, sigma).tolist() == [4]
+
+
+def test_level_to_confidence():
+    """(k - 1)/4: 1 -> 0, 2 -> .25, 3 -> .5, 4 -> .75, 5 -> 1; int -> float, tensor -> float tensor."""
+    assert mb.level_to_confidence(5) == 1.0 and isinstance(mb.level_to_confidence(3), float)
+    assert mb.level_to_confidence(2) == 0.25
+    out = mb.level_to_confidence(torch.tensor([1, 2, 3, 4, 5]))
+    assert out.dtype == torch.float32
+    close(out, [0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+# ---------------------------------------------------------------------------- #
+# 5.3 statements
+# ---------------------------------------------------------------------------- #
+
+def test_statement_pools_are_distinct_and_well_formed():
+    """>= 8 (we ship 10) distinct clauses per level, none shared across levels, lower-case, <= 7 words, no
+    punctuation but apostrophes; across levels no two clauses are within the match threshold of each other."""
+    import difflib
+    assert sorted(mb.STATEMENTS) == [1, 2, 3, 4, 5]
+    seen = {}
+    for level, clauses in mb.STATEMENTS.items():
+        assert len(set(clauses)) == len(clauses) >= 8
+        for clause in clauses:
+            assert clause not in seen, f"{clause!r} is under levels {seen.get(clause)} and {level}"
+            seen[clause] = level
+            assert clause == mb.normalize_statement(clause)
+            assert all(ch in string.ascii_lowercase + " '" for ch in clause) and len(clause.split()) <= 7
+    for a, level_a in seen.items():
+        for b, level_b in seen.items():
+            if level_a != level_b:
+                assert difflib.SequenceMatcher(None, a, b).ratio() < 0.8, (a, b)
+
+
+def test_every_clause_maps_back_to_its_level():
+    """Exact form, odd case/punctuation/spacing, the tokenized "can ' t" form, and a one-letter substitution in the
+    middle of the clause (ratio (n-1)/n >= .85 for the clause lengths used) all map back to the clause's level."""
+    for level, clauses in mb.STATEMENTS.items():
+        for clause in clauses:
+            assert mb.level_of_statement(clause) == level
+            assert mb.level_of_statement("  " + clause.upper().replace(" ", "   ") + " . ") == level
+            tokenized = clause.replace("'", " ' ") + " ."  # what the word tokenizer's decode gives back
+            assert mb.normalize_statement(tokenized) == clause  # an exact match, not a lucky fuzzy one
+            assert mb.level_of_statement(tokenized) == level
+            middle = len(clause) // 2
+            typo = clause[:middle] + ("x" if clause[middle] != "x" else "y") + clause[middle + 1:]
+            assert mb.level_of_statement(typo) == level, typo
+    assert mb.level_of_statement("BUT I CAN ' T BE ENTIRELY SURE!") == 3
+    assert mb.level_of_statement("with totl certainty") == 5  # ratio 2*19/(20+19) = .974
+
+
+def test_normalize_statement_hand():
+    """lower-case, punctuation dropped, spaces around apostrophes removed, whitespace collapsed, ends stripped."""
+    assert mb.normalize_statement("  But I ' M  not SURE. ") == "but i'm not sure"
+    assert mb.normalize_statement("but i can ' t be entirely sure") == "but i can't be entirely sure"
+    assert mb.normalize_statement("sure,really!") == "sure really"
+    assert mb.normalize_statement("\u2018with total certainty\u2019") == "with total certainty"
+
+
+def test_statement_edge_cases_and_draws():
+    """Empty, punctuation-only and unrelated text -> None; statement_for draws from the pool; bad level -> ValueError."""
+    for text in ["", "   ", ".,;!", "the triangle is above the circle", "so the answer is b", None]:
+        assert mb.level_of_statement(text) is None
+    rng = random.Random(0)
+    for level in range(1, 6):
+        draws = {mb.statement_for(level, rng) for _ in range(50)}
+        assert draws <= set(mb.STATEMENTS[level]) and len(draws) > 1
+    for bad in (0, 6, -1):
+        with pytest.raises(ValueError):
+            mb.statement_for(bad, rng)
+
+
+def test_number_statements_round_trip():
+    """'(confidence k/5)' for k = 1..5 parses back to k, also as '( confidence 4 / 5 )' inside a step; 7/5 -> None."""
+    for level in range(1, 6):
+        text = mb.confidence_number_statement(level)
+        assert text == f"(confidence {level}/5)"
+        assert mb.level_of_number_statement("the circle is red " + text + ".") == level
+    assert mb.level_of_number_statement("the circle is red ( confidence 4 / 5 ) .") == 4
+    assert mb.level_of_number_statement("(confidence 7/5)") is None
+    assert mb.level_of_number_statement("with total certainty") is None
+    with pytest.raises(ValueError):
+        mb.confidence_number_statement(0)
+
+
+def test_level_of_statement_fuzz_never_raises():
+    """2000 seeded random strings (letters, punctuation, apostrophes, unicode, up to 60 chars): always None or 1..5."""
+    rng = random.Random(1234)
+    alphabet = string.ascii_letters + string.digits + string.punctuation + " '\t\n" + "éß’ü中"
+    clauses = [c for pool in mb.STATEMENTS.values() for c in pool]
+    for i in range(2000):
+        if i % 4 == 0:  # mutate a real clause so the fuzzy branch is exercised too
+            base = list(rng.choice(clauses))
+            for _ in range(rng.randint(0, 4)):
+                base[rng.randrange(len(base))] = rng.choice(alphabet)
+            text = "".join(base)
+        else:
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        out = mb.level_of_statement(text)
+        assert out is None or out in (1, 2, 3, 4, 5)
+        mb.level_of_number_statement(text)
+
+
+# ---------------------------------------------------------------------------- #
+# 5.5 rewards
+# ---------------------------------------------------------------------------- #
+
+def test_rewards_hand():
+    """R_KA = a: [1, 0] -> [1, 0].  R_EC = 1 - (e - a)^2: e [1, .75, 0, .25], a [1, 0, 0, 1] -> [1, .4375, 1, .4375].
+    R_CS = 1 - (e - u)^2: e [1, .5], u [.25, .5] -> [1 - .5625, 1] = [.4375, 1]. Leading batch dims (2, 2) work."""
+    close(mb.r_ka(torch.tensor([1, 0])), [1.0, 0.0])
+    assert mb.r_ka(torch.tensor([True, False])).dtype == torch.float32
+    close(mb.r_ec(torch.tensor([1.0, 0.75, 0.0, 0.25]), torch.tensor([1, 0, 0, 1])), [1.0, 0.4375, 1.0, 0.4375])
+    close(mb.r_cs(torch.tensor([1.0, 0.5]), torch.tensor([0.25, 0.5])), [0.4375, 1.0])
+    batched = mb.r_ec(torch.tensor([[1.0, 0.75], [0.0, 0.25]]), torch.tensor([[1, 0], [0, 1]]))
+    close(batched, [[1.0, 0.4375], [1.0, 0.4375]])
+
+
+# ---------------------------------------------------------------------------- #
+# PPO maths
+# ---------------------------------------------------------------------------- #
+
+def test_masked_mean_and_whiten():
+    """masked_mean([1, 2, 9], [1, 1, 0]) = 1.5; empty mask -> 0. whiten over valid entries with biased variance,
+    checked against numpy (ddof=0); outside the mask 0; shift_mean=False keeps the valid entries' mean."""
+    close(mb.masked_mean(torch.tensor([1.0, 2.0, 9.0]), torch.tensor([1, 1, 0])), 1.5)
+    close(mb.masked_mean(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0])), 0.0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 7, generator=gen, dtype=torch.float64) * 3 + 2
+    mask = torch.rand(4, 7, generator=gen) > 0.3
+    valid = x.numpy()[mask.numpy()]
+    expected = (valid - valid.mean()) / np.sqrt(valid.var(ddof=0) + 1e-8)
+    out = mb.masked_whiten(x, mask)
+    assert np.allclose(out.numpy()[mask.numpy()], expected)
+    assert (out[~mask] == 0).all()
+    kept = mb.masked_whiten(x, mask, shift_mean=False)
+    assert np.allclose(kept.numpy()[mask.numpy()], expected + valid.mean())
+    assert np.isclose(kept.numpy()[mask.numpy()].mean(), valid.mean())
+
+
+def test_gae_hand():
+    """T = 3, γ = 1, λ = .95, r = [0, 0, 1], V = [.2, .4, .6]:
+    t=2: δ = 1 - .6 = .4 (no bootstrap past EOS), A = .4
+    t=1: δ = 0 + .6 - .4 = .2, A = .2 + .95 * .4 = .58
+    t=0: δ = 0 + .4 - .2 = .2, A = .2 + .95 * .58 = .751;   returns = A + V = [.951, .98, 1.0].
+    The same tokens inside left padding (1) and right padding (2, values 100 and nan) give the same numbers."""
+    rewards, values = torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.2, 0.4, 0.6]])
+    for fn in (mb.gae, mb.gae_loop):
+        advantages, returns = fn(rewards, values, torch.ones(1, 3), 1.0, 0.95)
+        close(advantages, [[0.751, 0.58, 0.4]])
+        close(returns, [[0.951, 0.98, 1.0]])
+    padded_r = torch.tensor([[5.0, 0.0, 0.0, 1.0, 7.0, 7.0]])
+    padded_v = torch.tensor([[9.0, 0.2, 0.4, 0.6, 100.0, float("nan")]])
+    padded_m = torch.tensor([[0, 1, 1, 1, 0, 0]])
+    advantages, returns = mb.gae(padded_r, padded_v, padded_m, 1.0, 0.95)
+    close(advantages, [[0.0, 0.751, 0.58, 0.4, 0.0, 0.0]])
+    close(returns, [[0.0, 0.951, 0.98, 1.0, 0.0, 0.0]])
+
+
+def test_gae_vectorised_equals_loop_ragged():
+    """Random rewards/values with contiguous masks of random left and right padding (and garbage outside):
+    the vectorised gae and the python double loop agree, for two (γ, λ)."""
+    gen = torch.Generator().manual_seed(0)
+    B, T = 8, 12
+    rewards = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    values = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b in range(B):
+        start = int(torch.randint(0, 4, (1,), generator=gen))
+        end = int(torch.randint(start + 1, T + 1, (1,), generator=gen))
+        mask[b, start:end] = 1
+    mask[0] = 1  # one full row
+    mask[1, :] = 0
+    mask[1, -1] = 1  # one single-token row at the very end
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.5)]:
+        adv, ret = mb.gae(rewards, values, mask, gamma, lam)
+        adv_loop, ret_loop = mb.gae_loop(rewards, values, mask, gamma, lam)
+        assert torch.allclose(adv, adv_loop, atol=1e-12) and torch.allclose(ret, ret_loop, atol=1e-12)
+        assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+
+
+def test_ppo_policy_loss_hand():
+    """ε = .2, log-ratio [0, ln 1.5, ln .5], A = [1, 1, -1] -> ratio [1, 1.5, .5]:
+    t0: max(-1, -1) = -1;  t1: max(-1.5, -1.2) = -1.2;  t2: max(.5, .8) = .8;  loss = (-1 - 1.2 + .8)/3 = -.46667
+    clipfrac: |ratio - 1| = [0, .5, .5] > .2 -> 2/3. A 4th token outside the mask (ratio e^5, A = 100) changes nothing."""
+    logprobs = torch.tensor([0.0, math.log(1.5), math.log(0.5), 5.0])
+    old = torch.zeros(4)
+    advantages = torch.tensor([1.0, 1.0, -1.0, 100.0])
+    mask = torch.tensor([1, 1, 1, 0])
+    loss, clipfrac = mb.ppo_policy_loss(logprobs, old, advantages, mask, 0.2)
+    close(loss, -1.4 / 3)
+    close(clipfrac, 2 / 3)
+    assert not clipfrac.requires_grad
+
+
+def test_ppo_policy_loss_zero_advantage_zero_grad():
+    """A = 0 everywhere -> both branches are 0 -> the gradient wrt logprobs is exactly 0."""
+    logprobs = torch.randn(3, 5, requires_grad=True)
+    loss, _ = mb.ppo_policy_loss(logprobs, torch.randn(3, 5), torch.zeros(3, 5), torch.ones(3, 5), 0.2)
+    loss.backward()
+    assert (logprobs.grad == 0).all()
+
+
+def test_ppo_losses_gradcheck():
+    """torch.autograd.gradcheck in float64 of the hand-written losses wrt logprobs / values (random points are
+    away from the clip kinks with probability 1)."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, 4)
+    logprobs = (torch.rand(shape, generator=gen, dtype=torch.float64) * 0.6 - 0.3).requires_grad_(True)
+    old = torch.zeros(shape, dtype=torch.float64)
+    advantages = torch.randn(shape, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])
+    assert torch.autograd.gradcheck(lambda lp: mb.ppo_policy_loss(lp, old, advantages, mask, 0.2)[0], (logprobs,))
+    values = torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_(True)
+    old_values = torch.randn(shape, generator=gen, dtype=torch.float64)
+    returns = torch.randn(shape, generator=gen, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda v: mb.ppo_value_loss(v, old_values, returns, mask, 0.2), (values,))
+
+
+def test_ppo_value_loss_hand():
+    """ε = .2, V = [1, .5], V_old = [.5, .5], R = [1, 0]:
+    t0: (V - R)^2 = 0, V_clip = .5 + clip(.5) = .7 -> (.7 - 1)^2 = .09 -> max .09
+    t1: (.5 - 0)^2 = .25, V_clip = .5 -> .25 -> max .25;   loss = .5 * (.09 + .25)/2 = .085"""
+    loss = mb.ppo_value_loss(torch.tensor([1.0, 0.5]), torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.0]),
+                             torch.ones(2), 0.2)
+    close(loss, 0.085)
+
+
+def test_approx_kl_and_explained_variance():
+    """k3: equal logprobs -> 0; log r = [ln 2, 0] -> mean((2 - 1 - ln 2), 0) = (1 - ln 2)/2.
+    explained variance: V = R -> 1; V = [0, 0], R = [1, 3] -> 1 - Var[R]/Var[R] = 0; constant R -> nan."""
+    lp = torch.randn(2, 3)
+    close(mb.approx_kl_k3(lp, lp.clone(), torch.ones(2, 3)), 0.0)
+    close(mb.approx_kl_k3(torch.tensor([LN2, 0.0]), torch.zeros(2), torch.ones(2)), (1 - LN2) / 2)
+    returns = torch.tensor([1.0, 3.0])
+    assert mb.explained_variance(returns, returns, torch.ones(2)) == 1.0
+    assert mb.explained_variance(torch.zeros(2), returns, torch.ones(2)) == 0.0
+    assert math.isnan(mb.explained_variance(torch.zeros(2), torch.ones(2), torch.ones(2)))
+
+
+# ---------------------------------------------------------------------------- #
+# 6 metrics
+# ---------------------------------------------------------------------------- #
+
+def test_ece_hand_bin_edges():
+    """conf [0, .1, .15, .25, .3, 1], correct [0, 0, 1, 0, 1, 1], 10 bins ([0, .1], (.1, .2], ...):
+    bin 0 [0, .1]   : {0 w, .1 w}  acc 0,  conf .05  -> 2/6 * .05
+    bin 1 (.1, .2]  : {.15 c}      acc 1,  conf .15  -> 1/6 * .85
+    bin 2 (.2, .3]  : {.25 w, .3 c} acc .5, conf .275 -> 2/6 * .225   (0.3 is NOT in (.3, .4]: 0.3*10 = 3.0000000000000004)
+    bin 9 (.9, 1]   : {1 c}        acc 1,  conf 1    -> 0
+    ECE = (.1 + .85 + .45)/6 = 1.4/6 = .23333 (with 0.3 wrongly in bin 3 it would be 1.9/6). float32 input: same."""
+    conf = [0.0, 0.1, 0.15, 0.25, 0.3, 1.0]
+    correct = [0, 0, 1, 0, 1, 1]
+    assert abs(mb.ece(conf, correct) - 1.4 / 6) < 1e-12
+    assert abs(mb.ece(torch.tensor(conf), torch.tensor(correct)) - 1.4 / 6) < 1e-6
+    assert abs(mb.ece(np.array(conf), np.array(correct, dtype=bool)) - 1.4 / 6) < 1e-12
+    bins = mb.reliability_bins(conf, correct)
+    assert [b["count"] for b in bins] == [2, 1, 2, 0, 0, 0, 0, 0, 0, 1]
+    assert bins[2]["lo"] == 0.2 and bins[2]["hi"] == 0.3 and bins[2]["accuracy"] == 0.5
+    assert math.isnan(bins[3]["accuracy"])
+    assert math.isnan(mb.ece([], []))
+
+
+def test_ece_perfect_calibration_is_zero():
+    """conf .25 x4 with 1 correct (acc .25), conf .75 x4 with 3 correct, conf 1 x2 all correct, conf 0 x2 all wrong."""
+    conf = [0.25] * 4 + [0.75] * 4 + [1.0] * 2 + [0.0] * 2
+    correct = [1, 0, 0, 0] + [1, 1, 1, 0] + [1, 1] + [0, 0]
+    assert mb.ece(conf, correct) == 0.0
+
+
+def _auroc_pairwise(conf, correct):
+    """O(N^2) definition: mean over (correct, wrong) pairs of [c_i > c_j] + 0.5 [c_i == c_j]."""
+    pos = [c for c, a in zip(conf, correct) if a]
+    neg = [c for c, a in zip(conf, correct) if not a]
+    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def test_auroc_hand_and_edge_cases():
+    """perfect separation -> 1, reversed -> 0, all ties -> .5; conf [.9, .5, .5, .1], correct [1, 1, 0, 0]:
+    pairs (.9 > .5) (.9 > .1) (.5 = .5 -> 1/2) (.5 > .1) -> 3.5/4 = .875; one class absent -> nan."""
+    assert mb.auroc([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0]) == 1.0
+    assert mb.auroc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert mb.auroc([0.5] * 5, [1, 0, 1, 0, 0]) == 0.5
+    assert mb.auroc([0.9, 0.5, 0.5, 0.1], [1, 1, 0, 0]) == 0.875
+    assert math.isnan(mb.auroc([0.1, 0.2], [1, 1])) and math.isnan(mb.auroc([0.1, 0.2], [0, 0]))
+
+
+def test_auroc_matches_pairwise_on_random_data():
+    """Random confidences rounded to one decimal (many ties) and random labels: rank formula == pairwise loop."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(2, 60))
+        conf = np.round(rng.random(n), 1)
+        correct = rng.random(n) < 0.5
+        if correct.all() or not correct.any():
+            continue
+        assert abs(mb.auroc(conf, correct) - _auroc_pairwise(conf.tolist(), correct.tolist())) < 1e-12
+
+
+def test_brier_hand():
+    """conf [1, .75, 0], correct [1, 0, 1] -> (0 + .5625 + 1)/3 = .520833; empty -> nan."""
+    assert abs(mb.brier([1.0, 0.75, 0.0], [1, 0, 1]) - 1.5625 / 3) < 1e-12
+    assert math.isnan(mb.brier([], []))

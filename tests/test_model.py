@@ -1,0 +1,179 @@
+"""TinyVLM, TinyCLIP, tokenizer and checkpoints: equivalence of two paths, round trips, and exact errors."""
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import mmboundary as mb
+
+
+def tiny_vlm(vocab=40, **kw):
+    torch.manual_seed(0)
+    cfg = mb.VLMConfig(n_layer=2, n_head=2, n_embd=32, vit_layers=1, vit_embd=16, vocab_size=vocab, block_size=48, **kw)
+    return mb.TinyVLM(cfg).eval()
+
+
+def random_images(B, seed=0):
+    return torch.as_tensor(np.random.default_rng(seed).integers(0, 256, (B, 36, 36, 3), dtype=np.uint8))
+
+
+def test_manual_attention_equals_sdpa():
+    """The written-out softmax(qk^T/sqrt(d))v path gives the same logits as torch's fused SDPA, with padding."""
+    model = tiny_vlm()
+    ids = torch.randint(5, 40, (3, 10))
+    text_mask = torch.ones_like(ids)
+    text_mask[0, :4] = 0  # a left-padded row
+    model.set_sdpa(True)
+    a, _ = model(random_images(3), ids, text_mask=text_mask)
+    model.set_sdpa(False)
+    b, _ = model(random_images(3), ids, text_mask=text_mask)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.isfinite(a).all()
+
+
+def test_left_padding_does_not_change_real_logits():
+    """A prompt padded on the left gives the same logits at its real tokens as the same prompt alone."""
+    model = tiny_vlm()
+    ids = torch.randint(5, 40, (1, 6))
+    alone, _ = model(random_images(1), ids)
+    padded_ids = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], 1)
+    padded, _ = model(random_images(1), padded_ids, text_mask=mask)
+    assert torch.allclose(alone, padded[:, 3:], atol=1e-5)
+
+
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_kv_cache_greedy_equals_no_cache(sdpa):
+    """Batched greedy decoding with the KV cache gives the same tokens as recomputing the whole sequence,
+    for prompts of different lengths (left padding)."""
+    model = tiny_vlm()
+    model.set_sdpa(sdpa)
+    prompts = [[1, 7, 8, 9, 4], [1, 12, 4], [1, 20, 21, 22, 23, 24, 4]]
+    ids, mask = mb.pad_left(prompts)
+    cached = model.generate(random_images(3), ids, mask, max_new_tokens=20, use_cache=True, eos_id=-1)
+    plain = model.generate(random_images(3), ids, mask, max_new_tokens=20, use_cache=False, eos_id=-1)
+    assert cached.shape == (3, 20)
+    assert torch.equal(cached, plain)
+
+
+def test_kv_cache_sampling_equals_no_cache():
+    """Temperature sampling with the same generator seed draws the same tokens with and without the cache."""
+    model = tiny_vlm()
+    ids, mask = mb.pad_left([[1, 7, 8, 4], [1, 9, 4]])
+    a = model.generate(random_images(2), ids, mask, 16, temperature=0.8, generator=torch.Generator().manual_seed(3), eos_id=-1)
+    b = model.generate(random_images(2), ids, mask, 16, temperature=0.8, generator=torch.Generator().manual_seed(3),
+                       use_cache=False, eos_id=-1)
+    assert torch.equal(a, b)
+
+
+def test_generation_matches_forward_argmax():
+    """The first greedy token is the argmax of forward()'s last logits (generate and forward agree)."""
+    model = tiny_vlm()
+    ids = torch.randint(5, 40, (2, 5))
+    logits, _ = model(random_images(2), ids)
+    first = model.generate(random_images(2), ids, max_new_tokens=1)
+    assert torch.equal(first[:, 0], logits[:, -1].argmax(-1))
+
+
+def test_eos_then_pad():
+    """After a row emits <eos> every later token is <pad>."""
+    model = tiny_vlm()
+    with torch.no_grad():
+        model.lm_head.weight[mb.EOS] += 5.0  # tied embedding: make <eos> the likely token
+    out = model.generate(random_images(2), torch.randint(5, 40, (2, 4)), max_new_tokens=10)
+    for row in out.tolist():
+        if mb.EOS in row:
+            assert all(t == mb.PAD for t in row[row.index(mb.EOS) + 1:])
+
+
+def test_value_head_zero_init_and_loss_mask():
+    """V = 0 at init; the loss only counts masked targets (hand check against cross_entropy)."""
+    model = tiny_vlm()
+    ids = torch.randint(5, 40, (2, 6))
+    targets = torch.randint(5, 40, (2, 6))
+    loss_mask = torch.zeros(2, 6)
+    loss_mask[0, 3:] = 1
+    logits, loss, values = model(random_images(2), ids, targets, loss_mask, return_values=True)
+    assert torch.all(values == 0)
+    expect = torch.nn.functional.cross_entropy(logits[0, 3:], targets[0, 3:])
+    assert torch.allclose(loss, expect, atol=1e-6)
+
+
+def test_loss_gradient_reaches_vision_encoder():
+    model = tiny_vlm()
+    _, loss = model(random_images(2), torch.randint(5, 40, (2, 6)), torch.randint(5, 40, (2, 6)))
+    loss.backward()
+    assert model.vit.patch_embed.weight.grad.abs().sum() > 0
+
+
+def test_tokenizer_round_trip(tmp_path):
+    tok = mb.Tokenizer.build(["There is a small red circle at the top left.", "So, the answer is red.",
+                              "but i can't be entirely sure", "(confidence 4/5)"])
+    text = "so, the answer is red, but i can't be entirely sure."
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode("(confidence 4/5).")) == "(confidence 4/5)."
+    assert tok.encode("zebra")[0] == mb.UNK
+    tok.save(tmp_path / "t.json")
+    assert mb.Tokenizer.load(tmp_path / "t.json").vocab == tok.vocab
+
+
+def test_clip_infonce_matches_hand_formula():
+    """Symmetric InfoNCE = mean of the two cross-entropies of the scaled cosine matrix."""
+    torch.manual_seed(0)
+    clip = mb.TinyCLIP(mb.CLIPConfig(n_layer=1, n_embd=16, embed_dim=8, n_head=2, vocab_size=30))
+    images, ids = random_images(4), torch.randint(5, 30, (4, 7))
+    mask = torch.ones_like(ids)
+    loss = clip(images, ids, mask)
+    img, txt = clip.embed_image(images), clip.embed_text(ids, mask)
+    s = clip.logit_scale.exp() * img @ txt.t()
+    lab = torch.arange(4)
+    expect = 0.5 * (torch.nn.functional.cross_entropy(s, lab) + torch.nn.functional.cross_entropy(s.t(), lab))
+    assert torch.allclose(loss, expect, atol=1e-6)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(4), atol=1e-5)
+
+
+def make_checkpoint(path):
+    tok = mb.Tokenizer.build(["a b c d e f g"])
+    model = tiny_vlm(vocab=len(tok))
+    clip = mb.TinyCLIP(mb.CLIPConfig(n_layer=1, n_embd=16, embed_dim=8, n_head=2, vocab_size=len(tok)))
+    cfg = {"stage": "base", "model": dataclasses.asdict(model.cfg), "clip": dataclasses.asdict(clip.cfg)}
+    mb.save_checkpoint(path, model, tok, cfg, clip=clip)
+    return model
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = make_checkpoint(str(tmp_path / "ck"))
+    ck = mb.load_checkpoint(str(tmp_path / "ck"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ck.model.state_dict()[k]), k
+    assert ck.clip is not None and not os.path.exists(str(tmp_path / "ck.tmp"))
+    assert ck.model.lm_head.weight.data_ptr() == ck.model.tok_embed.weight.data_ptr()  # still tied
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    path = str(tmp_path / "ck")
+    with pytest.raises(mb.UserError, match="not found"):
+        mb.load_checkpoint(path)
+    make_checkpoint(path)
+    weights = os.path.join(path, "model.safetensors")
+    data = open(weights, "rb").read()
+    open(weights, "wb").write(data[: len(data) // 2])
+    with pytest.raises(mb.UserError, match="truncated"):
+        mb.load_checkpoint(path)
+    make_checkpoint(path)
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["model"]["n_embd"] = 64
+    open(os.path.join(path, "config.json"), "w").write(json.dumps(cfg))
+    with pytest.raises(mb.UserError, match="do not match"):
+        mb.load_checkpoint(path)
+
+
+def test_checkpoint_falls_back_to_previous_copy(tmp_path):
+    """A run killed between the two renames of save_checkpoint leaves PATH.old, which still loads."""
+    path = str(tmp_path / "ck")
+    make_checkpoint(path)
+    os.replace(path, path + ".old")
+    assert mb.load_checkpoint(path).model is not None

@@ -1,0 +1,387 @@
+"""Tests of the shapes world: data generator, renderer and the exact step verifier.
+
+Layers: hand-written scenes with hand-checked truth values; every reference step of generated data verifies
+True and every targeted mutation of it verifies False; the verifier never raises on junk; determinism and
+the distribution properties the method relies on (long tail of facts, confusable colours, OOD shift).
+Runs in a few seconds on a 2-core CPU.
+"""
+import json
+import random
+import string
+
+import numpy as np
+import pytest
+
+import mmboundary as mb
+
+N_PER_SPLIT = 300  # records per split for the property tests; generation + rendering is ~1 ms per record
+
+
+@pytest.fixture(scope="module")
+def datasets():
+    """300 records of each split, seed 0, built once for the whole file."""
+    return {split: mb.make_dataset(N_PER_SPLIT, seed=0, split=split) for split in ("train", "test", "ood")}
+
+
+# A hand-made scene (rows grow downwards, columns rightwards):
+#     row 0:  [large red circle]  [ empty ]          [small blue square]
+#     row 1:  [ empty ]           [small red triangle] [ empty ]
+#     row 2:  [ empty ]           [ empty ]          [large yellow diamond]
+HAND_SCENE = {
+    "objects": [
+        {"shape": "circle", "color": "red", "size": "large", "row": 0, "col": 0},
+        {"shape": "square", "color": "blue", "size": "small", "row": 0, "col": 2},
+        {"shape": "triangle", "color": "red", "size": "small", "row": 1, "col": 1},
+        {"shape": "diamond", "color": "yellow", "size": "large", "row": 2, "col": 2},
+    ],
+    "answer": "two",
+    "background": [40, 40, 40],
+    "noise": 0.0,
+}
+
+
+# ---------------------------------------------------------------------------- #
+# hand-written cases
+# ---------------------------------------------------------------------------- #
+
+@pytest.mark.parametrize("sentence, expected", [
+    # perception: exact size, colour, shape and position
+    ("There is a large red circle at the top left.", True),
+    ("There is a small blue square at the top right.", True),
+    ("There is a small red triangle at the center.", True),
+    ("There is a large orange circle at the top left.", False),  # confusable colour
+    ("There is a small red circle at the top left.", False),  # wrong size
+    ("There is a large red square at the top left.", False),  # wrong shape
+    ("There is a large red circle at the top middle.", False),  # empty cell
+    ("There is a large yellow diamond at the center.", False),  # exists, but elsewhere
+    # count: two red objects (circle + triangle), one blue, zero green
+    ("The number of red objects is two.", True),
+    ("The number of red objects is one.", False),
+    ("The number of blue objects is one.", True),
+    ("The number of green objects is zero.", True),
+    ("The number of green objects is one.", False),
+    # relations: circle (0,0), square (0,2), triangle (1,1), diamond (2,2)
+    ("The red circle is left of the blue square.", True),  # col 0 < col 2
+    ("The red circle is right of the blue square.", False),
+    ("The blue square is right of the red circle.", True),
+    ("The blue square is above the yellow diamond.", True),  # same column, row 0 < row 2
+    ("The yellow diamond is below the blue square.", True),
+    ("The blue square is below the yellow diamond.", False),
+    ("The red triangle is above the yellow diamond.", True),  # rows differ too: 1 < 2
+    ("The red circle is above the red circle.", False),  # an object is not above itself
+    ("The red circle is left of the red circle.", False),  # nor left of itself
+    ("The blue square is left of the yellow diamond.", False),  # same column: neither left nor right
+    ("The blue square is right of the yellow diamond.", False),
+    ("The red circle is above the blue square.", False),  # same row: neither above nor below
+    ("The red circle is below the blue square.", False),
+    ("The green circle is left of the blue square.", False),  # green circle does not exist
+    # compare: large vs small only
+    ("The red circle is larger than the red triangle.", True),
+    ("The red triangle is larger than the red circle.", False),
+    ("The red circle is larger than the yellow diamond.", False),  # both large
+    ("The red circle is larger than the green square.", False),  # second object missing
+    # knowledge: the lexicon, whatever the scene
+    (f"A red circle is called a {mb.LEXICON[('red', 'circle')]}.", True),
+    (f"A green square is called a {mb.LEXICON[('green', 'square')]}.", True),  # not in the scene: still true
+    (f"A red circle is called a {mb.LEXICON[('orange', 'circle')]}.", False),
+    ("A red circle is called a banana.", False),  # parseable claim, wrong name
+    # answer
+    ("So, the answer is two.", True),
+    ("So, the answer is three.", False),
+    ("So the answer is Two", True),  # comma and period optional, case ignored
+    # tolerance: case, surrounding and repeated whitespace, space before the period
+    ("  there IS a   LARGE red circle at the top   left . ", True),
+    ("There is a large red circle at the top left", True),
+    # unparseable -> None
+    ("", None),
+    ("   ", None),
+    ("hello world", None),
+    ("There is a large pink circle at the top left.", None),  # pink is not a colour of this world
+    ("There is a large red circle at the far left.", None),  # not a position
+    ("The number of red objects is many.", None),
+    ("There is a large red circle at the top left. There is more.", None),  # two sentences are not one step
+    ("The red circle is near the blue square.", None),
+    ("Ünïcödé ✓ 🚀", None),
+    ("The number of red objects is " + "9" * 5000 + ".", None),  # huge numbers must not crash int()
+    ("The number of red objects is 2.", True),  # digits are tolerated
+])
+def test_verify_step_hand_cases(sentence, expected):
+    assert mb.verify_step(HAND_SCENE, sentence) is expected
+
+
+def test_templates_exact_text():
+    # other code (tokenizer, statements, evaluation) relies on these exact strings
+    circle = HAND_SCENE["objects"][0]
+    square = HAND_SCENE["objects"][1]
+    assert mb.perception_step(circle) == "There is a large red circle at the top left."
+    assert mb.count_step("red", 2) == "The number of red objects is two."
+    assert mb.relation_step(circle, square, "left") == "The red circle is left of the blue square."
+    assert mb.relation_step(square, circle, "below") == "The blue square is below the red circle."
+    assert mb.compare_step(circle, square) == "The red circle is larger than the blue square."
+    assert mb.knowledge_step("red", "circle") == f"A red circle is called a {mb.LEXICON[('red', 'circle')]}."
+    assert mb.answer_step("left") == "So, the answer is left."
+    assert mb.position_name(0, 0) == "top left" and mb.position_name(1, 1) == "center"
+    assert mb.position_name(2, 1) == "bottom middle" and mb.position_name(1, 2) == "middle right"
+
+
+def test_parse_step_fields():
+    assert mb.parse_step("The red circle is left of the blue square.") == (
+        "relation", ("red", "circle", "left of", "blue", "square"))
+    assert mb.parse_step("there is a small orange diamond at the middle left") == (
+        "perception", ("small", "orange", "diamond", "middle left"))
+    assert mb.parse_step("gibberish") is None
+    assert mb.parse_step(None) is None
+
+
+def test_describe_step():
+    # the *true* object in the stated cell is described, not the claim
+    assert mb.describe_step(HAND_SCENE, "There is a large orange circle at the top left.") == {
+        "kind": "perception", "size": "large", "color": "red", "confusable": True}
+    assert mb.describe_step(HAND_SCENE, "There is a small red diamond at the bottom right.") == {
+        "kind": "perception", "size": "large", "color": "yellow", "confusable": False}
+    assert mb.describe_step(HAND_SCENE, "There is a small red diamond at the center.")["size"] == "small"
+    assert mb.describe_step(HAND_SCENE, "There is a large red circle at the top middle.") is None  # empty cell
+    assert mb.describe_step(HAND_SCENE, "nonsense") is None
+    assert mb.describe_step(HAND_SCENE, "The number of red objects is two.") == {"kind": "count"}
+    assert mb.describe_step(HAND_SCENE, "The red circle is above the yellow diamond.") == {"kind": "relation"}
+    assert mb.describe_step(HAND_SCENE, "The red circle is larger than the red triangle.") == {"kind": "compare"}
+    assert mb.describe_step(HAND_SCENE, "So, the answer is two.") == {"kind": "answer"}
+    info = mb.describe_step(HAND_SCENE, "A red circle is called a banana.")
+    assert info["kind"] == "knowledge" and info["fact_weight"] == mb.FACT_WEIGHTS[("red", "circle")]
+
+
+def test_verify_step_scene_without_objects():
+    for scene in ({}, {"objects": None}, {"objects": []}, {"objects": [{}]}, {"objects": "x"}, None, []):
+        assert mb.verify_step(scene, "There is a large red circle at the center.") is False
+        assert mb.verify_step(scene, "The number of red objects is zero.") is True  # none of them
+        assert mb.verify_step(scene, "The red circle is left of the blue square.") is False
+        assert mb.verify_step(scene, "The red circle is larger than the blue square.") is False
+        assert mb.verify_step(scene, f"A red circle is called a {mb.LEXICON[('red', 'circle')]}.") is True
+        assert mb.verify_step(scene, "So, the answer is two.") is False  # no gold answer to match
+        assert mb.describe_step(scene, "There is a large red circle at the center.") is None
+
+
+# ---------------------------------------------------------------------------- #
+# generated data: reference steps verify True, mutations verify False
+# ---------------------------------------------------------------------------- #
+
+def _steps(record):
+    return record["keys_filtered"]["Image_level"] + record["keys_filtered"]["Reasoning_level"]
+
+
+@pytest.mark.parametrize("split", ["train", "test", "ood"])
+def test_reference_steps_verify_true(datasets, split):
+    for record in datasets[split]:
+        steps = _steps(record)
+        assert steps[-1] == f"So, the answer is {record['answer']}."  # every chain ends with the answer
+        for step in steps:
+            assert step.endswith(".")
+            assert mb.verify_step(record["scene"], step) is True, (record["id"], step)
+        # the scene survives a JSON round trip (tuples -> lists) without changing any verdict
+        scene = json.loads(json.dumps(record["scene"]))
+        assert all(mb.verify_step(scene, step) is True for step in steps)
+
+
+def _mutations(step):
+    """Wrong versions of a reference step, built with plain string edits (independent of mb.parse_step)."""
+    out = []
+    if step.startswith("There is a "):  # perception: "There is a {size} {color} {shape} at the {pos}."
+        size, color, shape = step[len("There is a "):].split(" at the ")[0].split(" ")
+        pos = step.split(" at the ")[1][:-1]
+        wrong_color = mb.CONFUSABLE.get(color, "green" if color != "green" else "yellow")
+        out.append(step.replace(f" {color} ", f" {wrong_color} "))  # wrong colour (look-alike when any)
+        out.append(step.replace(f"a {size} ", f"a {'small' if size == 'large' else 'large'} "))  # wrong size
+        other_pos = mb.POSITIONS[(mb.POSITIONS.index(pos) + 1) % 9]
+        out.append(step.replace(f"at the {pos}.", f"at the {other_pos}."))  # wrong cell (pairs are unique)
+    elif step.startswith("The number of "):
+        word = step[:-1].split(" ")[-1]
+        wrong = mb.NUMBER_WORDS[(mb.NUMBER_WORDS.index(word) + 1) % len(mb.NUMBER_WORDS)]
+        out.append(step[: -len(word) - 1] + wrong + ".")
+    elif " is larger than " in step:  # swap the two objects
+        first, second = step[len("The "):-1].split(" is larger than the ")
+        out.append(f"The {second} is larger than the {first}.")
+    elif step.startswith("The "):  # relation: flip it
+        for a, b in (("left of", "right of"), ("right of", "left of"), ("above", "below"), ("below", "above")):
+            if f" is {a} the " in step:
+                out.append(step.replace(f" is {a} the ", f" is {b} the "))
+                break
+    elif " is called a " in step:
+        name = step[:-1].split(" ")[-1]
+        others = sorted(set(mb.LEXICON.values()) - {name})
+        out.append(step[: -len(name) - 1] + others[0] + ".")
+    elif step.startswith("So, the answer is "):
+        pass  # handled with the record's choices in the test
+    assert out or step.startswith("So, the answer is "), step  # every step kind has a mutation
+    return out
+
+
+@pytest.mark.parametrize("split", ["train", "ood"])
+def test_mutated_steps_verify_false(datasets, split):
+    counts = {"perception": 0, "other": 0, "answer": 0}
+    for record in datasets[split]:
+        scene = record["scene"]
+        for step in _steps(record):
+            for wrong in _mutations(step):
+                assert wrong != step
+                assert mb.verify_step(scene, wrong) is False, (record["id"], step, wrong)
+                counts["perception" if step.startswith("There is") else "other"] += 1
+        for choice in record["choices"]:  # every wrong choice makes a false answer step
+            if choice != record["answer"]:
+                assert mb.verify_step(scene, f"So, the answer is {choice}.") is False
+                counts["answer"] += 1
+    assert min(counts.values()) > 100  # the loop really exercised each family
+
+
+def test_verify_step_never_raises():
+    rng = random.Random(0)
+    vocab = (list(mb.COLORS) + mb.SHAPES + mb.SIZES + " ".join(mb.POSITIONS).split() + mb.NUMBER_WORDS
+             + list(mb.LEXICON.values())
+             + "there is a an at the number of objects is left right of above below larger than called so , "
+               "answer . ? ! 3 -1 \n \t".split(" "))
+    malformed = {"objects": [{"row": "a", "col": None, "color": ["x"], "size": {}}, {"row": 1.5, "col": 2}, 7],
+                 "answer": 3}
+    scenes = [HAND_SCENE, mb.make_dataset(1, 5)[0]["scene"], {}, {"objects": [{"color": "red"}]}, None, malformed]
+    seen = set()
+    for i in range(2000):
+        if i % 3 == 0:  # random printable characters, any length including 0
+            text = "".join(rng.choice(string.printable) for _ in range(rng.randint(0, 60)))
+        elif i % 3 == 1:  # word salad from the world's own vocabulary: close to, but mostly not, a template
+            text = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 14)))
+        else:  # a real template with one word swapped for a random one
+            words = mb.perception_step(HAND_SCENE["objects"][i % 4]).split(" ")
+            words[rng.randrange(len(words))] = rng.choice(vocab + ["\u00e9\u00e8", "\u2603", ""])
+            text = " ".join(words)
+        for scene in scenes:
+            result = mb.verify_step(scene, text)
+            assert result is None or isinstance(result, bool)
+            seen.add(result)
+            mb.describe_step(scene, text)  # must not raise either
+    assert seen == {True, False, None}  # the fuzzing reached all three outcomes
+
+
+# ---------------------------------------------------------------------------- #
+# records: schema, determinism, distributions
+# ---------------------------------------------------------------------------- #
+
+@pytest.mark.parametrize("split", ["train", "test", "ood"])
+def test_record_schema(datasets, split):
+    lo, hi = (5, 6) if split == "ood" else (2, 4)
+    qtypes = set()
+    for i, record in enumerate(datasets[split]):
+        assert record["id"] == f"{split}-0-{i}"
+        choices = record["choices"]
+        assert len(choices) == 4 and len(set(choices)) == 4
+        assert choices[record["correct_choice_idx"]] == record["answer"] == record["scene"]["answer"]
+        objects = record["scene"]["objects"]
+        assert lo <= len(objects) <= hi
+        assert len({(o["row"], o["col"]) for o in objects}) == len(objects)  # distinct cells
+        assert len({(o["color"], o["shape"]) for o in objects}) == len(objects)  # unique pairs
+        assert [(o["row"], o["col"]) for o in objects] == sorted((o["row"], o["col"]) for o in objects)
+        assert record["image"].shape == (mb.IMAGE_SIZE, mb.IMAGE_SIZE, 3) and record["image"].dtype == np.uint8
+        json.dumps({k: v for k, v in record.items() if k != "image"})  # JSON-able apart from the image
+        qtypes.add(record["qtype"])
+        if record["qtype"] == "spatial":
+            assert set(choices) == {"left", "right", "above", "below"}
+        if record["qtype"] == "compare":
+            sizes = {mb.object_name(o): o["size"] for o in objects}
+            named = [c for c in choices if c in sizes]
+            assert record["answer"] in named and len(named) >= 2
+            assert sizes[record["answer"]] == "large"
+        if record["qtype"] == "color" and record["answer"] in mb.CONFUSABLE:
+            assert mb.CONFUSABLE[record["answer"]] in choices  # the look-alike is always a distractor
+        if record["qtype"] == "count":
+            assert len(record["keys_filtered"]["Image_level"]) == len(objects)  # one step per object
+    assert qtypes == set(mb.QTYPES)
+
+
+def test_determinism_and_split_difference():
+    a, b = mb.make_dataset(20, seed=3), mb.make_dataset(20, seed=3)
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if k != "image"} == {k: v for k, v in rb.items() if k != "image"}
+        assert ra["image"].tobytes() == rb["image"].tobytes()
+    prefix = mb.make_dataset(5, seed=3)  # records come one by one from the same generators
+    assert [r["question"] for r in prefix] == [r["question"] for r in a[:5]]
+    assert all(p["image"].tobytes() == r["image"].tobytes() for p, r in zip(prefix, a))
+    other_seed = mb.make_dataset(20, seed=4)
+    test = mb.make_dataset(20, seed=3, split="test")
+    for other in (other_seed, test):
+        assert [r["scene"] for r in other] != [r["scene"] for r in a]
+        assert any(x["image"].tobytes() != y["image"].tobytes() for x, y in zip(other, a))
+    assert mb.make_dataset(0, seed=3) == []
+
+
+def test_make_dataset_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="split"):
+        mb.make_dataset(3, 0, split="validation")
+    with pytest.raises(ValueError, match="n must be"):
+        mb.make_dataset(-1, 0)
+    with pytest.raises(ValueError, match="seed"):
+        mb.make_dataset(3, -5)
+
+
+def test_count_answers_mostly_positive(datasets):
+    answers = [r["answer"] for split in datasets.values() for r in split if r["qtype"] == "count"]
+    positive = sum(a != "zero" for a in answers) / len(answers)
+    assert 0.6 <= positive < 1.0  # mostly > 0, but "zero" occurs too
+
+
+def test_fact_weights_long_tail(datasets):
+    weights = list(mb.FACT_WEIGHTS.values())
+    assert set(mb.FACT_WEIGHTS) == set(mb.LEXICON) and len(weights) == 24
+    assert abs(sum(weights) - 1.0) < 1e-9
+    assert weights == sorted(weights, reverse=True)  # stored in rank order
+    # Zipf with exponent 1.2: p(1) / p(24) = 24^1.2 = exp(1.2 * ln 24) = exp(3.81) ≈ 45.3
+    assert weights[0] / weights[-1] == pytest.approx(24 ** 1.2)
+    assert weights[0] >= 5 * weights[-1]
+    # and the knowledge questions follow it: the top fact is asked far more than its uniform 1/24 share
+    asked = [r["answer"] for s in datasets.values() for r in s if r["qtype"] == "knowledge"]
+    top_name = mb.LEXICON[list(mb.FACT_WEIGHTS)[0]]  # expected share 1 / sum_k k^-1.2 ≈ 0.27
+    assert sum(answer == top_name for answer in asked) / len(asked) > 2 / 24
+
+
+def test_lexicon_names_are_new_words(datasets):
+    names = list(mb.LEXICON.values())
+    assert len(names) == 24 and len(set(names)) == 24
+    assert all(n.isalpha() and n.islower() for n in names)
+    # every other word the world ever writes (question and step templates, choices of non-lexicon questions)
+    vocab = set()
+    for record in (r for s in datasets.values() for r in s):
+        texts = [record["question"]] + _steps(record)
+        if record["qtype"] == "knowledge":  # drop the name itself; its choices are all names
+            texts = [t.replace(record["answer"], "") for t in texts]
+        else:
+            texts += record["choices"]
+        for text in texts:
+            vocab.update(text.lower().replace(".", " ").replace(",", " ").replace("?", " ").split())
+    assert set(names).isdisjoint(vocab)
+    assert {"called", "circle", "orange", "zero", "center"} <= vocab  # the vocabulary was really collected
+
+
+# ---------------------------------------------------------------------------- #
+# rendering
+# ---------------------------------------------------------------------------- #
+
+@pytest.mark.parametrize("shape", mb.SHAPES)
+def test_render_large_red_object_centre_pixel(shape):
+    scene = {"objects": [{"shape": shape, "color": "red", "size": "large", "row": 1, "col": 1}],
+             "answer": "red", "background": [40, 40, 40], "noise": 0.0}
+    for seed in range(5):  # several jitters: the centre pixel stays inside a large object
+        image = mb.render_scene(scene, np.random.default_rng(seed))
+        assert image.shape == (36, 36, 3) and image.dtype == np.uint8
+        assert np.abs(image[18, 18].astype(int) - np.array(mb.COLORS["red"])).max() <= 2
+        assert (image[2, 2] == 40).all()  # the empty top-left cell is plain background
+
+
+def test_render_small_is_smaller_and_noise_applies():
+    def covered(size, noise=0.0):
+        scene = {"objects": [{"shape": "circle", "color": "yellow", "size": size, "row": 0, "col": 2}],
+                 "background": [40, 40, 40], "noise": noise}
+        image = mb.render_scene(scene, np.random.default_rng(0)).astype(int)
+        return (np.abs(image - 40).sum(-1) > 100).sum(), image
+    small_px, _ = covered("small")
+    large_px, _ = covered("large")
+    # pi * 2.75^2 ≈ 24 px and pi * 5^2 ≈ 79 px, give or take the anti-aliased rim
+    assert 12 <= small_px <= 35 and 60 <= large_px <= 95
+    _, noisy = covered("large", noise=14.0)
+    background = noisy[24:, :12]  # bottom-left 12x24 block is empty
+    assert 10 < background.std() < 18  # the noise std shows up in the empty pixels

@@ -1,0 +1,218 @@
+"""Stage 2 of MMBoundary (He et al., ACL 2025, section 3.3; DESIGN 5.5): PPO with three step-level rewards.
+
+For every sampled response and every reasoning step s:
+    e_s  stated confidence    statement -> level -> level_to_confidence
+    a_s  correctness          the exact verifier of the shapes world
+    u_s  internal confidence  the four signals on the policy's own tokens, normalised with the warm-up's stats
+    r_s = α·R_KA + β·R_EC + γ·R_CS  on the step's last token, R_KA = a_s, R_EC = 1-(e_s-a_s)², R_CS = 1-(e_s-u_s)²
+and on every token a KL penalty -kl_coef·(log π - log π_ref) to the frozen warm-up model. Then GAE, whitened
+advantages, and several epochs of clipped PPO updates of the policy and its value head.
+
+    python train_rl.py                      # out/warmup -> out/rl
+    python train_rl.py --quick --init DIR   # seconds, for tests
+"""
+import copy
+import dataclasses
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import mmboundary as mb
+from mmboundary import note, POSITIVE, NON_NEGATIVE, UNIT_INTERVAL, OPEN_UNIT, UserError
+
+
+@dataclass
+class RLConfig:
+    init: str = field(default="out/warmup", metadata=note("the warm-up checkpoint: initial policy and frozen reference"))
+    out: str = field(default="out/rl", metadata=note("output checkpoint folder"))
+    data: str = field(default="", metadata=note("real annotated data (JSON or JSONL) instead of the shapes world"))
+    images: str = field(default="", metadata=note("image folder for --data"))
+    device: str = field(default="auto", metadata=note("auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps"))
+    seed: int = field(default=1337, metadata=note("seed for questions and sampling"))
+    quick: bool = field(default=False, metadata=note("a few tiny iterations: a seconds-long smoke run"))
+    n_train: int = field(default=4000, metadata=note("pool of training questions the rollouts draw from", POSITIVE))
+    iterations: int = field(default=40, metadata=note("PPO iterations (rollout + update)", POSITIVE))
+    rollouts: int = field(default=64, metadata=note("responses sampled per iteration", POSITIVE))
+    ppo_epochs: int = field(default=2, metadata=note("passes over each rollout batch", POSITIVE))
+    minibatches: int = field(default=4, metadata=note("minibatches per epoch", POSITIVE))
+    lr: float = field(default=1e-4, metadata=note("AdamW learning rate (policy and value head)", POSITIVE))
+    temperature: float = field(default=1.0, metadata=note("sampling temperature; the same one re-scores the tokens", POSITIVE))
+    alpha: float = field(default=1.0, metadata=note("weight α of R_KA, knowledge accuracy", NON_NEGATIVE))
+    beta: float = field(default=1.0, metadata=note("weight β of R_EC, expected calibration (Brier)", NON_NEGATIVE))
+    gamma: float = field(default=1.0, metadata=note("weight γ of R_CS, confidence self-calibration", NON_NEGATIVE))
+    no_r_ka: bool = field(default=False, metadata=note("ablation 'w/o R_KA': drop the accuracy reward"))
+    no_r_ec: bool = field(default=False, metadata=note("ablation 'w/o R_EC': drop the calibration reward"))
+    no_r_cs: bool = field(default=False, metadata=note("ablation 'w/o R_CS': drop the self-calibration reward"))
+    missing_penalty: float = field(default=-1.0, metadata=note("reward instead of β·R_EC + γ·R_CS for a step with no parseable statement"))
+    kl_coef: float = field(default=0.05, metadata=note("per-token KL penalty to the frozen warm-up model", NON_NEGATIVE))
+    clip_eps: float = field(default=0.2, metadata=note("PPO ratio clip ε", OPEN_UNIT))
+    value_clip_eps: float = field(default=0.2, metadata=note("value clip around the rollout's values", POSITIVE))
+    vf_coef: float = field(default=0.5, metadata=note("weight of the value loss", NON_NEGATIVE))
+    discount: float = field(default=1.0, metadata=note("GAE γ (1: the episode is one response)", UNIT_INTERVAL))
+    gae_lambda: float = field(default=0.95, metadata=note("GAE λ", UNIT_INTERVAL))
+    grad_clip: float = field(default=1.0, metadata=note("clip the global gradient norm to this", POSITIVE))
+    max_new_tokens: int = field(default=96, metadata=note("longest sampled response", POSITIVE))
+    save_every: int = field(default=10, metadata=note("write the checkpoint every this many iterations", POSITIVE))
+    n_eval: int = field(default=300, metadata=note("held-out test questions for the before/after check", NON_NEGATIVE))
+
+
+QUICK = dict(n_train=32, iterations=2, rollouts=8, minibatches=2, max_new_tokens=48, n_eval=8, save_every=1)
+
+
+def rollout_rewards(cfg, records, steps, correct, internal):
+    """Step rewards r_s (DESIGN 5.5) for each response, as a list of (token index in the response, reward)."""
+    placed = []
+    for st, a, u in zip(steps, correct, internal):
+        row = []
+        for s, step in enumerate(st):
+            a_s = torch.tensor([float(a[s])])
+            r = 0.0 if cfg.no_r_ka else cfg.alpha * mb.r_ka(a_s).item()
+            if step.level is None:
+                r += cfg.missing_penalty  # no statement to score: a fixed penalty instead of R_EC and R_CS
+            else:
+                e_s = torch.tensor([mb.level_to_confidence(step.level)])
+                if not cfg.no_r_ec:
+                    r += cfg.beta * mb.r_ec(e_s, a_s).item()
+                if not cfg.no_r_cs:
+                    r += cfg.gamma * mb.r_cs(e_s, torch.tensor([float(u[s])])).item()
+            row.append((step.last, r))
+        placed.append(row)
+    return placed
+
+
+def internal_confidence(policy, clip, tokenizer, records, responses, steps, stats, device):
+    """u_s: the warm-up's recipe (signals, min/max, fusion, levels) applied to the policy's own tokens."""
+    raw = mb.score_responses(policy, clip, tokenizer, records, responses, steps, device=device)
+    out = []
+    for i, st in enumerate(steps):
+        if not st:
+            out.append([])
+            continue
+        values = {k: raw[k][i, :len(st)] for k in stats["signals"]}
+        conf = mb.to_confidence(values, stats["minmax"])
+        fused = mb.fuse_confidence(conf, stats["weights"], stats["fusion"])
+        levels = mb.confidence_levels(fused, stats["mu"], stats["sigma"])
+        out.append(mb.level_to_confidence(levels).tolist())
+    return out
+
+
+def main(argv=None):
+    cfg, = mb.parse_configs(argv, __doc__.splitlines()[0], [RLConfig], QUICK)
+    if cfg.no_r_ka and cfg.no_r_ec and cfg.no_r_cs:
+        raise UserError("--no-r-ka, --no-r-ec and --no-r-cs together leave no reward")
+    mb.seed_everything(cfg.seed)
+    device = mb.pick_device(cfg.device)
+    mb.print_config(cfg)
+    ck = mb.load_checkpoint(cfg.init, device, need_clip=True)
+    if ck.stats is None:
+        raise UserError(f"{cfg.init}: no confidence_stats.json (run train_sft.py --stage warmup first)")
+    policy, tokenizer, clip, stats = ck.model, ck.tokenizer, ck.clip, ck.stats
+    ref = copy.deepcopy(policy).eval()  # π_ref: the frozen warm-up model
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    records = mb.make_dataset(cfg.n_train, cfg.seed + 2, "train")
+    heldout = mb.make_dataset(cfg.n_eval, cfg.seed + 1, "test")
+    before = heldout_check(policy, tokenizer, heldout, cfg, device, "warm-up (before RL)")
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = random.Random(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    T = cfg.temperature
+    progress = mb.Progress(cfg.iterations, "rl")
+    t0 = time.time()
+    for it in range(cfg.iterations):
+        # 1. rollout: sample responses from the current policy with the KV cache
+        batch = [records[rng.randrange(len(records))] for _ in range(cfg.rollouts)]
+        responses = mb.generate_responses(policy, tokenizer, batch, temperature=T, max_new_tokens=cfg.max_new_tokens,
+                                          generator=gen, device=device)
+        steps = [mb.split_steps(r, tokenizer) for r in responses]
+        # 2. per step: correctness a_s, internal confidence u_s (stated e_s is in each Step's level)
+        correct = [mb.judge_steps(rec, st) for rec, st in zip(batch, steps)]
+        internal = internal_confidence(policy, clip, tokenizer, batch, responses, steps, stats, device)
+        # 3. rewards: r_s on the last token of each step, minus kl_coef·(log π - log π_ref) on every token
+        images, inputs, targets, text_mask, mask, offsets = mb.response_batch(tokenizer, batch, responses, device)
+        mask = mask.float()  # (B, T): response tokens incl. <eos>; the one mask used everywhere below
+        with torch.no_grad():
+            logits, _, values = policy(images, inputs, text_mask=text_mask, return_values=True)
+            old_logprobs = mb.token_logprobs(logits / T, targets)  # same temperature as sampling
+            ref_logprobs = mb.token_logprobs(ref(images, inputs, text_mask=text_mask)[0] / T, targets)
+        score = torch.zeros_like(mask)
+        for b, row in enumerate(rollout_rewards(cfg, batch, steps, correct, internal)):
+            for last, r in row:
+                score[b, offsets[b] + last] += r
+            if not row:  # a response with no step at all: the penalty on its last token
+                score[b, offsets[b] + len(responses[b])] += cfg.missing_penalty
+        kl = (old_logprobs - ref_logprobs) * mask  # per-token log-ratio to the reference
+        rewards = (score - cfg.kl_coef * kl) * mask
+        # 4. GAE (γ = discount, λ = gae_lambda; nothing bootstraps past <eos>), returns, whitened advantages
+        advantages, returns = mb.gae(rewards, values * mask, mask, cfg.discount, cfg.gae_lambda)
+        advantages = mb.masked_whiten(advantages, mask)
+        # 5. several epochs of minibatches: clipped policy loss + clipped value loss, gradient clipping
+        policy.train()
+        n = len(batch)
+        stats_mb = {"pg_loss": [], "v_loss": [], "approx_kl": [], "clipfrac": [], "entropy": []}
+        for epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + it * 10 + epoch))
+            for idx in perm.chunk(cfg.minibatches):
+                new_logits, _, new_values = policy(images[idx], inputs[idx], text_mask=text_mask[idx], return_values=True)
+                logprobs = mb.token_logprobs(new_logits / T, targets[idx])
+                pg_loss, clipfrac = mb.ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask[idx], cfg.clip_eps)
+                v_loss = mb.ppo_value_loss(new_values, values[idx], returns[idx], mask[idx], cfg.value_clip_eps)
+                loss = pg_loss + cfg.vf_coef * v_loss
+                if not torch.isfinite(loss):
+                    raise UserError(f"rl: loss is {loss.item()} at iteration {it}; stopping, {cfg.out} keeps the last good save")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                opt.step()
+                with torch.no_grad():
+                    stats_mb["pg_loss"].append(pg_loss.item())
+                    stats_mb["v_loss"].append(v_loss.item())
+                    stats_mb["approx_kl"].append(mb.approx_kl_k3(logprobs, old_logprobs[idx], mask[idx]).item())
+                    stats_mb["clipfrac"].append(float(clipfrac))
+                    stats_mb["entropy"].append(mb.masked_mean(mb.token_entropy(new_logits / T), mask[idx]).item())
+        policy.eval()
+        # 6. log one line per iteration, and save every save_every iterations
+        flat_steps = [s for st in steps for s in st]
+        flat_correct = [float(a) for row in correct for a in row]
+        stated = [s.level for s in flat_steps]
+        hist = [sum(1 for l in stated if l == k) for k in range(1, 6)]
+        expressed = torch.tensor([mb.level_to_confidence(l) if l is not None else 0.5 for l in stated])
+        line = {k: sum(v) / len(v) for k, v in stats_mb.items()}
+        line["score"] = (score.sum() / n).item()
+        line["kl_ref"] = (kl.sum() / n).item()
+        line["ev"] = float(mb.explained_variance(values, returns, mask))
+        line["step_acc"] = sum(flat_correct) / max(1, len(flat_correct))
+        line["mece"] = mb.ece(expressed, torch.tensor(flat_correct)) if flat_correct else float("nan")
+        line["levels"] = "/".join(map(str, hist)) + f" none {stated.count(None)}"
+        progress.line(it + 1, **line)
+        if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
+            config = dict(ck.config, stage="rl", rl=dataclasses.asdict(cfg))
+            mb.save_checkpoint(cfg.out, policy, tokenizer, config, clip=clip, extra_json={"confidence_stats.json": stats})
+    print(f"rl: {cfg.iterations} iterations in {time.time() - t0:.0f}s, wrote {cfg.out}")
+    after = heldout_check(policy, tokenizer, heldout, cfg, device, "after RL")
+    if before and after:
+        print(f"held-out MECE {before['mece']:.4f} -> {after['mece']:.4f} (ratio {after['mece'] / max(before['mece'], 1e-9):.2f}), "
+              f"acc {before['acc']:.3f} -> {after['acc']:.3f}")
+
+
+def heldout_check(model, tokenizer, records, cfg, device, title):
+    """Greedy answers on held-out test questions: final-answer accuracy and step-level MECE of the statements."""
+    if not records:
+        return {}
+    responses = mb.generate_responses(model, tokenizer, records, temperature=0.0, max_new_tokens=cfg.max_new_tokens, device=device)
+    conf, correct, acc = [], [], []
+    for rec, resp in zip(records, responses):
+        steps = mb.split_steps(resp, tokenizer)
+        acc.append(mb.answer_is_correct(rec, steps))
+        conf += [mb.level_to_confidence(s.level) if s.level is not None else 0.5 for s in steps]
+        correct += mb.judge_steps(rec, steps)
+    out = {"acc": sum(acc) / len(acc), "mece": mb.ece(torch.tensor(conf), torch.tensor(correct, dtype=torch.float32)),
+           "step_acc": sum(correct) / max(1, len(correct))}
+    print(f"--- {title}: {len(records)} test questions, acc {out['acc']:.3f}, step acc {out['step_acc']:.3f}, MECE {out['mece']:.4f}")
+    return out
+
+
+if __name__ == "__main__":
+    mb.run_cli(main)

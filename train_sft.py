@@ -1,0 +1,308 @@
+"""Stage 0 and stage 1 of MMBoundary (He et al., ACL 2025), supervised.
+
+  --stage base    teach TinyVLM the task (image, question -> reference reasoning chain; loss on the answer only)
+                  and train TinyCLIP on (image, step) pairs                                       -> out/base
+  --stage warmup  MMBoundary's confidence warm-up (paper section 3.2, DESIGN 5.4): the base model answers the
+                  training questions itself, every step of its own chain is scored with the four signals,
+                  the fused score picks a level and a statement, and the model is fine-tuned on that text -> out/warmup
+  --stage all     both (default): python train_sft.py
+
+Run `python train_sft.py --help` for every flag; `--quick` is a seconds-long preset for tests.
+"""
+import dataclasses
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import mmboundary as mb
+from mmboundary import note, POSITIVE, NON_NEGATIVE, UserError
+
+
+@dataclass
+class SFTConfig:
+    stage: str = field(default="all", metadata=note("base, warmup, or all (base then warmup)", choices=("base", "warmup", "all")))
+    out: str = field(default="", metadata=note("output checkpoint folder (default out/base or out/warmup; with --stage all, the parent folder, default out)"))
+    init: str = field(default="", metadata=note("warmup: the base checkpoint to start from (default out/base)"))
+    data: str = field(default="", metadata=note("real annotated data (JSON or JSONL) instead of the shapes world"))
+    images: str = field(default="", metadata=note("image folder for --data"))
+    device: str = field(default="auto", metadata=note("auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps"))
+    seed: int = field(default=1337, metadata=note("seed for data, init and sampling"))
+    quick: bool = field(default=False, metadata=note("tiny model and few steps: a seconds-long smoke run"))
+    n_train: int = field(default=6000, metadata=note("training questions generated from the shapes world", POSITIVE))
+    steps: int = field(default=1200, metadata=note("base: optimizer steps for TinyVLM", POSITIVE))
+    batch_size: int = field(default=32, metadata=note("sequences per optimizer step", POSITIVE))
+    lr: float = field(default=2e-3, metadata=note("peak AdamW learning rate (linear warm-up, cosine decay)", POSITIVE))
+    weight_decay: float = field(default=0.01, metadata=note("AdamW weight decay on matrices", NON_NEGATIVE))
+    warmup_iters: int = field(default=50, metadata=note("linear learning-rate warm-up steps", NON_NEGATIVE))
+    grad_clip: float = field(default=1.0, metadata=note("clip the global gradient norm to this", POSITIVE))
+    clip_steps: int = field(default=400, metadata=note("base: optimizer steps for TinyCLIP", POSITIVE))
+    clip_batch_size: int = field(default=64, metadata=note("(image, step) pairs per TinyCLIP step; also the InfoNCE negatives", POSITIVE))
+    clip_lr: float = field(default=2e-3, metadata=note("TinyCLIP learning rate", POSITIVE))
+    log_every: int = field(default=100, metadata=note("print a progress line every this many steps", POSITIVE))
+    n_eval: int = field(default=300, metadata=note("held-out test questions for the end-of-stage report", NON_NEGATIVE))
+    # stage 1, the confidence warm-up
+    warmup_n: int = field(default=2000, metadata=note("warmup: training questions the base model answers itself", POSITIVE))
+    warmup_temperature: float = field(default=1.0, metadata=note("warmup: sampling temperature of those answers (1 = the model's own distribution)", POSITIVE))
+    warmup_steps: int = field(default=500, metadata=note("warmup: fine-tuning steps", POSITIVE))
+    warmup_lr: float = field(default=1e-3, metadata=note("warmup: peak learning rate", POSITIVE))
+    signals: str = field(default="lnlp,mte,tokensar,clipscore", metadata=note("warmup: signals fused into the confidence (drop one for the 'w/o U_X' ablations)"))
+    fusion: str = field(default="mean", metadata=note("warmup: mean (weighted) or max (the 'w U_Max' ablation)", choices=("mean", "max")))
+    weights: str = field(default="", metadata=note("warmup: fusion weights, e.g. lnlp=1,mte=1,tokensar=1,clipscore=1 (default equal)"))
+    statements: bool = field(default=True, metadata=note("warmup: verbal statements; --no-statements writes '(confidence k/5)' (the 'w/o S-S mapping' ablation)"))
+    max_new_tokens: int = field(default=96, metadata=note("longest generated response", POSITIVE))
+
+
+QUICK = dict(n_train=160, steps=12, batch_size=16, clip_steps=6, clip_batch_size=16, log_every=4, n_eval=16,
+             warmup_n=24, warmup_steps=6, warmup_iters=2, max_new_tokens=48,
+             n_layer=1, n_embd=32, n_head=2, vit_layers=1, vit_embd=32)
+
+
+def parse(argv=None):
+    cfg, mcfg = mb.parse_configs(argv, __doc__.splitlines()[0], [SFTConfig, mb.VLMConfig], QUICK)
+    signals = [s for s in cfg.signals.split(",") if s]
+    bad = [s for s in signals if s not in mb.SIGNALS]
+    if not signals or bad:
+        raise UserError(f"--signals must be a comma list of {','.join(mb.SIGNALS)} (got {cfg.signals!r})")
+    if cfg.images and not cfg.data:
+        raise UserError("--images needs --data")
+    parse_weights(cfg.weights, signals)
+    return cfg, mcfg
+
+
+def parse_weights(text, signals):
+    """"lnlp=2,mte=1" -> {"lnlp": 2.0, "mte": 1.0}; missing signals weigh 1 (DESIGN 5.2: equal by default)."""
+    weights = {s: 1.0 for s in signals}
+    for item in [t for t in text.split(",") if t]:
+        name, _, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise UserError(f"--weights: {item!r} is not name=number") from None
+        if name not in mb.SIGNALS or weights[name] < 0:
+            raise UserError(f"--weights: {item!r} needs a signal of {','.join(mb.SIGNALS)} and a weight >= 0")
+    return weights
+
+
+def lr_at(step, total, peak, warmup):
+    """Linear warm-up to the peak, then cosine decay to 10% of it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * 3.141592653589793)).item()))
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW; weight decay on matrices only (not biases, LayerNorm gains, or the positional tables)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "pos_embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def train_lm(model, examples, cfg, device, steps, lr, name):
+    """Next-token SFT on (image, ids, response_start) examples; loss on the response tokens only."""
+    model.train()
+    opt = make_optimizer(model, lr, cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    progress = mb.Progress(steps, name)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, cfg.warmup_iters)
+        batch = [examples[rng.randrange(len(examples))] for _ in range(cfg.batch_size)]
+        images, inputs, targets, loss_mask = mb.collate_sft(batch, device)
+        _, loss = model(images, inputs, targets, loss_mask)
+        if not torch.isfinite(loss):
+            raise UserError(f"{name}: loss is {loss.item()} at step {step}; stopping (no checkpoint written)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            progress.line(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"])
+    model.eval()
+    return model
+
+
+def train_clip(clip, tokenizer, records, cfg, device):
+    """TinyCLIP on (image, one of its reference steps) pairs with the symmetric InfoNCE loss."""
+    pairs = [(r["image"], s) for r in records for s in mb.reference_steps(r)]
+    clip.train()
+    opt = make_optimizer(clip, cfg.clip_lr, cfg.weight_decay)
+    rng = random.Random(cfg.seed + 1)
+    progress = mb.Progress(cfg.clip_steps, "clip")
+    for step in range(cfg.clip_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.clip_steps, cfg.clip_lr, cfg.warmup_iters)
+        batch = [pairs[rng.randrange(len(pairs))] for _ in range(cfg.clip_batch_size)]
+        images = torch.stack([torch.as_tensor(im) for im, _ in batch]).to(device)
+        ids, mask = mb.pad_right([tokenizer.encode(s)[:clip.cfg.block_size] for _, s in batch])
+        loss = clip(images, ids.to(device), mask.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), cfg.grad_clip)
+        opt.step()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.clip_steps:
+            progress.line(step + 1, loss=loss.item())
+    clip.eval()
+    return clip
+
+
+def load_records(cfg, n, split, seed):
+    """The shapes world, or the user's annotated data (--data/--images)."""
+    if cfg.data:
+        return mb.load_annotated(cfg.data, cfg.images, image_size=36)[:n] if split == "train" else []
+    return mb.make_dataset(n, seed, split)
+
+
+def report(model, tokenizer, records, cfg, device, title):
+    """Greedy answers on held-out questions: final-answer accuracy per question type, step accuracy per step kind,
+    object size and colour confusability (the knowledge boundary the confidence method has to find)."""
+    if not records:
+        return {}
+    t0 = time.time()
+    responses = mb.generate_responses(model, tokenizer, records, temperature=0.0,
+                                      max_new_tokens=cfg.max_new_tokens, device=device)
+    table = {}
+
+    def add(key, ok):
+        hit, n = table.get(key, (0, 0))
+        table[key] = (hit + int(ok), n + 1)
+
+    for rec, resp in zip(records, responses):
+        steps = mb.split_steps(resp, tokenizer)
+        add("answer: all", mb.answer_is_correct(rec, steps))
+        add(f"answer: {rec['qtype']}", mb.answer_is_correct(rec, steps))
+        for st, ok in zip(steps, mb.judge_steps(rec, steps)):
+            add("step: all", ok)
+            d = mb.describe_step(rec["scene"], st.text)
+            kind = d["kind"] if d else "unparseable"
+            add(f"step: {kind}", ok)
+            if d and kind == "perception" and d.get("size"):
+                add(f"perception: {d['size']}", ok)
+                add(f"perception: {'confusable' if d['confusable'] else 'distinct'} colour", ok)
+    print(f"--- {title}: {len(records)} test questions, greedy ({time.time() - t0:.1f}s)")
+    for key in sorted(table):
+        hit, n = table[key]
+        print(f"{key:32s} {hit / n:6.1%}  ({hit}/{n})")
+    return {k: hit / n for k, (hit, n) in table.items()}
+
+
+def run_base(cfg, mcfg, out, device):
+    t0 = time.time()
+    records = load_records(cfg, cfg.n_train, "train", cfg.seed)
+    tokenizer = mb.build_tokenizer(records)
+    mcfg = dataclasses.replace(mcfg, vocab_size=len(tokenizer))
+    model = mb.TinyVLM(mcfg).to(device)
+    ccfg = mb.CLIPConfig(image_size=mcfg.image_size, patch_size=mcfg.patch_size, vocab_size=len(tokenizer),
+                         **({"n_layer": 1, "n_embd": 32, "embed_dim": 32} if cfg.quick else {}))
+    clip = mb.TinyCLIP(ccfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"base: {len(records)} training questions, vocab {len(tokenizer)}, TinyVLM {n_params / 1e6:.2f}M params, "
+          f"TinyCLIP {sum(p.numel() for p in clip.parameters()) / 1e6:.2f}M params, device {device}")
+    examples = []
+    for r in records:
+        ids, start = mb.encode_example(tokenizer, r, " ".join(mb.reference_steps(r)))
+        if len(ids) - 1 > mcfg.block_size:
+            raise UserError(f"record {r.get('id')}: {len(ids)} tokens > --block-size {mcfg.block_size}")
+        examples.append((r["image"], ids, start))
+    train_lm(model, examples, cfg, device, cfg.steps, cfg.lr, "base")
+    train_clip(clip, tokenizer, records, cfg, device)
+    config = {"stage": "base", "model": dataclasses.asdict(mcfg), "clip": dataclasses.asdict(ccfg),
+              "train": dataclasses.asdict(cfg)}
+    breakdown = report(model, tokenizer, load_records(cfg, cfg.n_eval, "test", cfg.seed + 1), cfg, device, "base model")
+    mb.save_checkpoint(out, model, tokenizer, config, clip=clip, extra_json={"report.json": breakdown})
+    print(f"base: wrote {out} in {time.time() - t0:.0f}s")
+
+
+def run_warmup(cfg, init, out, device):
+    """DESIGN 5.4: own answers -> four signals per step -> normalise, fuse, level -> statements -> SFT."""
+    t0 = time.time()
+    ck = mb.load_checkpoint(init, device, need_clip=True)
+    model, tokenizer, clip = ck.model, ck.tokenizer, ck.clip
+    signals = [s for s in cfg.signals.split(",") if s]
+    weights = parse_weights(cfg.weights, signals)
+    records = load_records(cfg, cfg.warmup_n, "train", cfg.seed)
+    # 1. the base model answers the training questions itself (sampled, so the pool holds its own mistakes)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    responses = mb.generate_responses(model, tokenizer, records, temperature=cfg.warmup_temperature,
+                                      max_new_tokens=cfg.max_new_tokens, generator=gen, device=device)
+    steps = [mb.split_steps(r, tokenizer) for r in responses]
+    # 2. the four signals on every step (5.1), pooled over all steps
+    raw = mb.score_responses(model, clip, tokenizer, records, responses, steps, device=device)
+    pool = {k: torch.cat([v[i, :len(st)] for i, st in enumerate(steps)]) for k, v in raw.items()}
+    correct = torch.tensor([ok for rec, st in zip(records, steps) for ok in mb.judge_steps(rec, st)], dtype=torch.float32)
+    # 3. normalise with the pool's min/max, fuse, and cut into five levels at mu +- 0.5 sigma, mu +- 1.5 sigma (5.2)
+    minmax = mb.fit_minmax(pool)
+    conf = mb.to_confidence({k: pool[k] for k in signals}, minmax)
+    fused = mb.fuse_confidence(conf, weights, cfg.fusion)
+    mu, sigma = fused.mean().item(), fused.std(unbiased=False).item()
+    levels = mb.confidence_levels(fused, mu, sigma)
+    stats = {"minmax": minmax, "mu": mu, "sigma": sigma, "signals": signals, "weights": weights,
+             "fusion": cfg.fusion, "statements": cfg.statements, "n_steps": len(fused),
+             "temperature": cfg.warmup_temperature}
+    evidence = signal_evidence(pool, conf, fused, levels, correct)
+    # 4. attach a statement to every step (5.3) and fine-tune on the model's own chain with its statements (5.4)
+    rng = random.Random(cfg.seed)
+    examples, k = [], 0
+    for rec, st in zip(records, steps):
+        parts = []
+        for s in st:
+            level = int(levels[k])
+            k += 1
+            clause = mb.statement_for(level, rng) if cfg.statements else mb.confidence_number_statement(level)
+            parts.append(mb.attach_statement(s.text, clause))
+        if parts:
+            ids, start = mb.encode_example(tokenizer, rec, " ".join(parts))
+            examples.append((rec["image"], ids[:model.cfg.block_size + 1], start))
+    print(f"warmup: {len(examples)} self-answered chains, {len(fused)} scored steps, e.g.: "
+          f"{tokenizer.decode(examples[0][1][examples[0][2]:]) if examples else ''}")
+    if not examples:
+        raise UserError("warmup: the base model produced no steps to train on")
+    model.train()
+    train_lm(model, examples, cfg, device, cfg.warmup_steps, cfg.warmup_lr, "warmup")
+    config = dict(ck.config, stage="warmup", warmup=dataclasses.asdict(cfg))
+    mb.save_checkpoint(out, model, tokenizer, config, clip=clip,
+                       extra_json={"confidence_stats.json": stats, "report.json": evidence})
+    print(f"warmup: wrote {out} in {time.time() - t0:.0f}s")
+
+
+def signal_evidence(pool, conf, fused, levels, correct):
+    """Do the signals find the knowledge boundary? Level histogram, step accuracy per level, AUROC per signal."""
+    print("--- warm-up pool: base model's own sampled chains, exact-verifier step accuracy per assigned level")
+    evidence = {"levels": {}, "auroc": {}}
+    for k in range(1, 6):
+        sel = levels == k
+        n = int(sel.sum())
+        acc = correct[sel].mean().item() if n else float("nan")
+        evidence["levels"][k] = {"n": n, "accuracy": acc}
+        print(f"level {k}: {n:6d} steps ({n / max(1, len(levels)):5.1%})  step accuracy {acc:6.1%}")
+    for name in mb.SIGNALS:
+        c = mb.to_confidence({name: pool[name]}, mb.fit_minmax({name: pool[name]}))[name]
+        evidence["auroc"][name] = mb.auroc(c, correct)
+    evidence["auroc"]["fused"] = mb.auroc(fused, correct)
+    print("AUROC vs step correctness: " + ", ".join(f"{k} {v:.3f}" for k, v in evidence["auroc"].items()))
+    return evidence
+
+
+def main(argv=None):
+    cfg, mcfg = parse(argv)
+    mb.seed_everything(cfg.seed)
+    device = mb.pick_device(cfg.device)
+    mb.print_config(cfg, mcfg)
+    if cfg.stage in ("base", "all"):
+        out = cfg.out or "out/base" if cfg.stage == "base" else os.path.join(cfg.out or "out", "base")
+        run_base(cfg, mcfg, out, device)
+    if cfg.stage in ("warmup", "all"):
+        if cfg.stage == "all":
+            init, out = os.path.join(cfg.out or "out", "base"), os.path.join(cfg.out or "out", "warmup")
+        else:
+            init, out = cfg.init or "out/base", cfg.out or "out/warmup"
+        run_warmup(cfg, init, out, device)
+
+
+if __name__ == "__main__":
+    mb.run_cli(main)
