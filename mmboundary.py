@@ -186,12 +186,12 @@ def print_config(*cfgs):
 class Progress:
     """One progress line per log interval: step/total, the given metrics, it/s and ETA."""
 
-    def __init__(self, total, name=""):
-        self.total, self.name, self.t0 = total, name, time.time()
+    def __init__(self, total, name="", start=0):
+        self.total, self.name, self.t0, self.start = total, name, time.time(), start  # start: a resumed run's first step
 
     def line(self, step, **metrics):
         elapsed = time.time() - self.t0
-        rate = step / max(elapsed, 1e-9)
+        rate = (step - self.start) / max(elapsed, 1e-9)
         eta = (self.total - step) / max(rate, 1e-9)
         parts = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         print(f"{self.name} {step}/{self.total} {parts} | {rate:.2f} it/s | eta {eta:.0f}s", flush=True)
@@ -757,6 +757,225 @@ def describe_step(scene, sentence):
 
 
 # ---------------------------------------------------------------------------- #
+# Real annotated data: the official MMBoundary JSON / a JSONL, and step truth by similarity
+# ---------------------------------------------------------------------------- #
+# The paper's annotated A-OKVQA file (annotated_data/aokvqa/val_mmb.json in Zhitao-He/MMBoundary) is a JSON list
+# of records like
+#   {"image_id": 377368, "question": "Which number birthday is probably being celebrated?",
+#    "choices": ["one", "ten", "nine", "thirty"], "correct_choice_idx": 3,
+#    "keys_filtered": {"Image_level": ["The image features a birthday cake with the number 30 on it", ...],
+#                      "Reasoning_level": [..., "So, the answer is thirty"]}, ...}
+# with the COCO image {image_id:012d}.jpg (000000377368.jpg) in a local folder. A JSONL file (one record per
+# line) carries the same fields with an "image" path instead. Both load into records shaped like make_dataset's,
+# with scene = None: there is no scene graph, so verify_step cannot judge a step and judge_steps_by_reference
+# below does instead. CulturalVQA's file has no choices, gold answer or image path, so it does not load here.
+
+REAL_DATA_FIELDS = ("question", "choices", "correct_choice_idx", "keys_filtered")  # required in every record
+
+
+def _record_where(path, index, record, line=None):
+    """How an error names a record, e.g. "val.jsonl: record 2 (line 3, id 'q7')"."""
+    parts = [] if line is None else [f"line {line}"]
+    if isinstance(record, dict):
+        for key in ("id", "question_id", "image_id"):  # the first id-like field the record has
+            if key in record:
+                parts.append(f"{key} {record[key]!r}")
+                break
+    return f"{path}: record {index}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _is_str_list(value):
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)  # subtle: True is an int in Python
+
+
+def _read_jsonl(path):
+    """The records of a JSONL file as (line number, record) pairs; blank lines are skipped."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((line_no, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}: line {line_no} is not valid JSON (column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    return rows
+
+
+def _check_real_record(record, where):
+    """Raise a UserError naming `where` and the field when a record breaks the schema; return None otherwise."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    for name in REAL_DATA_FIELDS:
+        if name not in record:
+            raise UserError(f"{where}: missing field '{name}'")
+    if "image" not in record and "image_id" not in record:
+        raise UserError(f"{where}: missing field 'image_id' (or 'image', a path)")
+    if not isinstance(record["question"], str) or not record["question"].strip():
+        raise UserError(f"{where}: field 'question' must be a non-empty string")
+    choices = record["choices"]
+    if not _is_str_list(choices) or len(choices) < 2:
+        raise UserError(f"{where}: field 'choices' must be a list of at least 2 strings, got {choices!r:.80}")
+    index = record["correct_choice_idx"]
+    if not _is_int(index) or not 0 <= index < len(choices):
+        raise UserError(f"{where}: field 'correct_choice_idx' must be an int in 0..{len(choices) - 1}, got {index!r}")
+    keys = record["keys_filtered"]
+    if not isinstance(keys, dict):
+        raise UserError(f"{where}: field 'keys_filtered' must be an object with 'Reasoning_level'")
+    if not _is_str_list(keys.get("Reasoning_level")) or not keys["Reasoning_level"]:
+        raise UserError(f"{where}: field 'keys_filtered.Reasoning_level' must be a non-empty list of strings")
+    if keys.get("Image_level") is not None and not _is_str_list(keys["Image_level"]):
+        # absent, null and [] all mean "no perception steps": the official file has records of each kind
+        raise UserError(f"{where}: field 'keys_filtered.Image_level' must be a list of strings")
+    if "image" in record and not (isinstance(record["image"], str) and record["image"]):
+        raise UserError(f"{where}: field 'image' must be a non-empty path string")
+    if "image" not in record and (not _is_int(record["image_id"]) or record["image_id"] < 0):
+        raise UserError(f"{where}: field 'image_id' must be a non-negative int, got {record['image_id']!r}")
+
+
+def _load_real_image(image_path, image_size, where):
+    """Read an image file into an (image_size, image_size, 3) uint8 array; a bad file is a UserError."""
+    if not os.path.isfile(image_path):
+        raise UserError(f"{where}: image file not found: {image_path}")
+    try:
+        with Image.open(image_path) as im:
+            # Squash to a square: simple, and what a 36 px TinyVLM can use; the paper's LLaVA pads instead.
+            # BOX is the same box-downsampling render_scene uses.
+            im = im.convert("RGB").resize((image_size, image_size), Image.BOX)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # OSError covers UnidentifiedImageError
+        raise UserError(f"{where}: cannot read image {image_path} ({type(e).__name__}: {e})") from None
+    return np.asarray(im, dtype=np.uint8)  # (image_size, image_size, 3)
+
+
+def load_annotated(path, images_dir, image_size=IMAGE_SIZE):
+    """Load the official annotated JSON (a list) or a JSONL (path ends in .jsonl) into make_dataset-shaped records.
+
+    Each record: {"id", "question", "choices", "correct_choice_idx", "answer" (= choices[correct_choice_idx]),
+    "qtype": "real", "keys_filtered": {"Image_level": [...], "Reasoning_level": [...]}, "scene": None,
+    "image": (image_size, image_size, 3) uint8}.
+    The image is `image` (a path; a relative one is taken from images_dir, or from the data file's folder when
+    images_dir is None) or else `image_id` -> images_dir/{image_id:012d}.jpg, e.g. 377368 -> 000000377368.jpg.
+    Every problem (missing file, bad JSON, missing or mistyped field, missing or unreadable image) is a
+    UserError of one line naming the file, the record (index, JSONL line, id) and the field.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: data file not found")
+    if images_dir is not None and not os.path.isdir(images_dir):
+        raise UserError(f"{images_dir}: images folder not found")
+    base_dir = images_dir if images_dir is not None else (os.path.dirname(path) or ".")
+    if path.endswith(".jsonl"):
+        rows = _read_jsonl(path)  # [(line number, record)]
+    else:
+        data = read_json(path)  # names the line and column of a syntax error
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
+        rows = [(None, record) for record in data]
+    if not rows:
+        raise UserError(f"{path}: no records")
+    for index, (line, record) in enumerate(rows):  # the whole schema first: a typo in record 900 fails fast
+        _check_real_record(record, _record_where(path, index, record, line))
+    records = []
+    for index, (line, record) in enumerate(rows):
+        where = _record_where(path, index, record, line)
+        if "image" in record:
+            image_path = os.path.join(base_dir, record["image"])  # join keeps an absolute path as it is
+        else:
+            image_path = os.path.join(base_dir, f"{record['image_id']:012d}.jpg")  # the COCO file name
+        keys = record["keys_filtered"]
+        # id: the record's own id when it has one (A-OKVQA: question_id), else <file name>-<index>
+        rid = record.get("id", record.get("question_id"))
+        records.append({
+            "id": str(rid) if rid is not None else f"{os.path.basename(path)}-{index}",
+            "question": record["question"],
+            "choices": list(record["choices"]),
+            "correct_choice_idx": record["correct_choice_idx"],
+            "answer": record["choices"][record["correct_choice_idx"]],
+            "qtype": "real",
+            "keys_filtered": {"Image_level": list(keys.get("Image_level") or []),
+                              "Reasoning_level": list(keys["Reasoning_level"])},
+            "scene": None,  # no scene graph: steps are judged by judge_steps_by_reference, not verify_step
+            "image": _load_real_image(image_path, image_size, where),
+        })
+    return records
+
+
+# Step truth without a scene graph. The paper judges a generated step against the reference chain with a
+# cross-encoder; we use a dependency-free lexical similarity instead (TinyCLIP's text tower knows only the
+# shapes world's words, so its embeddings mean nothing on COCO questions):
+#     sim(a, b) = F1 of the two bags of words (SQuAD's answer F1), a step is correct when max_ref sim >= τ.
+# τ = 0.5 is this project's choice (the paper gives no number for its cross-encoder): a step must share about
+# half its content words with some reference step. It is the --similarity-threshold flag. On the 6 sample records
+# of the official A-OKVQA file, 13 of the 14 steps that keys_filtered drops from keys score <= 0.3 against the
+# kept chain (one scores 0.72), and no step of another record's chain reaches 0.5 against it (max 0.44).
+# subtle: lexical F1 cannot see that one changed word flips the meaning ("there is a red cup" vs "there is a
+# blue cup" score 0.75), so it over-counts correct steps; the answer step is therefore judged by its answer.
+SIMILARITY_THRESHOLD = 0.5
+_ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
+
+
+def similarity_tokens(text):
+    """SQuAD's normalisation: lower-case, drop punctuation and the articles a/an/the, split on whitespace.
+    Example: "The cake has 30 candles, on top!" -> ["cake", "has", "30", "candles", "on", "top"]"""
+    text = re.sub(r"[^\w\s]", "", text.lower())  # "30th," -> "30th"; "don't" -> "dont" (as SQuAD does)
+    return _ARTICLES_RE.sub(" ", text).split()
+
+
+# F1(a, b) = 2 P R / (P + R),  P = common / |a|,  R = common / |b|,  common = Σ_w min(count_a(w), count_b(w))
+def text_similarity(a, b):
+    """Token-level F1 of two sentences, in [0, 1], symmetric.
+    Example: "The cake has candles on top." vs "The cake has no candles."
+      tokens [cake, has, candles, on, top] vs [cake, has, no, candles]: common 3, P = 3/5, R = 3/4,
+      F1 = 2 * 3 / (5 + 4) = 0.667.   Identical sentences -> 1.0; no shared word -> 0.0.
+    subtle: a sentence with no words left ("The.") matches nothing, 0.0 (SQuAD would give 1 for two empties)."""
+    a_tokens, b_tokens = similarity_tokens(a), similarity_tokens(b)
+    if not a_tokens or not b_tokens:
+        return 0.0
+    b_counts = {}
+    for w in b_tokens:
+        b_counts[w] = b_counts.get(w, 0) + 1
+    common = 0
+    for w in a_tokens:  # each b token can be matched once: the multiset intersection
+        if b_counts.get(w, 0) > 0:
+            b_counts[w] -= 1
+            common += 1
+    f1 = 2 * common / (len(a_tokens) + len(b_tokens))  # = 2PR/(P+R) with P, R as above
+    assert 0.0 <= f1 <= 1.0
+    return f1
+
+
+def _answer_of(text):
+    """The normalised X of "So, the answer is X.", or None. Example: "So, the answer is 'warm'." -> "warm"."""
+    match = ANSWER_RE.match(text)
+    return " ".join(similarity_tokens(match.group(1))) if match else None
+
+
+def judge_steps_by_reference(steps_texts, reference_texts, threshold=SIMILARITY_THRESHOLD):
+    """a_s for each generated step on real data: True when some reference step has text_similarity >= threshold.
+    An answer step ("So, the answer is X.") is True only when a reference answer step has the same X.
+    Example, reference ["The cake has candles on top.", "So, the answer is thirty."], threshold 0.5:
+      ["The cake has no candles.", "A dog sleeps.", "So, the answer is one.", "So, the answer is Thirty."]
+      -> [True (0.667), False (0.0), False (F1 would be 0.75, but one != thirty), True]"""
+    reference_answers = {_answer_of(r) for r in reference_texts} - {None}
+    judged = []
+    for text in steps_texts:
+        answer = _answer_of(text)
+        if answer is not None:
+            # "So, the answer is one" shares 3 of 4 words with "So, the answer is thirty": F1 would call it right
+            judged.append(answer in reference_answers)
+        else:
+            best = max((text_similarity(text, r) for r in reference_texts), default=0.0)
+            judged.append(best >= threshold)
+    return judged
+
+
+# ---------------------------------------------------------------------------- #
 # Tokenizer: word level, one word one token (keeps TokenSAR's "remove token l" readable)
 # ---------------------------------------------------------------------------- #
 
@@ -924,7 +1143,8 @@ class ViT(nn.Module):
         self.patch_size = patch_size
         n_patches = (image_size // patch_size) ** 2
         self.patch_embed = nn.Linear(3 * patch_size * patch_size, width)
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_patches, width))
+        # subtle: random (not zero) positions, so patches differ by place from step one and localisation is learned fast
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, n_patches, width))
         self.blocks = nn.ModuleList([Block(width, n_head) for _ in range(n_layer)])
         self.ln = nn.LayerNorm(width)
 
@@ -1107,9 +1327,12 @@ class TinyCLIP(nn.Module):
         assert cfg.vocab_size > 0, "set cfg.vocab_size from the tokenizer"
         self.cfg = cfg
         self.vit = ViT(cfg.image_size, cfg.patch_size, cfg.n_embd, cfg.n_layer, cfg.n_head)
-        self.image_proj = nn.Linear(cfg.n_embd, cfg.embed_dim, bias=False)
+        # the whole patch grid (not its mean) is projected, so where an object sits survives into the embedding:
+        # a step says "at the top left", and mean pooling would have to learn to smuggle position into features
+        n_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.image_proj = nn.Linear(n_patches * cfg.n_embd, cfg.embed_dim, bias=False)
         self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.block_size, cfg.n_embd))
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, cfg.block_size, cfg.n_embd))
         self.text_blocks = nn.ModuleList([Block(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer)])
         self.text_ln = nn.LayerNorm(cfg.n_embd)
         self.text_proj = nn.Linear(cfg.n_embd, cfg.embed_dim, bias=False)
@@ -1117,9 +1340,9 @@ class TinyCLIP(nn.Module):
         self.apply(TinyVLM._init_weights)
 
     def embed_image(self, images):
-        """images -> (B, D) unit vectors (mean-pooled patch features, projected)."""
+        """images -> (B, D) unit vectors (the projected grid of patch features)."""
         x = images_to_tensor(images, self.cfg.image_size, self.image_proj.weight.device)
-        h = self.vit(x).mean(1)  # (B, n_embd)
+        h = self.vit(x).flatten(1)  # (B, N * n_embd): the patch features side by side, in grid order
         return F.normalize(self.image_proj(h), dim=-1)
 
     def embed_text(self, ids, mask):
@@ -2137,8 +2360,11 @@ def answer_is_correct(record, steps):
     return answer is not None and " ".join(answer.split()) == " ".join(str(record["answer"]).lower().split())
 
 
-def judge_steps(record, steps):
-    """a_s for every step: the exact verifier on the shapes world (None = unparseable = wrong)."""
+def judge_steps(record, steps, threshold=SIMILARITY_THRESHOLD):
+    """a_s for every step: the exact verifier on the shapes world (None = unparseable = wrong); on real data
+    (no scene) similarity >= threshold to some reference step (judge_steps_by_reference)."""
+    if record.get("scene") is None:
+        return judge_steps_by_reference([st.text for st in steps], reference_steps(record), threshold)
     return [verify_step(record["scene"], st.text) is True for st in steps]
 
 
@@ -2219,6 +2445,352 @@ def score_responses(model, clip, tokenizer, records, responses, steps, device="c
         out["tokensar"][i:i + len(recs), :S_b] = u_tokensar(logprobs, relevance, step_mask).cpu()
         out["clipscore"][i:i + len(recs), :S_b] = u_clipscore(image_emb, text_emb).cpu() * (step_mask.sum(-1) > 0).cpu()
     return out
+
+
+# ---------------------------------------------------------------------------- #
+# Distributed training and fault tolerance
+# ---------------------------------------------------------------------------- #
+# Scale: `torchrun --nproc_per_node N train_sft.py ...` starts N copies of a script and sets RANK, LOCAL_RANK
+# and WORLD_SIZE. Each copy (a rank) draws its own batches or rollouts (seed + rank); DistributedDataParallel
+# averages the gradients in backward, so all ranks keep the same weights; only rank 0 prints and writes.
+# Without RANK in the environment every helper below is a no-op and a script runs as a plain process.
+#
+# Faults: a resumable checkpoint is an ordinary checkpoint folder (save_checkpoint: atomic, previous copy kept)
+# plus training_state.json and training_state.safetensors: the step, the optimizer state and the state of every
+# random generator, so `--resume` continues bit for bit (on CPU) where the run stopped. No pickle: tensors go
+# to safetensors under flat names ("optimizer.3.exp_avg", "rank0.torch"), everything else to JSON. A folder
+# with a training state is a stopped run; a finished stage writes its folder without one.
+
+TRAINING_STATE_JSON = "training_state.json"
+TRAINING_STATE_TENSORS = "training_state.safetensors"
+
+
+def setup_distributed(device_name="auto"):
+    """-> (rank, world_size, device). Under torchrun: join the process group (nccl on CUDA, gloo on CPU), use
+    cuda:LOCAL_RANK, and send the stdout of ranks > 0 to /dev/null so every line prints once.
+    In a plain run (no RANK in the environment): (0, 1, pick_device(device_name)), nothing else changes."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    import torch.distributed as dist
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"  # DDP has no mps backend
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per rank, whatever cuda:N was asked for
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"--device {device_name}: torchrun runs on cpu (gloo) or cuda (nccl)")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return rank, world_size, device
+
+
+def cleanup_distributed():
+    """Leave the process group (end of a torchrun script); a no-op in a plain run."""
+    if is_distributed():
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+def is_distributed():
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world():
+    """(rank, world_size); (0, 1) in a plain run."""
+    if not is_distributed():
+        return 0, 1
+    import torch.distributed as dist
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main():
+    """True on rank 0 and in a plain run: the one process that prints and writes."""
+    return rank_and_world()[0] == 0
+
+
+def wrap_ddp(model, device, find_unused_parameters=False):
+    """DistributedDataParallel around `model` under torchrun (gradients averaged over ranks in backward), else
+    `model` itself. find_unused_parameters=True where part of the model gets no gradient (the value head in SFT).
+    Generate, score and save through the unwrapped module (unwrap), train through the wrapper."""
+    if not is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused_parameters)
+
+
+def unwrap(model):
+    """The module inside DistributedDataParallel, or `model` itself."""
+    from torch.nn.parallel import DistributedDataParallel
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def barrier():
+    """Wait for every rank (e.g. until rank 0 has written a checkpoint the others read); a no-op in a plain run."""
+    if is_distributed():
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def all_gather_objects(obj):
+    """[rank 0's obj, rank 1's obj, ...] on every rank; [obj] in a plain run. (torch.distributed pickles in
+    memory to send; nothing is written.)  e.g. the warm-up pool: each rank scores its shard, all fit on the union."""
+    if not is_distributed():
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag):
+    """True on every rank when `flag` is true on any rank: ranks must stop (or fail) at the same step, or the
+    others would wait forever in the next all-reduce."""
+    if not is_distributed():
+        return bool(flag)
+    return max(all_gather_objects(bool(flag)))
+
+
+def mean_over_ranks(value):
+    """A logged float averaged over ranks; in a plain run the value itself, untouched."""
+    if not is_distributed():
+        return value
+    values = all_gather_objects(float(value))
+    return sum(values) / len(values)
+
+
+class RunStopped(Exception):
+    """A training loop stopped early after saving: Ctrl-C or SIGTERM (code 128 + signal) or --stop-at (code 0).
+    The message says where it saved and how to resume."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def exit_stopped(stop):
+    """The one line of a RunStopped (stderr for a signal, stdout for --stop-at), printed by rank 0, then exit."""
+    if is_main():
+        print(str(stop), file=sys.stderr if stop.code else sys.stdout, flush=True)
+    cleanup_distributed()
+    sys.exit(stop.code)
+
+
+class GracefulStop:
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM only records the signal; the training loop asks
+    requested() at the end of each step, saves and raises RunStopped, so no step is ever half-applied.
+    A second signal raises KeyboardInterrupt at once. A signal the loop never acted on (it arrived after its
+    last check) is re-raised as KeyboardInterrupt when the block ends."""
+
+    def __init__(self):
+        self.signum, self._previous = 0, {}
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():  # Python only allows handlers there
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, exc_type, exc, tb):
+        import signal
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+        if exc_type is None and self.signum:
+            raise KeyboardInterrupt
+        return False
+
+    def requested(self):
+        """Did any rank get a signal? Collective under torchrun: call it on every rank at the same step."""
+        return any_rank(self.signum != 0)
+
+    def stop(self, message):
+        """The RunStopped to raise after saving: exit code 128 + the signal (130 for Ctrl-C)."""
+        import signal
+        self.signum = self.signum or signal.SIGINT  # another rank got it
+        return RunStopped(message, 128 + int(self.signum))
+
+
+def resume_command(argv=None):
+    """The command line that continues this run: the same flags minus --stop-at, plus --resume.
+    e.g. ['--steps', '8', '--stop-at', '4'] -> 'python train_sft.py --steps 8 --resume'"""
+    import shlex
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--stop-at":
+            skip = True
+        elif not a.startswith("--stop-at="):
+            kept.append(a)
+    if "--resume" not in kept:
+        kept.append("--resume")
+    world = rank_and_world()[1]
+    launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
+    return " ".join([launcher, os.path.basename(sys.argv[0]) or "script.py"] + [shlex.quote(a) for a in kept])
+
+
+def _python_rng_to_json(state):
+    """random.getstate() = (version, 625 ints, gauss_next) -> [version, [ints], gauss_next]."""
+    return [state[0], list(state[1]), state[2]]
+
+
+def _python_rng_from_json(state):
+    return (state[0], tuple(state[1]), state[2])
+
+
+def _rng_state(generators):
+    """This rank's random state -> (JSON part, {name: tensor}): python's and numpy's global generators, torch's
+    CPU (and initialised CUDA) generators, and each named generator of the loop (random.Random or torch.Generator)."""
+    np_state = np.random.get_state()  # ('MT19937', 624 uint32 keys, position, has_gauss, cached_gaussian)
+    meta = {"python": _python_rng_to_json(random.getstate()),
+            "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])], "generators": {}}
+    tensors = {"numpy": torch.from_numpy(np_state[1].astype(np.int64)), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    for name, g in generators.items():
+        if isinstance(g, random.Random):
+            meta["generators"][name] = _python_rng_to_json(g.getstate())
+        else:
+            tensors[f"generator.{name}"] = g.get_state()
+    return meta, tensors
+
+
+def _set_rng_state(meta, tensors, generators):
+    """Inverse of _rng_state."""
+    random.setstate(_python_rng_from_json(meta["python"]))
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    for name, g in generators.items():
+        if isinstance(g, random.Random):
+            g.setstate(_python_rng_from_json(meta["generators"][name]))
+        else:
+            g.set_state(tensors[f"generator.{name}"])
+
+
+def _optimizer_state(optimizer):
+    """optimizer.state_dict() -> (JSON part, {name: tensor}). e.g. AdamW: state[3]["exp_avg"] -> tensor
+    "optimizer.3.exp_avg"; param_groups (lr, betas, ..., params as indices) and any non-tensor state -> JSON."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
+    return {"param_groups": groups, "scalars": scalars}, tensors
+
+
+def _set_optimizer_state(optimizer, meta, tensors, where):
+    """Inverse of _optimizer_state; the optimizer must have the same parameter groups (checked)."""
+    current = optimizer.state_dict()["param_groups"]
+    saved = meta["param_groups"]
+    if [len(g["params"]) for g in saved] != [len(g["params"]) for g in current]:
+        raise UserError(f"{where}: optimizer state is for another model (parameter groups "
+                        f"{[len(g['params']) for g in saved]} != {[len(g['params']) for g in current]})")
+    state = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    # JSON has no tuples: give back the type the optimizer uses (betas)
+    groups = [{k: tuple(v) if isinstance(cur.get(k), tuple) else v for k, v in g.items()} for g, cur in zip(saved, current)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def training_state_files(step, optimizer, generators, **info):
+    """Everything --resume needs beyond the weights, as save_checkpoint's (extra_json, extra_tensors): the step,
+    the optimizer, every rank's random state (rank r's under "rank{r}."), and `info` (JSON-able).
+    Collective under torchrun (the random states are gathered): call it on every rank, save on rank 0."""
+    opt_meta, tensors = _optimizer_state(optimizer)
+    gathered = all_gather_objects(_rng_state(generators))
+    meta = dict(info, step=step, world_size=len(gathered), optimizer=opt_meta, rng=[m for m, _ in gathered])
+    for r, (_, rank_tensors) in enumerate(gathered):
+        tensors.update({f"rank{r}.{k}": v for k, v in rank_tensors.items()})
+    return {TRAINING_STATE_JSON: meta}, {TRAINING_STATE_TENSORS: tensors}
+
+
+def read_training_state(path):
+    """The JSON part of a folder's training state, or None when the folder holds a finished run (or no run)."""
+    p = os.path.join(path, TRAINING_STATE_JSON)
+    return read_json(p) if os.path.exists(p) else None
+
+
+def load_training_state(path, optimizer, generators):
+    """Restore the optimizer and this rank's random generators from a stopped run's folder -> its JSON
+    (step, info). A missing, truncated or foreign state is a UserError naming the file."""
+    meta = read_training_state(path)
+    if meta is None:
+        raise UserError(f"{path}: no {TRAINING_STATE_JSON}, so not a stopped run (nothing to resume)")
+    tensors = load_tensors(os.path.join(path, TRAINING_STATE_TENSORS))
+    rank, world = rank_and_world()
+    where = os.path.join(path, TRAINING_STATE_JSON)
+    try:
+        if meta["world_size"] != world:
+            raise UserError(f"{where}: saved by {meta['world_size']} processes, resumed by {world}; "
+                            f"resume with the same --nproc_per_node")
+        _set_optimizer_state(optimizer, meta["optimizer"], tensors, where)
+        prefix = f"rank{rank}."
+        _set_rng_state(meta["rng"][rank], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                       generators)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{where}: malformed training state ({type(e).__name__}: {str(e)[:100]})") from None
+    return meta
+
+
+def run_status(path, stage):
+    """What --resume finds in an output folder: ("fresh", None) nothing there yet, ("stopped", folder) a stopped
+    run of this stage, ("complete", folder) a finished one. Falls back to PATH.old like load_checkpoint."""
+    path = os.path.normpath(path)
+    folder = path if os.path.isdir(path) else path + ".old" if os.path.isdir(path + ".old") else None
+    if folder is None:
+        return "fresh", None
+    config = read_json(os.path.join(folder, "config.json"))
+    if not isinstance(config, dict) or config.get("stage") != stage:
+        found = config.get("stage") if isinstance(config, dict) else None
+        raise UserError(f"--resume: {folder} holds a {found!r} checkpoint, not a {stage!r} run")
+    return ("stopped" if read_training_state(folder) is not None else "complete"), folder
+
+
+def check_resume_config(saved, current, ignore, where):
+    """--resume continues the same run, so every training flag must equal the stopped run's (run-control flags
+    such as --out, --device, --stop-at are in `ignore`). A difference is a UserError naming each flag."""
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in current.items()
+            if k not in ignore and saved.get(k) != v]
+    if diff:
+        raise UserError(f"{where} was started with other settings ({'; '.join(diff)}): resume with the same "
+                        f"flags, or start fresh without --resume")
+
+
+def check_not_partial(path, script_hint):
+    """A stopped (unfinished) run's folder is not an input: refuse it as --init with a one-line hint."""
+    state = read_training_state(os.path.normpath(path))
+    if state is not None:
+        raise UserError(f"{path} is a stopped run (step {state.get('step')} of {state.get('total')}); finish it "
+                        f"with {script_hint} --resume first")
 
 
 # ---------------------------------------------------------------------------- #
@@ -2381,7 +2953,7 @@ def golden_tensors(seed=0):
     t["vlm.images"], t["vlm.input_ids"], t["vlm.logits"], t["vlm.loss"] = images, ids, logits, loss.reshape(())
     for k, v in unique_state_dict(model).items():
         t["vlm.weights." + k] = v
-    return {k: v.contiguous() for k, v in t.items()}, {"format_version": GOLDEN_FORMAT, "seed": str(seed),
+    return {k: v.clone().contiguous() for k, v in t.items()}, {"format_version": GOLDEN_FORMAT, "seed": str(seed),
                                                         "vlm_config": json.dumps(dataclasses.asdict(cfg))}
 
 

@@ -10,9 +10,16 @@ advantages, and several epochs of clipped PPO updates of the policy and its valu
 
     python train_rl.py                      # out/warmup -> out/rl
     python train_rl.py --quick --init DIR   # seconds, for tests
+
+Reliability: every --save-every iterations (and on Ctrl-C / SIGTERM, and at --stop-at K) the checkpoint in --out
+also holds the training state (optimizer, random generators, iteration); --resume continues from it with the same
+flags and reaches the same weights as an uninterrupted run (bit for bit on CPU). The finished run's checkpoint
+has no training state. torchrun --nproc_per_node N train_rl.py ... runs DDP: each rank samples its own --rollouts
+responses (seed + rank) and the progress line averages the ranks' metrics (level counts are summed).
 """
 import copy
 import dataclasses
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -56,6 +63,12 @@ class RLConfig:
     max_new_tokens: int = field(default=96, metadata=note("longest sampled response", POSITIVE))
     save_every: int = field(default=10, metadata=note("write the checkpoint every this many iterations", POSITIVE))
     n_eval: int = field(default=300, metadata=note("held-out test questions for the before/after check", NON_NEGATIVE))
+    resume: bool = field(default=False, metadata=note("continue a stopped run from --out (same flags); a missing one starts fresh"))
+    stop_at: int = field(default=0, metadata=note("stop after iteration K as if interrupted (for tests and time-sliced jobs); 0 = never", NON_NEGATIVE))
+
+
+# flags that steer a run but not its result: --resume accepts them changed (every other flag must match)
+RUN_CONTROL = {"init", "out", "device", "quick", "n_eval", "save_every", "resume", "stop_at"}
 
 
 QUICK = dict(n_train=32, iterations=2, rollouts=8, minibatches=2, max_new_tokens=48, n_eval=8, save_every=1)
@@ -102,99 +115,166 @@ def main(argv=None):
     cfg, = mb.parse_configs(argv, __doc__.splitlines()[0], [RLConfig], QUICK)
     if cfg.no_r_ka and cfg.no_r_ec and cfg.no_r_cs:
         raise UserError("--no-r-ka, --no-r-ec and --no-r-cs together leave no reward")
+    if cfg.images and not cfg.data:
+        raise UserError("--images needs --data")
+    if os.path.normpath(cfg.init) == os.path.normpath(cfg.out):
+        raise UserError(f"--out {cfg.out} is the --init checkpoint: RL would overwrite its reference model")
+    rank, world_size, device = mb.setup_distributed(cfg.device)
     mb.seed_everything(cfg.seed)
-    device = mb.pick_device(cfg.device)
     mb.print_config(cfg)
+    try:
+        train(cfg, rank, world_size, device)
+    except mb.RunStopped as stopped:
+        mb.exit_stopped(stopped)
+    mb.cleanup_distributed()
+
+
+def train(cfg, rank, world_size, device):
+    """Load the warm-up (policy and frozen reference), then PPO iterations, steps 1 to 7 below; a stopped run
+    continues from --out with --resume (module docstring)."""
+    mb.check_not_partial(cfg.init, "train_sft.py")
     ck = mb.load_checkpoint(cfg.init, device, need_clip=True)
     if ck.stats is None:
         raise UserError(f"{cfg.init}: no confidence_stats.json (run train_sft.py --stage warmup first)")
+    resume_from = None
+    if cfg.resume:
+        status, resume_from = mb.run_status(cfg.out, "rl")
+        if status == "complete":
+            print(f"rl: {cfg.out} is complete, nothing to resume")
+            return
+        if status == "fresh":
+            print(f"rl: nothing to resume in {cfg.out}, starting fresh")
     policy, tokenizer, clip, stats = ck.model, ck.tokenizer, ck.clip, ck.stats
     ref = copy.deepcopy(policy).eval()  # π_ref: the frozen warm-up model
     for p in ref.parameters():
         p.requires_grad_(False)
-    records = mb.make_dataset(cfg.n_train, cfg.seed + 2, "train")
-    heldout = mb.make_dataset(cfg.n_eval, cfg.seed + 1, "test")
-    before = heldout_check(policy, tokenizer, heldout, cfg, device, "warm-up (before RL)")
+    if cfg.data:  # the user's annotated data; the held-out check is evaluate.py's job there
+        records, heldout = mb.load_annotated(cfg.data, cfg.images or None, policy.cfg.image_size)[:cfg.n_train], []
+    else:
+        records = mb.make_dataset(cfg.n_train, cfg.seed + 2, "train")
+        heldout = mb.make_dataset(cfg.n_eval, cfg.seed + 1, "test")
+    config = dict(ck.config, stage="rl", rl=dataclasses.asdict(cfg))
+    if resume_from:  # the same run: same flags; the policy continues from the stopped run (π_ref stays the warm-up)
+        saved_config = mb.read_json(os.path.join(resume_from, "config.json"))
+        mb.check_resume_config(saved_config.get("rl", {}), config["rl"], RUN_CONTROL, resume_from)
+        mb.load_weights(policy, os.path.join(resume_from, "model.safetensors"))
+    else:
+        before = heldout_check(policy, tokenizer, heldout, cfg, device, "warm-up (before RL)") if mb.is_main() else {}
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rng = random.Random(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed + rank)  # each rank its own rollouts; rank 0, and a plain run: cfg.seed
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+    generators = {"rollouts": rng, "sampling": gen}
+    start, saved = 0, None  # saved: (iteration, folder) of the last good resumable checkpoint
+    if resume_from:
+        state = mb.load_training_state(resume_from, opt, generators)
+        start, before, saved = state["step"], state.get("before", {}), (state["step"], resume_from)
+    policy_ddp = mb.wrap_ddp(policy, device)  # trains through DDP; rollouts, scoring and saving use `policy` itself
     T = cfg.temperature
-    progress = mb.Progress(cfg.iterations, "rl")
+    progress = mb.Progress(cfg.iterations, "rl", start=start)
     t0 = time.time()
-    for it in range(cfg.iterations):
-        # 1. rollout: sample responses from the current policy with the KV cache
-        batch = [records[rng.randrange(len(records))] for _ in range(cfg.rollouts)]
-        responses = mb.generate_responses(policy, tokenizer, batch, temperature=T, max_new_tokens=cfg.max_new_tokens,
-                                          generator=gen, device=device)
-        steps = [mb.split_steps(r, tokenizer) for r in responses]
-        # 2. per step: correctness a_s, internal confidence u_s (stated e_s is in each Step's level)
-        correct = [mb.judge_steps(rec, st) for rec, st in zip(batch, steps)]
-        internal = internal_confidence(policy, clip, tokenizer, batch, responses, steps, stats, device)
-        # 3. rewards: r_s on the last token of each step, minus kl_coef·(log π - log π_ref) on every token
-        images, inputs, targets, text_mask, mask, offsets = mb.response_batch(tokenizer, batch, responses, device)
-        mask = mask.float()  # (B, T): response tokens incl. <eos>; the one mask used everywhere below
-        with torch.no_grad():
-            logits, _, values = policy(images, inputs, text_mask=text_mask, return_values=True)
-            old_logprobs = mb.token_logprobs(logits / T, targets)  # same temperature as sampling
-            ref_logprobs = mb.token_logprobs(ref(images, inputs, text_mask=text_mask)[0] / T, targets)
-        score = torch.zeros_like(mask)
-        for b, row in enumerate(rollout_rewards(cfg, batch, steps, correct, internal)):
-            for last, r in row:
-                score[b, offsets[b] + last] += r
-            if not row:  # a response with no step at all: the penalty on its last token
-                score[b, offsets[b] + len(responses[b])] += cfg.missing_penalty
-        kl = (old_logprobs - ref_logprobs) * mask  # per-token log-ratio to the reference
-        rewards = (score - cfg.kl_coef * kl) * mask
-        # 4. GAE (γ = discount, λ = gae_lambda; nothing bootstraps past <eos>), returns, whitened advantages
-        advantages, returns = mb.gae(rewards, values * mask, mask, cfg.discount, cfg.gae_lambda)
-        advantages = mb.masked_whiten(advantages, mask)
-        # 5. several epochs of minibatches: clipped policy loss + clipped value loss, gradient clipping
-        policy.train()
-        n = len(batch)
-        stats_mb = {"pg_loss": [], "v_loss": [], "approx_kl": [], "clipfrac": [], "entropy": []}
-        for epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + it * 10 + epoch))
-            for idx in perm.chunk(cfg.minibatches):
-                new_logits, _, new_values = policy(images[idx], inputs[idx], text_mask=text_mask[idx], return_values=True)
-                logprobs = mb.token_logprobs(new_logits / T, targets[idx])
-                pg_loss, clipfrac = mb.ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask[idx], cfg.clip_eps)
-                v_loss = mb.ppo_value_loss(new_values, values[idx], returns[idx], mask[idx], cfg.value_clip_eps)
-                loss = pg_loss + cfg.vf_coef * v_loss
-                if not torch.isfinite(loss):
-                    raise UserError(f"rl: loss is {loss.item()} at iteration {it}; stopping, {cfg.out} keeps the last good save")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                opt.step()
-                with torch.no_grad():
-                    stats_mb["pg_loss"].append(pg_loss.item())
-                    stats_mb["v_loss"].append(v_loss.item())
-                    stats_mb["approx_kl"].append(mb.approx_kl_k3(logprobs, old_logprobs[idx], mask[idx]).item())
-                    stats_mb["clipfrac"].append(float(clipfrac))
-                    stats_mb["entropy"].append(mb.masked_mean(mb.token_entropy(new_logits / T), mask[idx]).item())
-        policy.eval()
-        # 6. log one line per iteration, and save every save_every iterations
-        flat_steps = [s for st in steps for s in st]
-        flat_correct = [float(a) for row in correct for a in row]
-        stated = [s.level for s in flat_steps]
-        hist = [sum(1 for l in stated if l == k) for k in range(1, 6)]
-        expressed = torch.tensor([mb.level_to_confidence(l) if l is not None else 0.5 for l in stated])
-        line = {k: sum(v) / len(v) for k, v in stats_mb.items()}
-        line["score"] = (score.sum() / n).item()
-        line["kl_ref"] = (kl.sum() / n).item()
-        line["ev"] = float(mb.explained_variance(values, returns, mask))
-        line["step_acc"] = sum(flat_correct) / max(1, len(flat_correct))
-        line["mece"] = mb.ece(expressed, torch.tensor(flat_correct)) if flat_correct else float("nan")
-        line["levels"] = "/".join(map(str, hist)) + f" none {stated.count(None)}"
-        progress.line(it + 1, **line)
-        if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
-            config = dict(ck.config, stage="rl", rl=dataclasses.asdict(cfg))
-            mb.save_checkpoint(cfg.out, policy, tokenizer, config, clip=clip, extra_json={"confidence_stats.json": stats})
+    with mb.GracefulStop() as stop:  # Ctrl-C / SIGTERM: finish the iteration, save, stop (step 7)
+        for it in range(start, cfg.iterations):
+            # 1. rollout: sample responses from the current policy with the KV cache
+            batch = [records[rng.randrange(len(records))] for _ in range(cfg.rollouts)]
+            responses = mb.generate_responses(policy, tokenizer, batch, temperature=T, max_new_tokens=cfg.max_new_tokens,
+                                              generator=gen, device=device)
+            steps = [mb.split_steps(r, tokenizer) for r in responses]
+            # 2. per step: correctness a_s, internal confidence u_s (stated e_s is in each Step's level)
+            correct = [mb.judge_steps(rec, st) for rec, st in zip(batch, steps)]
+            internal = internal_confidence(policy, clip, tokenizer, batch, responses, steps, stats, device)
+            # 3. rewards: r_s on the last token of each step, minus kl_coef·(log π - log π_ref) on every token
+            images, inputs, targets, text_mask, mask, offsets = mb.response_batch(tokenizer, batch, responses, device)
+            mask = mask.float()  # (B, T): response tokens incl. <eos>; the one mask used everywhere below
+            with torch.no_grad():
+                logits, _, values = policy(images, inputs, text_mask=text_mask, return_values=True)
+                old_logprobs = mb.token_logprobs(logits / T, targets)  # same temperature as sampling
+                ref_logprobs = mb.token_logprobs(ref(images, inputs, text_mask=text_mask)[0] / T, targets)
+            score = torch.zeros_like(mask)
+            for b, row in enumerate(rollout_rewards(cfg, batch, steps, correct, internal)):
+                for last, r in row:
+                    score[b, offsets[b] + last] += r
+                if not row:  # a response with no step at all: the penalty on its last token
+                    score[b, offsets[b] + len(responses[b])] += cfg.missing_penalty
+            kl = (old_logprobs - ref_logprobs) * mask  # per-token log-ratio to the reference
+            rewards = (score - cfg.kl_coef * kl) * mask
+            # 4. GAE (γ = discount, λ = gae_lambda; nothing bootstraps past <eos>), returns, whitened advantages
+            advantages, returns = mb.gae(rewards, values * mask, mask, cfg.discount, cfg.gae_lambda)
+            advantages = mb.masked_whiten(advantages, mask)
+            # 5. several epochs of minibatches: clipped policy loss + clipped value loss, gradient clipping
+            policy.train()
+            n = len(batch)
+            stats_mb = {"pg_loss": [], "v_loss": [], "approx_kl": [], "clipfrac": [], "entropy": []}
+            for epoch in range(cfg.ppo_epochs):
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + it * 10 + epoch))
+                for idx in perm.chunk(cfg.minibatches):
+                    new_logits, _, new_values = policy_ddp(images[idx], inputs[idx], text_mask=text_mask[idx], return_values=True)
+                    logprobs = mb.token_logprobs(new_logits / T, targets[idx])
+                    pg_loss, clipfrac = mb.ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask[idx], cfg.clip_eps)
+                    v_loss = mb.ppo_value_loss(new_values, values[idx], returns[idx], mask[idx], cfg.value_clip_eps)
+                    loss = pg_loss + cfg.vf_coef * v_loss
+                    if mb.any_rank(not torch.isfinite(loss)):  # all ranks stop together, or the others hang in backward
+                        kept = f"{saved[1]} keeps the last good save, iteration {saved[0]}" if saved else "no checkpoint written"
+                        raise UserError(f"rl: loss is {loss.item()} at iteration {it}; stopping, {kept}")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                    opt.step()
+                    with torch.no_grad():
+                        stats_mb["pg_loss"].append(pg_loss.item())
+                        stats_mb["v_loss"].append(v_loss.item())
+                        stats_mb["approx_kl"].append(mb.approx_kl_k3(logprobs, old_logprobs[idx], mask[idx]).item())
+                        stats_mb["clipfrac"].append(float(clipfrac))
+                        stats_mb["entropy"].append(mb.masked_mean(mb.token_entropy(new_logits / T), mask[idx]).item())
+            policy.eval()
+            # 6. log one line per iteration (under torchrun: metrics averaged over ranks, level counts summed)
+            flat_steps = [s for st in steps for s in st]
+            flat_correct = [float(a) for row in correct for a in row]
+            stated = [s.level for s in flat_steps]
+            hist = [sum(1 for l in stated if l == k) for k in range(1, 6)]
+            expressed = torch.tensor([mb.level_to_confidence(l) if l is not None else 0.5 for l in stated])
+            line = {k: sum(v) / len(v) for k, v in stats_mb.items()}
+            line["score"] = (score.sum() / n).item()
+            line["kl_ref"] = (kl.sum() / n).item()
+            line["ev"] = float(mb.explained_variance(values, returns, mask))
+            line["step_acc"] = sum(flat_correct) / max(1, len(flat_correct))
+            line["mece"] = mb.ece(expressed, torch.tensor(flat_correct)) if flat_correct else float("nan")
+            counts = hist + [stated.count(None)]
+            if world_size > 1:
+                ranks = mb.all_gather_objects((line, counts))
+                line = {k: sum(r[0][k] for r in ranks) / len(ranks) for k in line}
+                counts = [sum(r[1][i] for r in ranks) for i in range(len(counts))]
+            line["levels"] = "/".join(map(str, counts[:5])) + f" none {counts[5]}"
+            progress.line(it + 1, **line)
+            # 7. save: every save_every iterations (with the training state, so --resume can continue), at the end
+            # (without it: a finished run), and at --stop-at or on Ctrl-C (then stop)
+            done = it + 1
+            if done == cfg.iterations:
+                save_on_rank0(cfg.out, policy, tokenizer, config, clip=clip, extra_json={"confidence_stats.json": stats})
+                break
+            signalled = stop.requested()
+            if signalled or done == cfg.stop_at or done % cfg.save_every == 0:
+                extra_json, extra_tensors = mb.training_state_files(done, opt, generators, total=cfg.iterations, before=before)
+                saved = (done, save_on_rank0(cfg.out, policy, tokenizer, config, clip=clip, extra_tensors=extra_tensors,
+                                             extra_json={"confidence_stats.json": stats, **extra_json}))
+            if signalled:
+                raise stop.stop(f"rl: interrupted after iteration {done}/{cfg.iterations}, saved {saved[1]}; "
+                                f"continue with: {mb.resume_command()}")
+            if done == cfg.stop_at:
+                raise mb.RunStopped(f"rl: stopped after iteration {done}/{cfg.iterations} (--stop-at), saved {saved[1]}; "
+                                    f"continue with: {mb.resume_command()}", 0)
     print(f"rl: {cfg.iterations} iterations in {time.time() - t0:.0f}s, wrote {cfg.out}")
-    after = heldout_check(policy, tokenizer, heldout, cfg, device, "after RL")
+    after = heldout_check(policy, tokenizer, heldout, cfg, device, "after RL") if mb.is_main() else {}
     if before and after:
         print(f"held-out MECE {before['mece']:.4f} -> {after['mece']:.4f} (ratio {after['mece'] / max(before['mece'], 1e-9):.2f}), "
               f"acc {before['acc']:.3f} -> {after['acc']:.3f}")
+
+
+def save_on_rank0(out, model, tokenizer, config, **kwargs):
+    """save_checkpoint by rank 0 only (all ranks hold the same weights); the others wait until it is written."""
+    if mb.is_main():
+        mb.save_checkpoint(out, model, tokenizer, config, **kwargs)
+    mb.barrier()
+    return out
 
 
 def heldout_check(model, tokenizer, records, cfg, device, title):

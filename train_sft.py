@@ -8,6 +8,14 @@
   --stage all     both (default): python train_sft.py
 
 Run `python train_sft.py --help` for every flag; `--quick` is a seconds-long preset for tests.
+
+Reliability: --save-every N writes a resumable checkpoint (weights + optimizer + random state) to the stage's
+output folder every N steps; Ctrl-C (or SIGTERM) and --stop-at K save one and stop; --resume continues from it
+with the same flags and reaches the same weights as an uninterrupted run (bit for bit on CPU). Resume covers the
+two TinyVLM loops (base, warmup). TinyCLIP (seconds) is not checkpointed: a resumed base run trains it from its
+start after the TinyVLM loop, as an uninterrupted run does. The warm-up's self-answered pool is recomputed on
+resume (it is deterministic per seed). torchrun --nproc_per_node N train_sft.py ... trains with DDP: each rank
+draws its own batches (seed + rank) of --batch-size sequences and answers its share of the warm-up questions.
 """
 import dataclasses
 import os
@@ -39,9 +47,9 @@ class SFTConfig:
     weight_decay: float = field(default=0.01, metadata=note("AdamW weight decay on matrices", NON_NEGATIVE))
     warmup_iters: int = field(default=50, metadata=note("linear learning-rate warm-up steps", NON_NEGATIVE))
     grad_clip: float = field(default=1.0, metadata=note("clip the global gradient norm to this", POSITIVE))
-    clip_steps: int = field(default=400, metadata=note("base: optimizer steps for TinyCLIP", POSITIVE))
+    clip_steps: int = field(default=600, metadata=note("base: optimizer steps for TinyCLIP", POSITIVE))
     clip_batch_size: int = field(default=64, metadata=note("(image, step) pairs per TinyCLIP step; also the InfoNCE negatives", POSITIVE))
-    clip_lr: float = field(default=2e-3, metadata=note("TinyCLIP learning rate", POSITIVE))
+    clip_lr: float = field(default=5e-4, metadata=note("TinyCLIP learning rate", POSITIVE))
     log_every: int = field(default=100, metadata=note("print a progress line every this many steps", POSITIVE))
     n_eval: int = field(default=300, metadata=note("held-out test questions for the end-of-stage report", NON_NEGATIVE))
     # stage 1, the confidence warm-up
@@ -54,6 +62,10 @@ class SFTConfig:
     weights: str = field(default="", metadata=note("warmup: fusion weights, e.g. lnlp=1,mte=1,tokensar=1,clipscore=1 (default equal)"))
     statements: bool = field(default=True, metadata=note("warmup: verbal statements; --no-statements writes '(confidence k/5)' (the 'w/o S-S mapping' ablation)"))
     max_new_tokens: int = field(default=96, metadata=note("longest generated response", POSITIVE))
+    # fault tolerance: periodic checkpoints, stop and resume (module docstring)
+    save_every: int = field(default=0, metadata=note("also write a resumable checkpoint every this many steps of a TinyVLM loop (0: only on Ctrl-C and at --stop-at)", NON_NEGATIVE))
+    resume: bool = field(default=False, metadata=note("continue a stopped run from its output folder (same flags); a finished stage is skipped, a missing one starts fresh"))
+    stop_at: int = field(default=0, metadata=note("stop after step K as if interrupted (for tests and time-sliced jobs); 0 = never", NON_NEGATIVE))
 
 
 QUICK = dict(n_train=160, steps=12, batch_size=16, clip_steps=6, clip_batch_size=16, log_every=4, n_eval=16,
@@ -103,26 +115,54 @@ def make_optimizer(model, lr, weight_decay):
                              lr=lr, betas=(0.9, 0.95))
 
 
-def train_lm(model, examples, cfg, device, steps, lr, name):
-    """Next-token SFT on (image, ids, response_start) examples; loss on the response tokens only."""
+# flags that steer a run but not its result: --resume accepts them changed (every other flag must match)
+RUN_CONTROL = {"stage", "out", "init", "device", "quick", "log_every", "n_eval", "save_every", "resume", "stop_at"}
+
+
+def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_from=None):
+    """Next-token SFT on (image, ids, response_start) examples; loss on the response tokens only.
+    Under torchrun each rank draws its own batches and DDP averages the gradients.
+    save(step, extra_json, extra_tensors) -> folder: writes a resumable checkpoint, called every --save-every
+    steps, at --stop-at and on Ctrl-C (then RunStopped); resume_from: a stopped run's folder to continue."""
+    rank, _ = mb.rank_and_world()
     model.train()
+    ddp_model = mb.wrap_ddp(model, device, find_unused_parameters=True)  # the value head gets no gradient here
     opt = make_optimizer(model, lr, cfg.weight_decay)
-    rng = random.Random(cfg.seed)
-    progress = mb.Progress(steps, name)
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, cfg.warmup_iters)
-        batch = [examples[rng.randrange(len(examples))] for _ in range(cfg.batch_size)]
-        images, inputs, targets, loss_mask = mb.collate_sft(batch, device)
-        _, loss = model(images, inputs, targets, loss_mask)
-        if not torch.isfinite(loss):
-            raise UserError(f"{name}: loss is {loss.item()} at step {step}; stopping (no checkpoint written)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-            progress.line(step + 1, loss=loss.item(), lr=opt.param_groups[0]["lr"])
+    rng = random.Random(cfg.seed + rank)  # rank 0, and a plain run: cfg.seed
+    start, saved = 0, None  # saved: (step, folder) of the last good resumable checkpoint
+    if resume_from:
+        start = mb.load_training_state(resume_from, opt, {"batches": rng})["step"]
+        saved = (start, resume_from)
+    progress = mb.Progress(steps, name, start=start)
+    with mb.GracefulStop() as stop:
+        for step in range(start, steps):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, steps, lr, cfg.warmup_iters)
+            batch = [examples[rng.randrange(len(examples))] for _ in range(cfg.batch_size)]
+            images, inputs, targets, loss_mask = mb.collate_sft(batch, device)
+            _, loss = ddp_model(images, inputs, targets, loss_mask)
+            if mb.any_rank(not torch.isfinite(loss)):  # all ranks stop together, or the others hang in backward
+                kept = f"{saved[1]} keeps the last good checkpoint, step {saved[0]}" if saved else "no checkpoint written"
+                raise UserError(f"{name}: loss is {loss.item()} at step {step}; stopping ({kept})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+                progress.line(step + 1, loss=mb.mean_over_ranks(loss.item()), lr=opt.param_groups[0]["lr"])
+            # fault tolerance: save at step boundaries only, so a checkpoint never holds a half-applied step
+            done, signalled = step + 1, stop.requested()
+            periodic = cfg.save_every and done % cfg.save_every == 0 and done < steps  # the stage saves its end
+            if save is not None and (signalled or done == cfg.stop_at or periodic):
+                saved = (done, save(done, *mb.training_state_files(done, opt, {"batches": rng}, total=steps, loop=name)))
+            if signalled and save is None:
+                raise KeyboardInterrupt
+            if signalled:
+                raise stop.stop(f"{name}: interrupted after step {done}/{steps}, saved {saved[1]}; "
+                                f"continue with: {mb.resume_command()}")
+            if done == cfg.stop_at and save is not None:
+                raise mb.RunStopped(f"{name}: stopped after step {done}/{steps} (--stop-at), saved {saved[1]}; "
+                                    f"continue with: {mb.resume_command()}", 0)
     model.eval()
     return model
 
@@ -130,9 +170,11 @@ def train_lm(model, examples, cfg, device, steps, lr, name):
 def train_clip(clip, tokenizer, records, cfg, device):
     """TinyCLIP on (image, one of its reference steps) pairs with the symmetric InfoNCE loss."""
     pairs = [(r["image"], s) for r in records for s in mb.reference_steps(r)]
+    rank, _ = mb.rank_and_world()
     clip.train()
+    ddp_clip = mb.wrap_ddp(clip, device)  # under torchrun: InfoNCE negatives are per rank
     opt = make_optimizer(clip, cfg.clip_lr, cfg.weight_decay)
-    rng = random.Random(cfg.seed + 1)
+    rng = random.Random(cfg.seed + 1 + rank)
     progress = mb.Progress(cfg.clip_steps, "clip")
     for step in range(cfg.clip_steps):
         for g in opt.param_groups:
@@ -140,21 +182,23 @@ def train_clip(clip, tokenizer, records, cfg, device):
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(cfg.clip_batch_size)]
         images = torch.stack([torch.as_tensor(im) for im, _ in batch]).to(device)
         ids, mask = mb.pad_right([tokenizer.encode(s)[:clip.cfg.block_size] for _, s in batch])
-        loss = clip(images, ids.to(device), mask.to(device))
+        loss = ddp_clip(images, ids.to(device), mask.to(device))
+        if mb.any_rank(not torch.isfinite(loss)):
+            raise UserError(f"clip: loss is {loss.item()} at step {step}; stopping (no checkpoint written for this stage)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(clip.parameters(), cfg.grad_clip)
         opt.step()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.clip_steps:
-            progress.line(step + 1, loss=loss.item())
+            progress.line(step + 1, loss=mb.mean_over_ranks(loss.item()))
     clip.eval()
     return clip
 
 
-def load_records(cfg, n, split, seed):
-    """The shapes world, or the user's annotated data (--data/--images)."""
+def load_records(cfg, n, split, seed, image_size):
+    """The shapes world, or the user's annotated data (--data/--images) at the model's image size."""
     if cfg.data:
-        return mb.load_annotated(cfg.data, cfg.images, image_size=36)[:n] if split == "train" else []
+        return mb.load_annotated(cfg.data, cfg.images or None, image_size)[:n] if split == "train" else []
     return mb.make_dataset(n, seed, split)
 
 
@@ -178,10 +222,10 @@ def report(model, tokenizer, records, cfg, device, title):
         add(f"answer: {rec['qtype']}", mb.answer_is_correct(rec, steps))
         for st, ok in zip(steps, mb.judge_steps(rec, steps)):
             add("step: all", ok)
-            d = mb.describe_step(rec["scene"], st.text)
-            kind = d["kind"] if d else "unparseable"
-            add(f"step: {kind}", ok)
-            if d and kind == "perception" and d.get("size"):
+            parsed = mb.parse_step(st.text)
+            add(f"step: {parsed[0] if parsed else 'unparseable'}", ok)
+            d = mb.describe_step(rec["scene"], st.text)  # the true object at a perception step's cell, if any
+            if d and d["kind"] == "perception":
                 add(f"perception: {d['size']}", ok)
                 add(f"perception: {'confusable' if d['confusable'] else 'distinct'} colour", ok)
     print(f"--- {title}: {len(records)} test questions, greedy ({time.time() - t0:.1f}s)")
@@ -191,15 +235,30 @@ def report(model, tokenizer, records, cfg, device, title):
     return {k: hit / n for k, (hit, n) in table.items()}
 
 
-def run_base(cfg, mcfg, out, device):
+def save_on_rank0(out, model, tokenizer, config, **kwargs):
+    """save_checkpoint by rank 0 only (all ranks hold the same weights); the others wait until it is written."""
+    if mb.is_main():
+        mb.save_checkpoint(out, mb.unwrap(model), tokenizer, config, **kwargs)
+    mb.barrier()
+    return out
+
+
+def run_base(cfg, mcfg, out, device, resume_from=None):
     t0 = time.time()
-    records = load_records(cfg, cfg.n_train, "train", cfg.seed)
+    records = load_records(cfg, cfg.n_train, "train", cfg.seed, mcfg.image_size)
     tokenizer = mb.build_tokenizer(records)
     mcfg = dataclasses.replace(mcfg, vocab_size=len(tokenizer))
     model = mb.TinyVLM(mcfg).to(device)
     ccfg = mb.CLIPConfig(image_size=mcfg.image_size, patch_size=mcfg.patch_size, vocab_size=len(tokenizer),
                          **({"n_layer": 1, "n_embd": 32, "embed_dim": 32} if cfg.quick else {}))
-    clip = mb.TinyCLIP(ccfg).to(device)
+    clip = mb.TinyCLIP(ccfg).to(device)  # subtle: made before any resume, so TinyCLIP's init is the same either way
+    config = {"stage": "base", "model": dataclasses.asdict(mcfg), "clip": dataclasses.asdict(ccfg),
+              "train": dataclasses.asdict(cfg)}
+    if resume_from:  # the same run: same flags, same model; the weights continue from the stopped TinyVLM loop
+        saved = mb.read_json(os.path.join(resume_from, "config.json"))
+        mb.check_resume_config(saved.get("train", {}), config["train"], RUN_CONTROL, resume_from)
+        mb.check_resume_config(saved.get("model", {}), config["model"], set(), resume_from)
+        mb.load_weights(model, os.path.join(resume_from, "model.safetensors"))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"base: {len(records)} training questions, vocab {len(tokenizer)}, TinyVLM {n_params / 1e6:.2f}M params, "
           f"TinyCLIP {sum(p.numel() for p in clip.parameters()) / 1e6:.2f}M params, device {device}")
@@ -209,32 +268,44 @@ def run_base(cfg, mcfg, out, device):
         if len(ids) - 1 > mcfg.block_size:
             raise UserError(f"record {r.get('id')}: {len(ids)} tokens > --block-size {mcfg.block_size}")
         examples.append((r["image"], ids, start))
-    train_lm(model, examples, cfg, device, cfg.steps, cfg.lr, "base")
+    # a stopped base run holds the TinyVLM only (clip None): TinyCLIP trains after the loop, resumed or not
+    partial = dict(config, clip=None)
+    save = lambda step, extra_json, extra_tensors: save_on_rank0(out, model, tokenizer, partial, extra_json=extra_json,
+                                                                  extra_tensors=extra_tensors)
+    train_lm(model, examples, cfg, device, cfg.steps, cfg.lr, "base", save, resume_from)
     train_clip(clip, tokenizer, records, cfg, device)
-    config = {"stage": "base", "model": dataclasses.asdict(mcfg), "clip": dataclasses.asdict(ccfg),
-              "train": dataclasses.asdict(cfg)}
-    breakdown = report(model, tokenizer, load_records(cfg, cfg.n_eval, "test", cfg.seed + 1), cfg, device, "base model")
-    mb.save_checkpoint(out, model, tokenizer, config, clip=clip, extra_json={"report.json": breakdown})
+    breakdown = {}
+    if mb.is_main():
+        breakdown = report(model, tokenizer, load_records(cfg, cfg.n_eval, "test", cfg.seed + 1, mcfg.image_size),
+                           cfg, device, "base model")
+    save_on_rank0(out, model, tokenizer, config, clip=clip, extra_json={"report.json": breakdown})
     print(f"base: wrote {out} in {time.time() - t0:.0f}s")
 
 
-def run_warmup(cfg, init, out, device):
+def run_warmup(cfg, init, out, device, resume_from=None):
     """DESIGN 5.4: own answers -> four signals per step -> normalise, fuse, level -> statements -> SFT."""
     t0 = time.time()
+    rank, world_size = mb.rank_and_world()
+    mb.check_not_partial(init, "train_sft.py --stage base")
     ck = mb.load_checkpoint(init, device, need_clip=True)
     model, tokenizer, clip = ck.model, ck.tokenizer, ck.clip
     signals = [s for s in cfg.signals.split(",") if s]
     weights = parse_weights(cfg.weights, signals)
-    records = load_records(cfg, cfg.warmup_n, "train", cfg.seed)
+    records = load_records(cfg, cfg.warmup_n, "train", cfg.seed, model.cfg.image_size)
+    records = records[rank::world_size]  # under torchrun each rank answers its share; a plain run: all of them
     # 1. the base model answers the training questions itself (sampled, so the pool holds its own mistakes)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     responses = mb.generate_responses(model, tokenizer, records, temperature=cfg.warmup_temperature,
                                       max_new_tokens=cfg.max_new_tokens, generator=gen, device=device)
     steps = [mb.split_steps(r, tokenizer) for r in responses]
-    # 2. the four signals on every step (5.1), pooled over all steps
+    # 2. the four signals on every step (5.1), pooled over all steps (of all ranks: the statistics below are global)
     raw = mb.score_responses(model, clip, tokenizer, records, responses, steps, device=device)
     pool = {k: torch.cat([v[i, :len(st)] for i, st in enumerate(steps)]) for k, v in raw.items()}
     correct = torch.tensor([ok for rec, st in zip(records, steps) for ok in mb.judge_steps(rec, st)], dtype=torch.float32)
+    shards = mb.all_gather_objects((pool, correct))
+    offset = sum(len(c) for _, c in shards[:rank])  # where this rank's steps sit in the pooled order
+    pool = {k: torch.cat([p[k] for p, _ in shards]) for k in pool}
+    correct = torch.cat([c for _, c in shards])
     # 3. normalise with the pool's min/max, fuse, and cut into five levels at mu +- 0.5 sigma, mu +- 1.5 sigma (5.2)
     minmax = mb.fit_minmax(pool)
     conf = mb.to_confidence({k: pool[k] for k in signals}, minmax)
@@ -246,8 +317,8 @@ def run_warmup(cfg, init, out, device):
              "temperature": cfg.warmup_temperature}
     evidence = signal_evidence(pool, conf, fused, levels, correct)
     # 4. attach a statement to every step (5.3) and fine-tune on the model's own chain with its statements (5.4)
-    rng = random.Random(cfg.seed)
-    examples, k = [], 0
+    rng = random.Random(cfg.seed + rank)
+    examples, k = [], offset
     for rec, st in zip(records, steps):
         parts = []
         for s in st:
@@ -258,15 +329,22 @@ def run_warmup(cfg, init, out, device):
         if parts:
             ids, start = mb.encode_example(tokenizer, rec, " ".join(parts))
             examples.append((rec["image"], ids[:model.cfg.block_size + 1], start))
-    print(f"warmup: {len(examples)} self-answered chains, {len(fused)} scored steps, e.g.: "
+    print(f"warmup: {sum(mb.all_gather_objects(len(examples)))} self-answered chains, {len(fused)} scored steps, e.g.: "
           f"{tokenizer.decode(examples[0][1][examples[0][2]:]) if examples else ''}")
-    if not examples:
+    if mb.any_rank(not examples):
         raise UserError("warmup: the base model produced no steps to train on")
-    model.train()
-    train_lm(model, examples, cfg, device, cfg.warmup_steps, cfg.warmup_lr, "warmup")
     config = dict(ck.config, stage="warmup", warmup=dataclasses.asdict(cfg))
-    mb.save_checkpoint(out, model, tokenizer, config, clip=clip,
-                       extra_json={"confidence_stats.json": stats, "report.json": evidence})
+    if resume_from:  # the pool above is recomputed (deterministic); the fine-tuning continues from the stopped run
+        saved = mb.read_json(os.path.join(resume_from, "config.json"))
+        mb.check_resume_config(saved.get("warmup", {}), config["warmup"], RUN_CONTROL, resume_from)
+        mb.load_weights(model, os.path.join(resume_from, "model.safetensors"))
+    save = lambda step, extra_json, extra_tensors: save_on_rank0(
+        out, model, tokenizer, config, clip=clip, extra_json={"confidence_stats.json": stats, **extra_json},
+        extra_tensors=extra_tensors)
+    model.train()
+    train_lm(model, examples, cfg, device, cfg.warmup_steps, cfg.warmup_lr, "warmup", save, resume_from)
+    save_on_rank0(out, model, tokenizer, config, clip=clip,
+                  extra_json={"confidence_stats.json": stats, "report.json": evidence})
     print(f"warmup: wrote {out} in {time.time() - t0:.0f}s")
 
 
@@ -288,20 +366,47 @@ def signal_evidence(pool, conf, fused, levels, correct):
     return evidence
 
 
+def resume_point(cfg, out, stage):
+    """With --resume: the stopped run's folder to continue, "complete" for a finished stage (skipped), None
+    for a stage that never started (it starts fresh). Without --resume: None."""
+    if not cfg.resume:
+        return None
+    status, folder = mb.run_status(out, stage)
+    if status == "complete":
+        print(f"{stage}: {out} is complete, skipping (--resume)")
+        return "complete"
+    if status == "fresh":
+        print(f"{stage}: nothing to resume in {out}, starting fresh")
+    return folder
+
+
 def main(argv=None):
     cfg, mcfg = parse(argv)
-    mb.seed_everything(cfg.seed)
-    device = mb.pick_device(cfg.device)
-    mb.print_config(cfg, mcfg)
-    if cfg.stage in ("base", "all"):
-        out = cfg.out or "out/base" if cfg.stage == "base" else os.path.join(cfg.out or "out", "base")
-        run_base(cfg, mcfg, out, device)
     if cfg.stage in ("warmup", "all"):
         if cfg.stage == "all":
-            init, out = os.path.join(cfg.out or "out", "base"), os.path.join(cfg.out or "out", "warmup")
+            init, warmup_out = os.path.join(cfg.out or "out", "base"), os.path.join(cfg.out or "out", "warmup")
         else:
-            init, out = cfg.init or "out/base", cfg.out or "out/warmup"
-        run_warmup(cfg, init, out, device)
+            init, warmup_out = cfg.init or "out/base", cfg.out or "out/warmup"
+        if os.path.normpath(init) == os.path.normpath(warmup_out):
+            raise UserError(f"--out {warmup_out} is the --init checkpoint: the warm-up would overwrite its base model")
+    _, world_size, device = mb.setup_distributed(cfg.device)
+    if cfg.warmup_n < world_size and cfg.stage != "base":
+        raise UserError(f"--warmup-n {cfg.warmup_n} < {world_size} processes: every rank needs questions to answer")
+    mb.seed_everything(cfg.seed)
+    mb.print_config(cfg, mcfg)
+    try:
+        if cfg.stage in ("base", "all"):
+            out = cfg.out or "out/base" if cfg.stage == "base" else os.path.join(cfg.out or "out", "base")
+            resume_from = resume_point(cfg, out, "base")
+            if resume_from != "complete":
+                run_base(cfg, mcfg, out, device, resume_from)
+        if cfg.stage in ("warmup", "all"):
+            resume_from = resume_point(cfg, warmup_out, "warmup")
+            if resume_from != "complete":
+                run_warmup(cfg, init, warmup_out, device, resume_from)
+    except mb.RunStopped as stopped:
+        mb.exit_stopped(stopped)
+    mb.cleanup_distributed()
 
 
 if __name__ == "__main__":

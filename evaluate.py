@@ -1,0 +1,687 @@
+"""Evaluation of MMBoundary checkpoints (He et al., ACL 2025; DESIGN 6 and 5.6).
+
+For every checkpoint and for the test (in-distribution) and ood splits of the shapes world, the model answers
+greedily; every step of its chain is judged by the exact verifier and carries a stated confidence (its
+statement -> level -> level_to_confidence). From these:
+    Acc               final answer correct
+    F1                chain F1 against the reference chain (precision: correct steps / steps; recall:
+                      reference steps restated by a correct step / reference steps), averaged over questions
+    ECE               response level: the final-answer step's stated confidence vs answer correctness
+    MECE              step level (the paper's multi-granularity ECE): every step's confidence vs its truth,
+                      also split into perception and reasoning steps
+    AUROC, Brier      step level
+plus a `<base>-internal` row: the base model's own chains scored post hoc with the four signals and the
+warm-up's levels (no words), so readers see what the statements add.
+
+    python evaluate.py                                   # out/base out/warmup out/rl -> out/eval (about a minute)
+    python evaluate.py --checkpoints out/rl --self-correct 3
+    python evaluate.py --ablations                       # the paper's Table 1 (trains what is missing; long)
+    python evaluate.py --quick --checkpoints DIR ...     # seconds, for tests
+
+Outputs in --out: results.json, results.md, reliability_{label}_{split}.png (and ablations.json/.md).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import mmboundary as mb
+from mmboundary import note, POSITIVE, NON_NEGATIVE, UserError
+from train_rl import internal_confidence  # the warm-up's recipe (signals -> minmax -> fuse -> level) on any tokens
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CHECKPOINTS = "out/base,out/warmup,out/rl"
+
+
+@dataclass
+class EvalConfig:
+    checkpoints: str = field(default=DEFAULT_CHECKPOINTS, metadata=note(
+        "checkpoint folders, space separated after the flag (or one comma list); a missing default is skipped, "
+        "a missing folder you name is an error"))
+    out: str = field(default="out/eval", metadata=note("output folder for results.json, results.md and the PNGs"))
+    device: str = field(default="auto", metadata=note("auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps"))
+    seed: int = field(default=1337, metadata=note(
+        "the training scripts' seed: test questions use seed + 1 (as train_rl.py's held-out check), ood seed + 3"))
+    quick: bool = field(default=False, metadata=note("a few questions per split: a seconds-long smoke run"))
+    n_test: int = field(default=300, metadata=note("test (in-distribution) questions", POSITIVE))
+    n_ood: int = field(default=300, metadata=note("ood questions (5 to 6 objects, another background)", POSITIVE))
+    max_new_tokens: int = field(default=96, metadata=note("longest generated response (as in training)", POSITIVE))
+    batch_size: int = field(default=64, metadata=note("questions decoded together", POSITIVE))
+    n_bins: int = field(default=10, metadata=note("equal-width confidence bins of ECE/MECE and the diagrams", POSITIVE))
+    self_correct: int = field(default=0, metadata=note(
+        "DESIGN 5.6: resample a step that states level <= 2 up to K times and keep the most confident version "
+        "(0 = off)", NON_NEGATIVE))
+    sc_temperature: float = field(default=1.0, metadata=note("sampling temperature of those resamples", POSITIVE))
+    ablations: bool = field(default=False, metadata=note(
+        "the paper's Table 1 instead of the main table: train the missing variants (long), then evaluate them"))
+    ablations_dir: str = field(default="out/ablations", metadata=note("where --ablations keeps its variants"))
+
+
+# --quick: a handful of questions and short answers, so a smoke run of three checkpoints takes seconds
+QUICK = dict(n_test=12, n_ood=12, max_new_tokens=48)
+
+# results.json: every label and split has exactly these keys (and "self_correct" with --self-correct)
+REQUIRED_KEYS = ("acc", "f1", "ece", "mece", "mece_perception", "mece_reasoning", "auroc", "brier",
+                 "n_questions", "n_steps")
+METRIC_KEYS = REQUIRED_KEYS + ("step_acc", "stated_fraction")
+SPLITS = ("test", "ood")
+# seed offsets per split: test = seed + 1 is train_rl.py's held-out set; ood gets its own (seed + 2 is RL's train pool)
+SPLIT_SEED = {"test": 1, "ood": 3}
+UNSTATED_CONFIDENCE = 0.5  # a step without a parseable statement "says nothing": counted as a coin flip
+LOW_LEVEL = 2  # self-correction resamples a step whose stated level is <= this ("but I'm not sure" and below)
+
+
+# ---------------------------------------------------------------------------- #
+# Metrics of one set of answered questions (DESIGN 6)
+# ---------------------------------------------------------------------------- #
+
+def chain_f1(predicted, correct, reference):
+    """Chain F1 of one response: predicted step texts, their truth (a_s), reference step texts -> (P, R, F1).
+    precision = correct predicted steps / predicted steps
+    recall    = reference steps restated by a correct predicted step / reference steps
+    Restated = equal after mb.normalize_step (case, spaces, final period). Empty response or reference -> 0.
+    Example: predicted [A (correct), B (correct, not in the reference), C (wrong)], reference [A, D]
+             -> P = 2/3, R = 1/2, F1 = 2 * (2/3)(1/2) / (2/3 + 1/2) = 4/7"""
+    precision = sum(bool(a) for a in correct) / len(predicted) if predicted else 0.0
+    # subtle: only a *correct* step may match; the verifier already says a restated reference step is true,
+    # but on real data (similarity judge) a step can look like a reference step and still be judged wrong
+    restated = {mb.normalize_step(text) for text, a in zip(predicted, correct) if a}
+    recall = sum(mb.normalize_step(r) in restated for r in reference) / len(reference) if reference else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return precision, recall, f1
+
+
+def answer_step_index(steps):
+    """Index of the step that carries the final answer: the last "So, the answer is X." (the one
+    mb.final_answer reads), or None when the response never answers. A step after it (rambling) is not it."""
+    for i in range(len(steps) - 1, -1, -1):
+        if mb.ANSWER_RE.match(steps[i].text):
+            return i
+    return None
+
+
+def is_perception(text):
+    """A perception step ("There is a small red circle at the top left.") vs everything else (reasoning).
+    subtle: by the template the step follows (mb.parse_step), not mb.describe_step, which returns None for a
+    perception claim about an empty cell: that hallucination is a perception error and must count as one."""
+    parsed = mb.parse_step(text)
+    return parsed is not None and parsed[0] == "perception"
+
+
+def _float(x):
+    """nan stays nan here; json_safe turns it into null when written."""
+    return float(x)
+
+
+def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10):
+    """Every metric of DESIGN 6 for answered questions.
+    steps_per_response: per question a list of mb.Step; conf_per_response: per question one confidence per step
+    in [0, 1], or None where the step states nothing (counted as UNSTATED_CONFIDENCE). -> {metric: float}"""
+    answer_conf, answer_ok = [], []  # response level (ECE)
+    step_conf, step_ok, step_perc = [], [], []  # step level (MECE, AUROC, Brier)
+    f1s, n_stated = [], 0
+    for rec, steps, conf in zip(records, steps_per_response, conf_per_response):
+        assert len(conf) == len(steps), "one confidence per step"
+        correct = mb.judge_steps(rec, steps)  # a_s: exact verifier, unparseable = wrong
+        n_stated += sum(c is not None for c in conf)
+        conf = [UNSTATED_CONFIDENCE if c is None else float(c) for c in conf]
+        # ECE is about the answer: the confidence stated on the answer step; no answer = 0.5 and wrong
+        k = answer_step_index(steps)
+        answer_conf.append(conf[k] if k is not None else UNSTATED_CONFIDENCE)
+        answer_ok.append(mb.answer_is_correct(rec, steps))
+        step_conf += conf
+        step_ok += correct
+        step_perc += [is_perception(st.text) for st in steps]
+        f1s.append(chain_f1([st.text for st in steps], correct, mb.reference_steps(rec))[2])
+    step_conf, step_ok = np.array(step_conf, dtype=np.float64), np.array(step_ok, dtype=bool)
+    step_perc = np.array(step_perc, dtype=bool)
+    n_steps = int(step_ok.size)
+    return {
+        "acc": _float(np.mean(answer_ok)) if answer_ok else math.nan,
+        # our choice: F1 per question, then the mean (macro), so a long rambling chain weighs like a short one
+        "f1": _float(np.mean(f1s)) if f1s else math.nan,
+        "ece": mb.ece(np.array(answer_conf), np.array(answer_ok, dtype=bool), n_bins),
+        "mece": mb.ece(step_conf, step_ok, n_bins),
+        "mece_perception": mb.ece(step_conf[step_perc], step_ok[step_perc], n_bins),
+        "mece_reasoning": mb.ece(step_conf[~step_perc], step_ok[~step_perc], n_bins),
+        "auroc": mb.auroc(step_conf, step_ok),  # nan when every step is right (or every step wrong)
+        "brier": mb.brier(step_conf, step_ok) if n_steps else math.nan,
+        "n_questions": len(records),
+        "n_steps": n_steps,
+        "step_acc": _float(step_ok.mean()) if n_steps else math.nan,
+        "stated_fraction": n_stated / n_steps if n_steps else math.nan,  # steps whose confidence was not a default
+    }
+
+
+def stated_confidences(steps):
+    """Per step: the stated level's confidence (5 -> 1.0, ..., 1 -> 0.0), None where nothing parseable is stated."""
+    return [None if st.level is None else mb.level_to_confidence(st.level) for st in steps]
+
+
+def step_confidence_arrays(records, steps_per_response, conf_per_response):
+    """Flat (conf, correct) over all steps, for the reliability diagram (same 0.5 rule as chain_metrics)."""
+    conf, correct = [], []
+    for rec, steps, cs in zip(records, steps_per_response, conf_per_response):
+        conf += [UNSTATED_CONFIDENCE if c is None else float(c) for c in cs]
+        correct += mb.judge_steps(rec, steps)
+    return np.array(conf, dtype=np.float64), np.array(correct, dtype=bool)
+
+
+# ---------------------------------------------------------------------------- #
+# Confidence-guided self-correction at inference (DESIGN 5.6, beyond the paper)
+# ---------------------------------------------------------------------------- #
+# Decode one step at a time: generation stops a row at "." or <eos>. A step that states level <= 2 is resampled
+# (same prefix, temperature sc_temperature) up to K times; each round resamples only the rows still below level 3,
+# and the most confident version is kept (highest level, ties: the earliest, the greedy one first). Then greedy
+# decoding goes on from the kept step. With K = 0 this is plain greedy decoding, one step per call.
+
+def _level_of(tokens, tokenizer):
+    """The stated level of a one-step token list, or None (no statement, or no step at all)."""
+    steps = mb.split_steps(tokens, tokenizer)
+    return steps[-1].level if steps else None
+
+
+def _rank(level):
+    """Compare versions by stated level; a version stating nothing ranks below level 1."""
+    return 0 if level is None else level
+
+
+@torch.no_grad()
+def _next_step(model, images, prefixes, budgets, temperature, generator, stop_ids, device):
+    """Decode one step for each row from prefix = prompt + response so far (left-padded, one batch).
+    budgets: tokens each row may still add. -> per row the new tokens, up to and including "." or <eos>."""
+    ids, mask = mb.pad_left(prefixes)
+    new = model.generate(images, ids.to(device), mask.to(device), max_new_tokens=max(budgets),
+                         temperature=temperature, generator=generator, eos_id=stop_ids)
+    out = []
+    for row, budget in zip(new.tolist(), budgets):
+        toks = []
+        for t in row[:budget]:  # a row with less budget than the batch's longest stops at its own limit
+            if t == mb.PAD:  # the row stopped (generate pads after a stop id)
+                break
+            toks.append(t)
+            if t in stop_ids:
+                break
+        out.append(toks)
+    return out
+
+
+@torch.no_grad()
+def generate_self_corrected(model, tokenizer, records, k, temperature=1.0, max_new_tokens=96, batch_size=64,
+                            generator=None, device="cpu"):
+    """Greedy answers, resampling every step that states level <= LOW_LEVEL up to k times (DESIGN 5.6).
+    -> (responses: list of token id lists without <eos>, like mb.generate_responses; counts: {"resampled_steps":
+    steps that were resampled, "replaced_steps": steps whose greedy version was replaced, "samples": draws})"""
+    model.eval()
+    stop_ids = [tokenizer.index["."], mb.EOS]
+    counts = {"resampled_steps": 0, "replaced_steps": 0, "samples": 0}
+    out = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        prompts = [mb.prompt_ids(tokenizer, r) for r in chunk]
+        images = mb.images_to_tensor([r["image"] for r in chunk], model.cfg.image_size, device)
+        responses = [[] for _ in chunk]
+        done = [False] * len(chunk)
+        # rows advance together one step per pass; a finished row drops out of the batch
+        while not all(done):
+            active = [b for b in range(len(chunk)) if not done[b]]
+            budgets = [max_new_tokens - len(responses[b]) for b in active]
+            prefixes = [prompts[b] + responses[b] for b in active]
+            idx = torch.tensor(active, device=images.device)
+            # 1. the greedy next step of every active row
+            greedy = _next_step(model, images[idx], prefixes, budgets, 0.0, None, stop_ids, device)
+            best = {b: (toks, _level_of(toks, tokenizer)) for b, toks in zip(active, greedy)}
+            # 2. low stated confidence -> resample from the same prefix, up to k rounds
+            pending = [b for b in active if best[b][1] is not None and best[b][1] <= LOW_LEVEL]
+            counts["resampled_steps"] += len(pending) if k > 0 else 0
+            replaced = set()
+            for _ in range(k):
+                if not pending:
+                    break
+                where = [active.index(b) for b in pending]
+                samples = _next_step(model, images[idx[where]], [prefixes[j] for j in where],
+                                     [budgets[j] for j in where], temperature, generator, stop_ids, device)
+                counts["samples"] += len(pending)
+                for b, toks in zip(pending, samples):
+                    level = _level_of(toks, tokenizer)
+                    if _rank(level) > _rank(best[b][1]):  # strictly more confident: ties keep the earlier version
+                        best[b] = (toks, level)
+                        replaced.add(b)
+                # a row stops resampling once its best version is no longer low-confidence
+                pending = [b for b in pending if best[b][1] is None or best[b][1] <= LOW_LEVEL]
+            counts["replaced_steps"] += len(replaced)
+            # 3. keep the chosen step; a row ends at <eos>, at its token budget, or when nothing came out
+            for b in active:
+                toks = best[b][0]
+                responses[b] += toks
+                if not toks or toks[-1] == mb.EOS or len(responses[b]) >= max_new_tokens:
+                    done[b] = True
+        out += [r[:r.index(mb.EOS)] if mb.EOS in r else r for r in responses]
+    return out, counts
+
+
+# ---------------------------------------------------------------------------- #
+# Reliability diagrams, drawn with pillow only
+# ---------------------------------------------------------------------------- #
+
+PLOT_SIZE = (460, 500)  # (width, height) of every reliability PNG
+_MARGIN = dict(left=64, right=24, top=64, bottom=88)  # room for the title, tick labels, bin counts, axis labels
+
+
+def _font(size):
+    """Pillow >= 10.1 scales its built-in font; older versions only have the small bitmap one."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def draw_reliability(bins, title, subtitle, path):
+    """Accuracy per confidence bin (bars) against the diagonal (perfect calibration); bin counts under the axis.
+    bins: mb.reliability_bins output. Written atomically to path (PNG)."""
+    W, H = PLOT_SIZE
+    x0, y0 = _MARGIN["left"], _MARGIN["top"]  # top left of the plot area
+    x1, y1 = W - _MARGIN["right"], H - _MARGIN["bottom"]  # bottom right
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    font, small = _font(14), _font(11)
+
+    def px(c, a):
+        """(confidence, accuracy) in [0, 1]^2 -> pixel; y grows downwards."""
+        return x0 + c * (x1 - x0), y1 - a * (y1 - y0)
+
+    def centered(x, y, text, f, fill="black"):
+        box = draw.textbbox((0, 0), text, font=f)
+        draw.text((x - (box[2] - box[0]) / 2, y), text, font=f, fill=fill)
+
+    # grid and ticks every 0.2
+    for t in np.linspace(0, 1, 6):
+        gx, _ = px(t, 0)
+        _, gy = px(0, t)
+        draw.line([(gx, y0), (gx, y1)], fill=(230, 230, 230))
+        draw.line([(x0, gy), (x1, gy)], fill=(230, 230, 230))
+        centered(gx, y1 + 4, f"{t:.1f}", small)
+        box = draw.textbbox((0, 0), f"{t:.1f}", font=small)
+        draw.text((x0 - 6 - (box[2] - box[0]), gy - (box[3] - box[1]) / 2 - 1), f"{t:.1f}", font=small, fill="black")
+    # bars: the accuracy of each non-empty bin; the red outline is its gap to the bin's mean confidence
+    for b in bins:
+        if b["count"] == 0:
+            continue
+        left, _ = px(b["lo"], 0)
+        right, _ = px(b["hi"], 0)
+        _, top = px(0, b["accuracy"])
+        draw.rectangle([left + 2, top, right - 2, y1], fill=(70, 120, 190), outline=(40, 70, 120))
+        _, conf_y = px(0, b["confidence"])
+        if abs(conf_y - top) >= 1:
+            draw.rectangle([left + 2, min(top, conf_y), right - 2, max(top, conf_y)], outline=(210, 50, 50), width=2)
+    # the diagonal, dashed: a calibrated model's bars reach it exactly
+    for s in np.arange(0, 1, 0.04):
+        draw.line([px(s, s), px(min(s + 0.02, 1), min(s + 0.02, 1))], fill=(90, 90, 90), width=2)
+    draw.rectangle([x0, y0, x1, y1], outline="black")
+    # bin counts, one row under the tick labels, centred under each bin
+    draw.text((4, y1 + 24), "n", font=small, fill=(120, 120, 120))
+    for b in bins:
+        cx, _ = px((b["lo"] + b["hi"]) / 2, 0)
+        centered(cx, y1 + 24, str(b["count"]), small, fill=(40, 70, 120) if b["count"] else (170, 170, 170))
+    # axis labels (the y label drawn on its own image, then rotated: pillow has no rotated text)
+    centered((x0 + x1) / 2, y1 + 46, "stated confidence (bin)", font)
+    label = "accuracy"
+    box = draw.textbbox((0, 0), label, font=font)
+    tag = Image.new("RGB", (box[2] + 4, box[3] + 4), "white")
+    ImageDraw.Draw(tag).text((2, 0), label, font=font, fill="black")
+    tag = tag.rotate(90, expand=True)
+    img.paste(tag, (6, int((y0 + y1) / 2 - tag.size[1] / 2)))
+    centered(W / 2, 10, title, font)
+    centered(W / 2, 32, subtitle, small, fill=(80, 80, 80))
+    # legend
+    draw.rectangle([x0 + 8, y0 + 8, x0 + 20, y0 + 20], fill=(70, 120, 190))
+    draw.text((x0 + 26, y0 + 7), "accuracy", font=small, fill="black")
+    draw.rectangle([x0 + 8, y0 + 26, x0 + 20, y0 + 38], outline=(210, 50, 50), width=2)
+    draw.text((x0 + 26, y0 + 25), "gap to mean confidence", font=small, fill="black")
+    tmp = f"{path}.tmp{os.getpid()}"
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)  # atomic: a reader never sees half a PNG
+
+
+# ---------------------------------------------------------------------------- #
+# Output: results.json (no NaN: null), markdown tables
+# ---------------------------------------------------------------------------- #
+
+def json_safe(obj):
+    """nan/inf -> None recursively, so results.json is strict JSON (json.dumps would write NaN)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path, obj):
+    mb.atomic_write_text(path, json.dumps(json_safe(obj), indent=1, allow_nan=False) + "\n")
+
+
+def fmt(value, digits=3):
+    """0.12345 -> "0.123"; None / nan -> "-" (e.g. AUROC when every step is right)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+MAIN_COLUMNS = [("Acc", "acc"), ("F1", "f1"), ("ECE", "ece"), ("MECE", "mece"), ("MECE-perc", "mece_perception"),
+                ("MECE-reas", "mece_reasoning"), ("AUROC", "auroc"), ("Brier", "brier"), ("Stated", "stated_fraction")]
+
+
+def results_markdown(results, cfg, command, split_info, wall):
+    parts = ["# MMBoundary evaluation", "",
+             f"`python evaluate.py {command}` ({wall:.0f}s). Greedy answers; step truth from the exact verifier. "
+             f"Confidence = stated level -> (k-1)/4; a step stating nothing counts {UNSTATED_CONFIDENCE} (column Stated: "
+             f"the fraction of steps that state one). ECE: answer step vs answer correctness; MECE: every step. "
+             f"{cfg.n_bins} equal-width bins. `-internal`: the base model's own chains, confidence from the four "
+             f"signals and the warm-up's levels, no words.", ""]
+    for split in SPLITS:
+        parts += [f"## {split} ({split_info[split]})", ""]
+        rows = [[label] + [fmt(results[label][split][key]) for _, key in MAIN_COLUMNS] for label in results]
+        parts += [markdown_table(["model"] + [name for name, _ in MAIN_COLUMNS], rows), ""]
+    sc_rows = [(label, split, results[label][split]["self_correct"]) for label in results for split in SPLITS
+               if "self_correct" in results[label][split]]
+    if sc_rows:
+        parts += [f"## Self-correction (DESIGN 5.6): resample a step stating level <= {LOW_LEVEL} up to "
+                  f"K = {cfg.self_correct} times at temperature {cfg.sc_temperature}, keep the most confident", ""]
+        rows = []
+        for label, split, sc in sc_rows:
+            base = results[label][split]
+            rows.append([label, split, fmt(base["acc"]), fmt(sc["acc"]), fmt(sc["acc"] - base["acc"], 3),
+                         fmt(base["mece"]), fmt(sc["mece"]), fmt(sc["mece"] - base["mece"], 3),
+                         sc["resampled_steps"], sc["replaced_steps"]])
+        parts += [markdown_table(["model", "split", "Acc", "Acc (SC)", "ΔAcc", "MECE", "MECE (SC)", "ΔMECE",
+                                  "steps resampled", "steps replaced"], rows), ""]
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------- #
+# Checkpoints and data
+# ---------------------------------------------------------------------------- #
+
+def join_list_flag(argv, flag):
+    """["--checkpoints", "a", "b", "--out", "o"] -> ["--checkpoints", "a,b", "--out", "o"]: the library's flag
+    helper gives each flag one value, so the space separated list is joined here (paths with commas: unsupported)."""
+    out, i = [], 0
+    while i < len(argv):
+        out.append(argv[i])
+        if argv[i] == flag:
+            values = []
+            while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                values.append(argv[i + 1])
+                i += 1
+            out.append(",".join(values))
+        i += 1
+    return out
+
+
+def flag_given(argv, flag):
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def resolve_checkpoints(text, explicit):
+    """The checkpoint folders to evaluate. A folder the user named that is missing is an error (a typo must not
+    produce a table without that row); a missing default is skipped with a note (e.g. not trained RL yet)."""
+    paths = [os.path.normpath(p) for p in text.split(",") if p.strip()]
+    if not paths:
+        raise UserError("--checkpoints: no folder given")
+    found = []
+    for p in paths:
+        if os.path.isdir(p) or os.path.isdir(p + ".old"):  # .old: load_checkpoint's fallback after a killed save
+            found.append(p)
+        elif explicit:
+            raise UserError(f"--checkpoints: checkpoint folder {p} not found")
+        else:
+            print(f"note: default checkpoint {p} not found, skipped (train it first)", file=sys.stderr)
+    if not found:
+        raise UserError("no checkpoint to evaluate: run `python train_sft.py && python train_rl.py` first, "
+                        "or name folders with --checkpoints")
+    return found
+
+
+def checkpoint_labels(paths):
+    """Folder names as row labels (out/rl -> rl); a repeated name gets its parent folder too (a/rl, b/rl)."""
+    names = [os.path.basename(p) for p in paths]
+    return [os.path.join(os.path.basename(os.path.dirname(p)), n) if names.count(n) > 1 else n
+            for p, n in zip(paths, names)]
+
+
+def stage_of(path):
+    """The training stage a checkpoint's config.json records: base, warmup or rl."""
+    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
+        path = path + ".old"
+    return mb.read_json(os.path.join(path, "config.json")).get("stage")
+
+
+def eval_splits(cfg):
+    """{split: records}: test = the held-out questions of train_rl.py (seed + 1), ood with its own seed."""
+    sizes = {"test": cfg.n_test, "ood": cfg.n_ood}
+    return {split: mb.make_dataset(sizes[split], cfg.seed + SPLIT_SEED[split], split) for split in SPLITS}
+
+
+def answer(ck, records, cfg, device):
+    """Greedy responses and their steps."""
+    responses = mb.generate_responses(ck.model, ck.tokenizer, records, temperature=0.0,
+                                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=device)
+    return responses, [mb.split_steps(r, ck.tokenizer) for r in responses]
+
+
+def evaluate_checkpoint(ck, label, data, cfg, device, plots=True):
+    """{split: metrics} for one checkpoint (plus the answers, for the post-hoc row); one progress line per split."""
+    metrics, answers = {}, {}
+    for split, records in data.items():
+        t0 = time.time()
+        responses, steps = answer(ck, records, cfg, device)
+        conf = [stated_confidences(st) for st in steps]
+        metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins)
+        answers[split] = (responses, steps)
+        if cfg.self_correct > 0 and ck.stats is not None:  # only a model that states confidence can self-correct
+            gen = torch.Generator(device=device).manual_seed(cfg.seed)
+            sc_responses, counts = generate_self_corrected(
+                ck.model, ck.tokenizer, records, cfg.self_correct, cfg.sc_temperature, cfg.max_new_tokens,
+                cfg.batch_size, gen, device)
+            sc_steps = [mb.split_steps(r, ck.tokenizer) for r in sc_responses]
+            sc = chain_metrics(records, sc_steps, [stated_confidences(st) for st in sc_steps], cfg.n_bins)
+            metrics[split]["self_correct"] = dict(sc, k=cfg.self_correct, temperature=cfg.sc_temperature, **counts)
+        if plots:
+            plot(records, steps, conf, label, split, metrics[split], cfg)
+        print_line(label, split, metrics[split], time.time() - t0)
+    return metrics, answers
+
+
+def internal_row(base, stats, data, answers, cfg, device, label):
+    """The base model's own greedy chains, each step's confidence = the four signals on its tokens ->
+    the warm-up's min/max, fusion and levels -> level_to_confidence (what the warm-up would have stated)."""
+    metrics = {}
+    for split, records in data.items():
+        t0 = time.time()
+        responses, steps = answers[split]
+        conf = internal_confidence(base.model, base.clip, base.tokenizer, records, responses, steps, stats, device)
+        metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins)
+        plot(records, steps, conf, label, split, metrics[split], cfg)
+        print_line(label, split, metrics[split], time.time() - t0)
+    return metrics
+
+
+def plot(records, steps, conf, label, split, metrics, cfg):
+    step_conf, step_ok = step_confidence_arrays(records, steps, conf)
+    bins = mb.reliability_bins(step_conf, step_ok, cfg.n_bins)
+    safe = label.replace(os.sep, "_")
+    draw_reliability(bins, f"{label} / {split}: MECE {fmt(metrics['mece'])}",
+                     f"{metrics['n_steps']} steps of {metrics['n_questions']} questions, step accuracy "
+                     f"{fmt(metrics['step_acc'])}, stated {fmt(metrics['stated_fraction'], 2)}",
+                     os.path.join(cfg.out, f"reliability_{safe}_{split}.png"))
+
+
+def print_line(label, split, m, seconds):
+    sc = m.get("self_correct")
+    extra = f" | self-correct acc {fmt(sc['acc'])} MECE {fmt(sc['mece'])}" if sc else ""
+    print(f"eval {label:14s} {split:4s} {m['n_questions']} questions, {m['n_steps']} steps: acc {fmt(m['acc'])} "
+          f"f1 {fmt(m['f1'])} ece {fmt(m['ece'])} mece {fmt(m['mece'])} auroc {fmt(m['auroc'])} "
+          f"brier {fmt(m['brier'])}{extra} ({seconds:.1f}s)", flush=True)
+
+
+# ---------------------------------------------------------------------------- #
+# The paper's Table 1: ablations
+# ---------------------------------------------------------------------------- #
+# Each row is the full method with one part changed. Signal, fusion and statement ablations change the warm-up
+# (and RL then starts from that warm-up); reward ablations change RL only; "w/o RL" is the warm-up itself.
+ABLATIONS = [
+    # (row as in the paper, folder, train_sft.py --stage warmup flags or None = the main warm-up,
+    #  train_rl.py flags or None = no RL)
+    ("w/o U_LNLP", "wo_lnlp", ["--signals", "mte,tokensar,clipscore"], []),
+    ("w/o U_MTE", "wo_mte", ["--signals", "lnlp,tokensar,clipscore"], []),
+    ("w/o U_TSAR", "wo_tokensar", ["--signals", "lnlp,mte,clipscore"], []),
+    ("w/o U_CLIPS", "wo_clipscore", ["--signals", "lnlp,mte,tokensar"], []),
+    ("w U_Max", "w_max", ["--fusion", "max"], []),
+    ("w/o S-S mapping", "wo_ss_mapping", ["--no-statements"], []),
+    ("w/o R_KA", "wo_r_ka", None, ["--no-r-ka"]),
+    ("w/o R_EC", "wo_r_ec", None, ["--no-r-ec"]),
+    ("w/o R_CS", "wo_r_cs", None, ["--no-r-cs"]),
+    ("w/o RL", None, None, None),
+    ("MMBoundary", None, None, []),
+]
+
+
+def main_pipeline(cfg):
+    """The base, warmup and rl folders among --checkpoints (by folder name): the ablations start from them."""
+    paths = [os.path.normpath(p) for p in cfg.checkpoints.split(",") if p.strip()]
+    by_name = {os.path.basename(p): p for p in paths}
+    missing = [n for n in ("base", "warmup", "rl") if n not in by_name]
+    if missing:
+        raise UserError(f"--ablations needs folders named base, warmup and rl in --checkpoints (no {', '.join(missing)})")
+    return by_name["base"], by_name["warmup"], by_name["rl"]
+
+
+def ablation_plan(cfg):
+    """What --ablations does, without doing it: (commands, rows).
+    commands: [(name, argv)] to run in order, each training one checkpoint that does not exist yet (the main
+    warm-up and RL first, if missing: the reward ablations start from that warm-up);
+    rows: [(row, checkpoint folder)] in the paper's Table 1 order."""
+    base, warmup, rl = main_pipeline(cfg)
+    common = ["--device", cfg.device] + (["--quick"] if cfg.quick else [])
+    sft = [sys.executable, os.path.join(HERE, "train_sft.py"), "--stage", "warmup", "--init", base]
+    train_rl = [sys.executable, os.path.join(HERE, "train_rl.py")]
+    commands, rows = [], []
+    if not os.path.isdir(warmup):
+        commands.append(("warmup", sft + ["--out", warmup] + common))
+    if not os.path.isdir(rl):
+        commands.append(("rl", train_rl + ["--init", warmup, "--out", rl] + common))
+    for row, name, warmup_flags, rl_flags in ABLATIONS:
+        if name is None:  # "w/o RL" is the main warm-up, "MMBoundary" the main RL checkpoint
+            rows.append((row, warmup if rl_flags is None else rl))
+            continue
+        variant_warmup = warmup
+        if warmup_flags is not None:
+            variant_warmup = os.path.join(cfg.ablations_dir, name, "warmup")
+            if not os.path.isdir(variant_warmup):
+                commands.append((f"{name}/warmup", sft + ["--out", variant_warmup] + warmup_flags + common))
+        final = os.path.join(cfg.ablations_dir, name, "rl")
+        if not os.path.isdir(final):
+            commands.append((f"{name}/rl", train_rl + ["--init", variant_warmup, "--out", final] + rl_flags + common))
+        rows.append((row, final))
+    return commands, rows
+
+
+def run_ablations(cfg, command, device, t_start):
+    base, _, _ = main_pipeline(cfg)
+    if not os.path.isdir(base):
+        raise UserError(f"--ablations: base checkpoint {base} not found (run `python train_sft.py --stage base`)")
+    commands, rows = ablation_plan(cfg)
+    print(f"ablations: {len(commands)} checkpoints to train, then {len(rows)} rows to evaluate")
+    for i, (name, argv) in enumerate(commands):
+        t0 = time.time()
+        shown = " ".join(["python", os.path.basename(argv[1])] + argv[2:])
+        print(f"--- ablations {i + 1}/{len(commands)} {name}: {shown} (elapsed {time.time() - t_start:.0f}s)", flush=True)
+        proc = subprocess.run(argv)  # output goes straight to our stdout: the trainers print their own progress
+        if proc.returncode != 0:
+            raise UserError(f"ablations: training {name} failed (exit {proc.returncode}); rerun to resume "
+                            f"(finished variants are kept)")
+        print(f"--- ablations {name} done in {time.time() - t0:.0f}s", flush=True)
+    data = eval_splits(cfg)
+    table = {}
+    for row, path in rows:
+        ck = mb.load_checkpoint(path, device)
+        metrics, _ = evaluate_checkpoint(ck, row, data, cfg, device, plots=False)
+        table[row] = dict(checkpoint=path, **metrics)
+    write_json(os.path.join(cfg.out, "ablations.json"), table)
+    header = ["ablation"] + [f"{name} {split}" for split in SPLITS for name in ("ECE", "MECE", "Acc", "F1")]
+    body = [[row] + [fmt(table[row][split][key]) for split in SPLITS for key in ("ece", "mece", "acc", "f1")]
+            for row in table]
+    md = "\n".join(["# Ablations (the paper's Table 1 on the shapes world)", "",
+                    f"`python evaluate.py {command}`. Each row = the full method with one part changed; "
+                    f"signal/fusion/statement rows retrain the warm-up and then RL, reward rows retrain RL only.",
+                    "", markdown_table(header, body), ""])
+    mb.atomic_write_text(os.path.join(cfg.out, "ablations.md"), md)
+    print(md)
+
+
+# ---------------------------------------------------------------------------- #
+# main
+# ---------------------------------------------------------------------------- #
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg, = mb.parse_configs(join_list_flag(argv, "--checkpoints"), __doc__.splitlines()[0], [EvalConfig], QUICK)
+    command = " ".join(argv)  # for the tables' provenance line
+    t_start = time.time()
+    mb.seed_everything(cfg.seed)
+    device = mb.pick_device(cfg.device)
+    mb.print_config(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.ablations:
+        run_ablations(cfg, command, device, t_start)
+        print(f"evaluate: wall time {time.time() - t_start:.1f}s")
+        return
+    paths = resolve_checkpoints(cfg.checkpoints, explicit=flag_given(argv, "--checkpoints"))
+    labels = checkpoint_labels(paths)
+    stages = {p: stage_of(p) for p in paths}
+    # the post-hoc row needs a base model (its chains, its signals) and a warm-up (the levels it learned)
+    base_path = next((p for p in paths if stages[p] == "base"), None)
+    warmup_path = next((p for p in paths if stages[p] == "warmup"), None)
+    if base_path is None or warmup_path is None:
+        print("note: the post-hoc internal-confidence row needs a base and a warm-up checkpoint; skipped", file=sys.stderr)
+    data = eval_splits(cfg)
+    split_info = {s: f"{len(r)} questions, make_dataset seed {cfg.seed + SPLIT_SEED[s]}" for s, r in data.items()}
+    results = {}
+    for path, label in zip(paths, labels):
+        ck = mb.load_checkpoint(path, device)
+        results[label], answers = evaluate_checkpoint(ck, label, data, cfg, device)
+        if path == base_path and warmup_path is not None:
+            stats = mb.load_checkpoint(warmup_path, "cpu").stats  # confidence_stats.json of the warm-up
+            if stats is None:
+                print(f"note: {warmup_path} has no confidence_stats.json; post-hoc row skipped", file=sys.stderr)
+            elif ck.clip is None:
+                print(f"note: {path} has no TinyCLIP; post-hoc row skipped", file=sys.stderr)
+            else:
+                results[f"{label}-internal"] = internal_row(ck, stats, data, answers, cfg, device, f"{label}-internal")
+        del ck
+    wall = time.time() - t_start
+    write_json(os.path.join(cfg.out, "results.json"), results)
+    md = results_markdown(results, cfg, command, split_info, wall)
+    mb.atomic_write_text(os.path.join(cfg.out, "results.md"), md)
+    print(md)
+    print(f"evaluate: wrote {cfg.out}/results.json, results.md and {len(results) * len(SPLITS)} reliability diagrams; "
+          f"wall time {wall:.1f}s")
+
+
+if __name__ == "__main__":
+    mb.run_cli(main)

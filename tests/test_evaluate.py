@@ -1,0 +1,277 @@
+"""evaluate.py: hand-computed metric cases, self-correction on a scripted model, the ablation plan, and smoke runs
+of the script on the --quick pipeline (subprocess)."""
+import json
+import math
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import mmboundary as mb
+import evaluate as ev
+from conftest import run_script
+
+# a scene with one large red circle at the center; the gold answer is "red"
+SCENE = {"objects": [{"shape": "circle", "color": "red", "size": "large", "row": 1, "col": 1}], "answer": "red"}
+CIRCLE = "There is a large red circle at the center."  # true perception step
+WRONG = "There is a large blue circle at the center."  # false perception step
+COUNT = "The number of red objects is one."  # true reasoning step
+ANSWER = "So, the answer is red."  # true answer step
+
+
+def record(reference=(CIRCLE, ANSWER)):
+    return {"scene": SCENE, "answer": "red", "question": "what color is the object at the center?",
+            "choices": ["red", "orange", "blue", "green"],
+            "keys_filtered": {"Image_level": list(reference[:-1]), "Reasoning_level": list(reference[-1:])}}
+
+
+def step(text, level=None):
+    return mb.Step(start=0, end=0, last=0, text=text, level=level)
+
+
+def test_chain_f1_hand_computed():
+    """predicted [A correct, B correct but not in the reference, C wrong], reference [A, D]:
+    precision = 2/3, recall = 1/2 (A restated, D not), F1 = 2 (2/3)(1/2) / (2/3 + 1/2) = (2/3) / (7/6) = 4/7.
+    Matching normalises case, spaces and the final period; a wrong step never matches."""
+    p, r, f1 = ev.chain_f1(["there is a LARGE red circle  at the center", COUNT, WRONG], [True, True, False],
+                           [CIRCLE, "So, the answer is red."])
+    assert (p, r) == pytest.approx((2 / 3, 1 / 2))
+    assert f1 == pytest.approx(4 / 7)
+    # a step equal to a reference step but judged wrong does not restate it: recall 0, F1 0
+    assert ev.chain_f1([CIRCLE], [False], [CIRCLE]) == (0.0, 0.0, 0.0)
+    assert ev.chain_f1([], [], [CIRCLE]) == (0.0, 0.0, 0.0)
+
+
+def test_chain_metrics_f1_is_the_mean_over_questions():
+    """Question 1: steps [CIRCLE, COUNT, WRONG] against reference [CIRCLE, ANSWER] -> F1 4/7 (as above).
+    Question 2: steps [CIRCLE, ANSWER], all correct, reference [CIRCLE, ANSWER] -> F1 1.
+    F1 = (4/7 + 1) / 2 = 11/14; acc = 1/2 (question 1 never answers); n_steps = 5; step acc 4/5."""
+    steps = [[step(CIRCLE), step(COUNT), step(WRONG)], [step(CIRCLE), step(ANSWER)]]
+    m = ev.chain_metrics([record(), record()], steps, [[None] * 3, [None] * 2])
+    assert m["f1"] == pytest.approx(11 / 14)
+    assert m["acc"] == 0.5 and m["n_steps"] == 5 and m["n_questions"] == 2
+    assert m["step_acc"] == pytest.approx(4 / 5)
+    assert m["stated_fraction"] == 0.0
+    # nothing stated -> every step 0.5: Brier = mean (0.5 - a)^2 = 0.25, MECE = |4/5 - 0.5| = 0.3, AUROC all ties 0.5
+    assert m["brier"] == pytest.approx(0.25) and m["mece"] == pytest.approx(0.3) and m["auroc"] == pytest.approx(0.5)
+
+
+def test_response_ece_uses_the_answer_step():
+    """ECE is computed on the step that carries the final answer, not the first or the last step.
+    R1: [CIRCLE level 1, ANSWER level 5], right          -> answer conf 1.00, correct
+    R2: [CIRCLE level 2, ANSWER level 4, "hello." level 1] -> answer conf 0.75, correct (the step after it is not it)
+    R3: [CIRCLE level 5] never answers                   -> conf 0.5, wrong
+    bins: 1.0 in (0.9, 1]: |1 - 1| = 0;  0.75 in (0.7, 0.8]: |1 - .75| = .25;  0.5 in (0.4, 0.5]: |0 - .5| = .5
+    ECE = (0 + .25 + .5) / 3 = 0.25   (the first step's would be (1 + .75 + 1)/3 = .917, the last step's 2/3)"""
+    steps = [[step(CIRCLE, 1), step(ANSWER, 5)], [step(CIRCLE, 2), step(ANSWER, 4), step("hello.", 1)],
+             [step(CIRCLE, 5)]]
+    conf = [ev.stated_confidences(s) for s in steps]
+    assert conf[1] == [0.25, 0.75, 0.0]
+    m = ev.chain_metrics([record()] * 3, steps, conf)
+    assert m["ece"] == pytest.approx(0.25)
+    assert m["acc"] == pytest.approx(2 / 3)
+    # perception: CIRCLE x3 at conf 0, .25, 1, all correct -> (|1-0| + |1-.25| + |1-1|) / 3 = 1.75/3
+    # reasoning: ANSWER at 1.0 and .75 (correct), "hello." at 0.0 (wrong) -> (0 + .25 + 0) / 3
+    assert m["mece_perception"] == pytest.approx(1.75 / 3)
+    assert m["mece_reasoning"] == pytest.approx(0.25 / 3)
+
+
+def test_hallucinated_perception_counts_as_perception():
+    """A perception claim about an empty cell is a (wrong) perception step, not a reasoning step."""
+    assert ev.is_perception("There is a small blue square at the top left.")
+    assert not ev.is_perception(ANSWER) and not ev.is_perception("hello.")
+
+
+def test_json_has_no_nan():
+    assert ev.json_safe({"a": [math.nan, 1.0], "b": {"c": math.inf}}) == {"a": [None, 1.0], "b": {"c": None}}
+
+
+def test_join_list_flag_and_missing_defaults(tmp_path, capsys):
+    assert ev.join_list_flag(["--checkpoints", "a", "b", "--out", "o"], "--checkpoints") == ["--checkpoints", "a,b", "--out", "o"]
+    (tmp_path / "x").mkdir()
+    found = ev.resolve_checkpoints(f"{tmp_path / 'x'},{tmp_path / 'missing'}", explicit=False)
+    assert found == [str(tmp_path / "x")]
+    assert "missing" in capsys.readouterr().err
+    with pytest.raises(mb.UserError, match="missing"):
+        ev.resolve_checkpoints(f"{tmp_path / 'x'},{tmp_path / 'missing'}", explicit=True)
+    assert ev.checkpoint_labels(["out/base", "a/rl", "b/rl"]) == ["base", "a/rl", "b/rl"]
+
+
+# ---------------------------------------------------------------------------- #
+# Self-correction on a scripted model
+# ---------------------------------------------------------------------------- #
+
+class ScriptedModel:
+    """Stands in for TinyVLM.generate: the next step depends on how many steps the prefix already holds.
+    Step 0: greedy states level 2; each question's samples come from `samples` in order. Step 1: the answer at
+    level 5. Then <eos>."""
+
+    def __init__(self, tokenizer, samples):
+        self.tok, self.samples, self.calls, self.drawn = tokenizer, list(samples), [], {}
+        self.cfg = SimpleNamespace(image_size=36)
+
+    def eval(self):
+        return self
+
+    def generate(self, images, prompt_ids, prompt_mask=None, max_new_tokens=64, temperature=0.0, generator=None,
+                 eos_id=mb.EOS):
+        assert list(eos_id) == [self.tok.index["."], mb.EOS]
+        rows = []
+        for ids in prompt_ids.tolist():
+            n_steps = ids.count(self.tok.index["."])  # the prompt holds no period
+            self.calls.append((n_steps, temperature))
+            if n_steps == 0 and temperature == 0:
+                rows.append(self.tok.encode("there is a large red circle at the center, but i'm not sure."))
+            elif n_steps == 0:
+                question = tuple(t for t in ids[:ids.index(mb.SEP)] if t != mb.PAD)
+                i = self.drawn[question] = self.drawn.get(question, -1) + 1  # this question's i-th sample
+                rows.append(self.tok.encode(self.samples[i]))
+            elif n_steps == 1:
+                rows.append(self.tok.encode("so, the answer is red, with total certainty."))
+            else:
+                rows.append([mb.EOS])
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [mb.PAD] * (width - len(r)) for r in rows])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return mb.build_tokenizer(mb.make_dataset(50, 0))
+
+
+LOW_SAME = "there is a small red circle at the center, but i have serious doubts."  # level 2: a tie
+LOW_1 = "there is a large blue circle at the center, and this needs checking."  # level 1
+HIGH_4 = "there is a large blue circle at the center, and i am fairly confident."  # level 4
+HIGH_5 = "there is a large red circle at the center, with total certainty."  # level 5
+
+
+@pytest.mark.parametrize("k, samples, kept, n_samples", [
+    (0, [], "large red circle at the center, but i'm not sure", 0),  # off: greedy
+    (1, [LOW_SAME], "large red circle at the center, but i'm not sure", 1),  # a tie keeps the greedy version
+    (3, [LOW_1, HIGH_4, HIGH_5], "large blue circle at the center, and i am fairly confident", 2),  # stop at level > 2
+    (2, [LOW_1, LOW_SAME], "large red circle at the center, but i'm not sure", 2),  # nothing better: greedy kept
+])
+def test_self_correction_keeps_the_most_confident_version(tokenizer, k, samples, kept, n_samples):
+    model = ScriptedModel(tokenizer, samples)
+    recs = mb.make_dataset(2, 0, "test")
+    responses, counts = ev.generate_self_corrected(model, tokenizer, recs, k, max_new_tokens=40)
+    for r in responses:
+        steps = mb.split_steps(r, tokenizer)
+        assert kept in tokenizer.decode(r)
+        assert len(steps) == 2 and steps[1].level == 5  # greedy decoding continued after the kept step
+        assert mb.EOS not in r
+    assert counts["samples"] == 2 * n_samples  # two questions, each resampled n_samples times
+    assert counts["resampled_steps"] == (2 if k else 0)
+    # the answer step (level 5) is never resampled
+    assert all(t == 0 for n, t in model.calls if n >= 1)
+
+
+# ---------------------------------------------------------------------------- #
+# The ablation plan: the paper's Table 1, in order, with the training flags of each row
+# ---------------------------------------------------------------------------- #
+
+def test_ablation_plan_rows_and_flags(tmp_path):
+    base, warmup, rl = (str(tmp_path / n) for n in ("base", "warmup", "rl"))
+    os.makedirs(base)
+    os.makedirs(warmup)  # rl is missing: the plan must train it first
+    cfg = ev.EvalConfig(checkpoints=",".join([base, warmup, rl]), ablations_dir=str(tmp_path / "abl"),
+                        quick=True, device="cpu")
+    commands, rows = ev.ablation_plan(cfg)
+    assert [r for r, _ in rows] == ["w/o U_LNLP", "w/o U_MTE", "w/o U_TSAR", "w/o U_CLIPS", "w U_Max",
+                                    "w/o S-S mapping", "w/o R_KA", "w/o R_EC", "w/o R_CS", "w/o RL", "MMBoundary"]
+    checkpoint = dict(rows)
+    assert checkpoint["w/o RL"] == warmup and checkpoint["MMBoundary"] == rl
+    cmd = {name: argv for name, argv in commands}
+    assert list(cmd)[0] == "rl"  # the main RL run comes before anything else
+    assert "warmup" not in cmd  # it exists
+    for name in cmd:  # --quick and --device pass through to every training run
+        assert cmd[name][0] == sys.executable and cmd[name][-3:] == ["--device", "cpu", "--quick"]
+
+    def flags(argv, flag):
+        return argv[argv.index(flag) + 1]
+
+    abl = str(tmp_path / "abl")
+    expected_signals = {"wo_lnlp": "mte,tokensar,clipscore", "wo_mte": "lnlp,tokensar,clipscore",
+                        "wo_tokensar": "lnlp,mte,clipscore", "wo_clipscore": "lnlp,mte,tokensar"}
+    for name, signals in expected_signals.items():
+        w = cmd[f"{name}/warmup"]
+        assert os.path.basename(w[1]) == "train_sft.py" and flags(w, "--stage") == "warmup"
+        assert flags(w, "--init") == base and flags(w, "--signals") == signals
+        assert flags(w, "--out") == os.path.join(abl, name, "warmup")
+        r = cmd[f"{name}/rl"]
+        assert os.path.basename(r[1]) == "train_rl.py" and flags(r, "--init") == os.path.join(abl, name, "warmup")
+        assert checkpoint[{"wo_lnlp": "w/o U_LNLP", "wo_mte": "w/o U_MTE", "wo_tokensar": "w/o U_TSAR",
+                           "wo_clipscore": "w/o U_CLIPS"}[name]] == os.path.join(abl, name, "rl")
+    assert flags(cmd["w_max/warmup"], "--fusion") == "max"
+    assert "--no-statements" in cmd["wo_ss_mapping/warmup"]
+    for name, flag in (("wo_r_ka", "--no-r-ka"), ("wo_r_ec", "--no-r-ec"), ("wo_r_cs", "--no-r-cs")):
+        assert f"{name}/warmup" not in cmd  # reward ablations reuse the main warm-up
+        assert flag in cmd[f"{name}/rl"] and flags(cmd[f"{name}/rl"], "--init") == warmup
+        others = {"--no-r-ka", "--no-r-ec", "--no-r-cs"} - {flag}
+        assert not others & set(cmd[f"{name}/rl"])
+    # a variant whose folder exists is not retrained
+    os.makedirs(os.path.join(abl, "wo_mte", "rl"))
+    commands, _ = ev.ablation_plan(cfg)
+    assert "wo_mte/rl" not in dict(commands) and "wo_lnlp/rl" in dict(commands)
+
+
+# ---------------------------------------------------------------------------- #
+# Smoke runs of the script on the --quick pipeline
+# ---------------------------------------------------------------------------- #
+
+def test_stepwise_greedy_equals_generate_responses(quick_pipeline):
+    """With K = 0, step-by-step decoding (a new generate call per step) gives the same tokens as one call."""
+    ck = mb.load_checkpoint(quick_pipeline["warmup"])
+    recs = mb.make_dataset(6, 5, "test")
+    plain = mb.generate_responses(ck.model, ck.tokenizer, recs, max_new_tokens=30, batch_size=4)
+    stepwise, _ = ev.generate_self_corrected(ck.model, ck.tokenizer, recs, 0, max_new_tokens=30, batch_size=4)
+    assert stepwise == plain
+
+
+def test_evaluate_quick_outputs(quick_pipeline, tmp_path):
+    out = tmp_path / "eval"
+    proc = run_script("evaluate.py", "--quick", "--device", "cpu", "--out", str(out), "--checkpoints",
+                      quick_pipeline["base"], quick_pipeline["warmup"], quick_pipeline["rl"], timeout=120)
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["base", "base-internal", "warmup", "rl"]
+    for label, per_split in results.items():
+        assert set(per_split) == {"test", "ood"}
+        for split, metrics in per_split.items():
+            assert set(metrics) == set(ev.METRIC_KEYS), (label, split)
+            assert set(ev.REQUIRED_KEYS) <= set(metrics)
+            assert metrics["n_questions"] == ev.QUICK[f"n_{split}"]
+    # the base model states nothing: every step counts 0.5
+    assert results["base"]["test"]["stated_fraction"] in (0.0, None)
+    md = (out / "results.md").read_text()
+    assert "| model | Acc | F1 | ECE | MECE | MECE-perc | MECE-reas | AUROC | Brier" in md
+    for label in results:
+        for split in ("test", "ood"):
+            with Image.open(out / f"reliability_{label}_{split}.png") as im:
+                im.verify()
+            with Image.open(out / f"reliability_{label}_{split}.png") as im:
+                assert im.format == "PNG" and im.size == ev.PLOT_SIZE
+    assert "wall time" in proc.stdout
+
+
+def test_missing_named_checkpoint_is_one_line_exit_2(quick_pipeline, tmp_path):
+    missing = str(tmp_path / "no_such_checkpoint")
+    proc = run_script("evaluate.py", "--quick", "--device", "cpu", "--out", str(tmp_path / "e"),
+                      "--checkpoints", quick_pipeline["base"], missing, check=False, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and missing in lines[0] and lines[0].startswith("error:")
+
+
+def test_self_correct_quick(quick_pipeline, tmp_path):
+    out = tmp_path / "sc"
+    run_script("evaluate.py", "--quick", "--device", "cpu", "--self-correct", "2", "--out", str(out),
+               "--checkpoints", quick_pipeline["base"], quick_pipeline["rl"], timeout=120)
+    results = json.loads((out / "results.json").read_text())
+    assert "self_correct" not in results["base"]["test"]  # states nothing: nothing to correct
+    for split in ("test", "ood"):
+        sc = results["rl"][split]["self_correct"]
+        assert sc["k"] == 2 and set(ev.REQUIRED_KEYS) <= set(sc)
+    assert "Self-correction" in (out / "results.md").read_text()

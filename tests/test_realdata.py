@@ -1,0 +1,277 @@
+"""Tests of the real-data path: load_annotated (official JSON and JSONL) and step truth by text similarity.
+
+Every fixture is built here in tmp_path (a few A-OKVQA-style records, small generated JPEGs named like COCO's
+{image_id:012d}.jpg); nothing is downloaded and ../shared/data is never read. Layers: both formats load into
+make_dataset-shaped records; each bad input is one UserError naming the file, the record and the field; hand-
+computed similarity cases.
+"""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mmboundary as mb
+
+
+
+# Three records in the official A-OKVQA schema: one with both levels, one without Image_level, one with it empty.
+RECORDS = [
+    {"split": "val", "image_id": 377368, "question_id": "q0", "question": "Which number birthday is it?",
+     "choices": ["one", "ten", "nine", "thirty"], "correct_choice_idx": 3,
+     "rationales": ["The cake says 30."],
+     "keys_filtered": {"Image_level": ["The image features a birthday cake with the number 30 on it"],
+                       "Reasoning_level": ["The number 30 indicates the age", "So, the answer is thirty"]}},
+    {"split": "val", "image_id": 563603, "question_id": "q1", "question": "What is the man holding?",
+     "choices": ["kite", "umbrella", "phone", "bat"], "correct_choice_idx": 1,
+     "keys_filtered": {"Reasoning_level": ["It is raining", "So, the answer is umbrella"]}},
+    {"split": "val", "image_id": 7, "question_id": "q2", "question": "What colour is the bus?",
+     "choices": ["red", "blue"], "correct_choice_idx": 0,
+     "keys_filtered": {"Image_level": [], "Reasoning_level": ["So, the answer is red"]}},
+]
+COLORS = {377368: (200, 40, 40), 563603: (40, 40, 200), 7: (40, 200, 40)}  # a flat colour per image
+
+
+def write_image(path, color, size=(64, 48)):
+    """A flat-colour JPEG, not square on purpose (COCO images are not)."""
+    Image.new("RGB", size, color).save(path, format="JPEG", quality=95)
+
+
+@pytest.fixture
+def images(tmp_path):
+    """tmp_path/images/{image_id:012d}.jpg for every fixture record."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image_id, color in COLORS.items():
+        write_image(folder / f"{image_id:012d}.jpg", color)
+    return folder
+
+
+def write_json(path, records):
+    path.write_text(json.dumps(records, indent=1))
+    return str(path)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def as_jsonl_records(records):
+    """The fixture records with an "image" path (relative to the images folder) instead of image_id."""
+    return [{**{k: v for k, v in r.items() if k != "image_id"}, "image": f"{r['image_id']:012d}.jpg"}
+            for r in records]
+
+
+def bad(records, index, **changes):
+    """A deep copy of records with record `index` changed; a value of ... deletes the field."""
+    records = json.loads(json.dumps(records))
+    for key, value in changes.items():
+        if value is ...:
+            del records[index][key]
+        else:
+            records[index][key] = value
+    return records
+
+
+# ---------------------------------------------------------------------------- #
+# loading both formats
+# ---------------------------------------------------------------------------- #
+
+def check_records(records):
+    assert [r["id"] for r in records] == ["q0", "q1", "q2"]
+    assert [r["answer"] for r in records] == ["thirty", "umbrella", "red"]
+    for r, src in zip(records, RECORDS):
+        # same keys as a shapes-world record, so the rest of the library takes either
+        assert set(r) == set(mb.make_dataset(1, 0)[0])
+        assert r["qtype"] == "real" and r["scene"] is None
+        assert r["choices"] == src["choices"] and r["correct_choice_idx"] == src["correct_choice_idx"]
+        assert r["image"].shape == (mb.IMAGE_SIZE, mb.IMAGE_SIZE, 3) and r["image"].dtype == np.uint8
+        color = COLORS[src["image_id"]]
+        assert np.abs(r["image"].astype(int) - color).max() <= 8  # a flat colour survives JPEG and resizing
+    # Image_level: present, absent, empty -> always a list
+    assert records[0]["keys_filtered"]["Image_level"] == RECORDS[0]["keys_filtered"]["Image_level"]
+    assert records[1]["keys_filtered"]["Image_level"] == []
+    assert records[2]["keys_filtered"]["Image_level"] == []
+    assert mb.reference_steps(records[1]) == ["It is raining", "So, the answer is umbrella"]
+
+
+def test_load_official_json(tmp_path, images):
+    records = mb.load_annotated(write_json(tmp_path / "val_mmb.json", RECORDS), str(images))
+    check_records(records)
+
+
+def test_load_jsonl(tmp_path, images):
+    records = mb.load_annotated(write_jsonl(tmp_path / "val.jsonl", as_jsonl_records(RECORDS)), str(images))
+    check_records(records)
+
+
+def test_jsonl_paths_relative_to_its_folder_or_absolute(tmp_path, images):
+    rows = as_jsonl_records(RECORDS)
+    rows[0]["image"] = "images/" + rows[0]["image"]  # relative to the JSONL's own folder (images_dir None)
+    rows[1]["image"] = str(images / rows[1]["image"])  # absolute
+    rows[2]["image"] = os.path.join("images", rows[2]["image"])
+    check_records(mb.load_annotated(write_jsonl(tmp_path / "val.jsonl", rows), None))
+
+
+def test_image_size_and_library_use(tmp_path, images):
+    records = mb.load_annotated(write_json(tmp_path / "val_mmb.json", RECORDS), str(images), image_size=24)
+    assert records[0]["image"].shape == (24, 24, 3)
+    # the records flow through the text helpers like generated ones
+    assert "thirty" in mb.format_prompt(records[0])
+    tokenizer = mb.build_tokenizer(records)
+    assert mb.UNK not in tokenizer.encode(mb.format_prompt(records[1]))
+    steps = [mb.Step(0, 1, 1, "So, the answer is Thirty.", None)]
+    assert mb.answer_is_correct(records[0], steps) and not mb.answer_is_correct(records[1], steps)
+
+
+def test_records_without_any_id_get_one(tmp_path, images):
+    rows = bad(RECORDS, 0, question_id=...)
+    assert mb.load_annotated(write_json(tmp_path / "v.json", rows), str(images))[0]["id"] == "v.json-0"
+
+
+# ---------------------------------------------------------------------------- #
+# bad input: one UserError naming file, record and field
+# ---------------------------------------------------------------------------- #
+
+def test_missing_data_file_and_images_folder(tmp_path, images):
+    with pytest.raises(mb.UserError, match=re.escape(str(tmp_path / "nope.json")) + ".*not found"):
+        mb.load_annotated(str(tmp_path / "nope.json"), str(images))
+    path = write_json(tmp_path / "val.json", RECORDS)
+    with pytest.raises(mb.UserError, match=re.escape(str(tmp_path / "no_images")) + ": images folder not found"):
+        mb.load_annotated(path, str(tmp_path / "no_images"))
+
+
+def test_invalid_json_names_line_and_column(tmp_path, images):
+    path = tmp_path / "val.json"
+    path.write_text('[\n {"question": "a",\n  "choices": [1, 2,,]}\n]')
+    with pytest.raises(mb.UserError, match=re.escape(str(path)) + r": not valid JSON \(line 3, column 20"):
+        mb.load_annotated(str(path), str(images))
+
+
+def test_jsonl_line_not_json(tmp_path, images):
+    path = tmp_path / "val.jsonl"
+    rows = as_jsonl_records(RECORDS)
+    path.write_text(json.dumps(rows[0]) + "\n\n" + '{"question": "oops"\n')  # line 2 blank, line 3 broken
+    with pytest.raises(mb.UserError, match=re.escape(str(path)) + ": line 3 is not valid JSON"):
+        mb.load_annotated(str(path), str(images))
+
+
+def test_jsonl_record_error_names_its_line(tmp_path, images):
+    rows = bad(as_jsonl_records(RECORDS), 1, choices="kite")
+    path = tmp_path / "val.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    with pytest.raises(mb.UserError, match=re.escape(str(path)) + r": record 1 \(line 3, question_id 'q1'\): "
+                                           r"field 'choices'"):
+        mb.load_annotated(str(path), str(images))
+
+
+@pytest.mark.parametrize("top, message", [({"data": RECORDS}, "expected a JSON list"), ([], "no records"),
+                                          ([RECORDS[0], "text"], "record 1: a record must be a JSON object")])
+def test_wrong_top_level(tmp_path, images, top, message):
+    path = write_json(tmp_path / "val.json", top)
+    with pytest.raises(mb.UserError, match=re.escape(path) + ".*" + message):
+        mb.load_annotated(path, str(images))
+
+
+@pytest.mark.parametrize("index, changes, message", [
+    (1, {"question": ...}, "missing field 'question'"),
+    (2, {"choices": ...}, "missing field 'choices'"),
+    (0, {"correct_choice_idx": ...}, "missing field 'correct_choice_idx'"),
+    (0, {"keys_filtered": ...}, "missing field 'keys_filtered'"),
+    (0, {"image_id": ...}, "missing field 'image_id'"),
+    (1, {"question": 3}, "field 'question' must be a non-empty string"),
+    (1, {"choices": "kite, umbrella"}, "field 'choices' must be a list of at least 2 strings"),
+    (1, {"choices": ["kite", 2]}, "field 'choices' must be a list"),
+    (1, {"correct_choice_idx": 4}, r"field 'correct_choice_idx' must be an int in 0\.\.3, got 4"),
+    (1, {"correct_choice_idx": -1}, "field 'correct_choice_idx'"),
+    (1, {"correct_choice_idx": True}, "field 'correct_choice_idx'"),
+    (1, {"correct_choice_idx": "1"}, "field 'correct_choice_idx'"),
+    (1, {"keys_filtered": ["a"]}, "field 'keys_filtered' must be an object"),
+    (1, {"keys_filtered": {"Image_level": ["x"]}}, "field 'keys_filtered.Reasoning_level'"),
+    (1, {"keys_filtered": {"Reasoning_level": []}}, "field 'keys_filtered.Reasoning_level'"),
+    (1, {"keys_filtered": {"Image_level": "x", "Reasoning_level": ["y"]}}, "field 'keys_filtered.Image_level'"),
+    (1, {"image_id": "563603"}, "field 'image_id' must be a non-negative int"),
+])
+def test_bad_record_names_record_and_field(tmp_path, images, index, changes, message):
+    path = write_json(tmp_path / "val.json", bad(RECORDS, index, **changes))
+    where = re.escape(f"{path}: record {index} (question_id 'q{index}')")
+    with pytest.raises(mb.UserError, match=where + ": " + message):
+        mb.load_annotated(path, str(images))
+
+
+def test_missing_image_file_names_the_path(tmp_path, images):
+    os.remove(images / "000000563603.jpg")
+    path = write_json(tmp_path / "val.json", RECORDS)
+    with pytest.raises(mb.UserError, match=re.escape(f"{path}: record 1 (question_id 'q1'): image file not found: "
+                                                     f"{images / '000000563603.jpg'}")):
+        mb.load_annotated(path, str(images))
+
+
+def test_schema_checked_before_any_image(tmp_path, images):
+    # record 0's image is missing, but record 2's bad field is reported: the schema is checked first
+    os.remove(images / "000000377368.jpg")
+    path = write_json(tmp_path / "val.json", bad(RECORDS, 2, choices=...))
+    with pytest.raises(mb.UserError, match=re.escape(f"{path}: record 2 (question_id 'q2'): missing field 'choices'")):
+        mb.load_annotated(path, str(images))
+
+
+@pytest.mark.parametrize("content", [b"this is not a jpeg", b""])
+def test_unreadable_image(tmp_path, images, content):
+    (images / "000000000007.jpg").write_bytes(content)
+    path = write_json(tmp_path / "val.json", RECORDS)
+    with pytest.raises(mb.UserError, match=re.escape(f"{path}: record 2 (question_id 'q2'): cannot read image "
+                                                     f"{images / '000000000007.jpg'}")):
+        mb.load_annotated(path, str(images))
+
+
+def test_truncated_image(tmp_path, images):
+    image = images / "000000377368.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    image.write_bytes(image.read_bytes()[:600])  # cut mid-scan
+    path = write_json(tmp_path / "val.json", RECORDS)
+    with pytest.raises(mb.UserError, match=re.escape(f"{path}: record 0 (question_id 'q0'): cannot read image")):
+        mb.load_annotated(path, str(images))
+
+
+# ---------------------------------------------------------------------------- #
+# step truth by similarity
+# ---------------------------------------------------------------------------- #
+
+def test_similarity_tokens():
+    assert mb.similarity_tokens("The cake has 30 candles, on top!") == ["cake", "has", "30", "candles", "on", "top"]
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    ("The cake has candles on top.", "The cake has candles on top.", 1.0),  # identical
+    ("The cake has candles on top.", "the CAKE has candles on top", 1.0),  # case, articles, punctuation ignored
+    ("The cake has candles.", "A dog sleeps outside.", 0.0),  # disjoint
+    # [cake, has, candles, on, top] vs [cake, has, no, candles]: common 3, F1 = 2*3 / (5 + 4) = 2/3
+    ("The cake has candles on top.", "The cake has no candles.", 2 / 3),
+    # repeated words count once per match: [red, red, cup] vs [red, cup]: common 2, F1 = 2*2 / (3 + 2) = 0.8
+    ("red red cup", "red cup", 0.8),
+    ("The.", "The.", 0.0),  # no words left after normalisation: matches nothing
+    ("", "cake", 0.0),
+])
+def test_text_similarity_hand_cases(a, b, expected):
+    assert mb.text_similarity(a, b) == pytest.approx(expected)
+    assert mb.text_similarity(b, a) == pytest.approx(expected)  # symmetric
+
+
+def test_judge_steps_by_reference_thresholds():
+    reference = ["The cake has candles on top.", "So, the answer is thirty."]
+    steps = ["The cake has no candles.", "A dog sleeps.", "So, the answer is one.", "So, the answer is Thirty."]
+    assert mb.judge_steps_by_reference(steps, reference, 0.5) == [True, False, False, True]
+    assert mb.judge_steps_by_reference(steps, reference) == [True, False, False, True]  # default τ = 0.5
+    assert mb.SIMILARITY_THRESHOLD == 0.5
+    # 2/3 is the edge: >= τ is correct
+    assert mb.judge_steps_by_reference(steps[:1], reference, 2 / 3) == [True]
+    assert mb.judge_steps_by_reference(steps[:1], reference, 0.7) == [False]
+    assert mb.judge_steps_by_reference(steps[1:2], reference, 0.0) == [True]  # τ = 0 accepts everything
+    assert mb.judge_steps_by_reference(steps, [], 0.5) == [False] * 4  # no reference: nothing is correct
+    assert mb.judge_steps_by_reference([], reference, 0.5) == []
+    # the answer step is judged by its answer, whatever τ
+    assert mb.judge_steps_by_reference(["So, the answer is one."], reference, 0.0) == [False]
+    assert mb.judge_steps_by_reference(["So the answer is 'thirty'"], reference, 1.0) == [True]

@@ -1,0 +1,321 @@
+"""Reliability (issue 6): bad input, faults, resume and determinism of train_sft.py and train_rl.py.
+
+Layers: bad input gives exactly one "error:" line on stderr, exit 2, no traceback, and every folder that already
+existed is byte-for-byte unchanged; --stop-at / Ctrl-C + --resume reach the same weights as an uninterrupted run
+(exactly, on CPU); a non-finite loss stops and keeps the last good checkpoint; the same seed gives the same
+weights and printed metrics; and in-process round trips of the training state and the Ctrl-C handler.
+Every script run is a --quick subprocess on CPU; real checkpoints come from the session's quick_pipeline, copied
+into tmp_path before they are damaged.
+"""
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mmboundary as mb
+from conftest import ROOT, run_script
+
+
+def digest(folder):
+    """{relative path: sha256} of every file under folder: 'unchanged' means byte-for-byte."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def assert_one_error_line(proc, *fragments):
+    """Exit 2, and stderr is exactly one line 'error: ...' containing each fragment (no traceback)."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def assert_same_tensors(folder_a, folder_b, names=("model.safetensors",)):
+    for name in names:
+        a, b = load_file(os.path.join(folder_a, name)), load_file(os.path.join(folder_b, name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k} differs"
+
+
+# ---- 1. bad input: one line, exit 2, nothing saved lost
+
+SFT_BAD_FLAGS = [(["--lr", "-0.1"], "--lr must be > 0"), (["--stage", "finetune"], "--stage must be one of"),
+                 (["--steps", "0"], "--steps must be > 0")]
+RL_BAD_FLAGS = [(["--lr", "-1"], "--lr must be > 0"), (["--clip-eps", "0"], "--clip-eps must be in (0, 1)"),
+                (["--clip-eps", "-1"], "--clip-eps must be in (0, 1)")]
+
+
+@pytest.mark.parametrize("flags,message", SFT_BAD_FLAGS, ids=[" ".join(f) for f, _ in SFT_BAD_FLAGS])
+def test_sft_impossible_flag(tmp_path, quick_pipeline, flags, message):
+    out = tmp_path / "out"
+    shutil.copytree(quick_pipeline["base"], out / "base")
+    before = digest(out)
+    proc = run_script("train_sft.py", "--quick", "--device", "cpu", "--out", str(out), *flags, check=False)
+    assert_one_error_line(proc, message)
+    assert digest(out) == before
+
+
+@pytest.mark.parametrize("flags,message", RL_BAD_FLAGS, ids=[" ".join(f) for f, _ in RL_BAD_FLAGS])
+def test_rl_impossible_flag(tmp_path, quick_pipeline, flags, message):
+    out = tmp_path / "rl"
+    shutil.copytree(quick_pipeline["rl"], out)
+    before = digest(out)
+    proc = run_script("train_rl.py", "--quick", "--device", "cpu", "--init", quick_pipeline["warmup"],
+                      "--out", str(out), *flags, check=False)
+    assert_one_error_line(proc, message)
+    assert digest(out) == before
+
+
+def damage(folder, how):
+    """Break a checkpoint folder the way a user's disk or hand does; -> the message fragment to expect."""
+    weights = os.path.join(folder, "model.safetensors")
+    if how == "missing weights":
+        os.remove(weights)
+        return "model.safetensors: file not found"
+    if how == "truncated weights":
+        size = os.path.getsize(weights)
+        with open(weights, "r+b") as f:
+            f.truncate(size // 2)
+        return "truncated or not a safetensors file"
+    if how == "config does not match weights":
+        path = os.path.join(folder, "config.json")
+        with open(path) as f:
+            config = json.load(f)
+        config["model"]["n_embd"] *= 2
+        with open(path, "w") as f:
+            json.dump(config, f)
+        return "weights do not match config.json"
+    if how == "missing folder":
+        shutil.rmtree(folder)
+        return "not found"
+    raise ValueError(how)
+
+
+DAMAGES = ["missing weights", "truncated weights", "config does not match weights", "missing folder"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_sft_warmup_bad_init_checkpoint(tmp_path, quick_pipeline, how):
+    """A broken --init: one line naming the problem, and the existing warm-up output is left as it was."""
+    init, out = tmp_path / "base", tmp_path / "warmup"
+    shutil.copytree(quick_pipeline["base"], init)
+    shutil.copytree(quick_pipeline["warmup"], out)
+    message = damage(str(init), how)
+    before = digest(out)
+    proc = run_script("train_sft.py", "--quick", "--device", "cpu", "--stage", "warmup", "--init", str(init),
+                      "--out", str(out), check=False)
+    assert_one_error_line(proc, message, str(init))
+    assert digest(out) == before
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_rl_bad_init_checkpoint(tmp_path, quick_pipeline, how):
+    init, out = tmp_path / "warmup", tmp_path / "rl"
+    shutil.copytree(quick_pipeline["warmup"], init)
+    shutil.copytree(quick_pipeline["rl"], out)
+    message = damage(str(init), how)
+    before = digest(out)
+    proc = run_script("train_rl.py", "--quick", "--device", "cpu", "--init", str(init), "--out", str(out), check=False)
+    assert_one_error_line(proc, message, str(init))
+    assert digest(out) == before
+
+
+def test_output_that_is_the_input_is_refused(tmp_path, quick_pipeline):
+    """A warm-up (or RL run) writing over its own --init would destroy the base: refused before anything runs."""
+    base, warmup = tmp_path / "base", tmp_path / "warmup"
+    shutil.copytree(quick_pipeline["base"], base)
+    shutil.copytree(quick_pipeline["warmup"], warmup)
+    before = digest(tmp_path)
+    proc = run_script("train_sft.py", "--quick", "--device", "cpu", "--stage", "warmup", "--init", str(base),
+                      "--out", str(base), check=False)
+    assert_one_error_line(proc, "is the --init checkpoint")
+    proc = run_script("train_rl.py", "--quick", "--device", "cpu", "--init", str(warmup), "--out", str(warmup),
+                      check=False)
+    assert_one_error_line(proc, "is the --init checkpoint")
+    assert digest(tmp_path) == before
+
+
+def test_resume_of_another_stage_is_refused(tmp_path, quick_pipeline):
+    out = tmp_path / "base"
+    shutil.copytree(quick_pipeline["warmup"], out)  # a warm-up checkpoint where a base run is expected
+    before = digest(out)
+    proc = run_script("train_sft.py", "--quick", "--device", "cpu", "--stage", "base", "--out", str(out), "--resume",
+                      check=False)
+    assert_one_error_line(proc, "holds a 'warmup' checkpoint")
+    assert digest(out) == before
+
+
+# ---- 2. faults: stop, resume, Ctrl-C, non-finite loss
+# The uninterrupted runs to match are the session's quick_pipeline: its base stage ran `train_sft.py --quick`
+# (--stage all; the stage and --out are run-control flags) and its RL stage `train_rl.py --quick` (2 iterations).
+
+def test_sft_stop_and_resume_match_an_uninterrupted_run(tmp_path, quick_pipeline):
+    """12 steps in one go == --stop-at 6 then --resume: the same TinyVLM and TinyCLIP tensors, exactly."""
+    flags = ["--quick", "--device", "cpu", "--stage", "base", "--n-eval", "4", "--out", str(tmp_path / "base")]
+    stopped = run_script("train_sft.py", *flags, "--stop-at", "6")
+    assert "stopped after step 6/12 (--stop-at)" in stopped.stdout and stopped.stdout.rstrip().endswith("--resume")
+    assert mb.read_training_state(str(tmp_path / "base"))["step"] == 6
+    with pytest.raises(mb.UserError, match="is a stopped run"):  # not a finished base: no warm-up from it
+        mb.check_not_partial(str(tmp_path / "base"), "train_sft.py --stage base")
+    resumed = run_script("train_sft.py", *flags, "--resume")
+    assert "base 12/12" in resumed.stdout and "base 4/12" not in resumed.stdout
+    assert mb.read_training_state(str(tmp_path / "base")) is None  # a finished run keeps no training state
+    assert_same_tensors(quick_pipeline["base"], tmp_path / "base", ("model.safetensors", "clip.safetensors"))
+
+
+def test_rl_stop_and_resume_match_an_uninterrupted_run(tmp_path, quick_pipeline):
+    flags = ["--quick", "--device", "cpu", "--init", quick_pipeline["warmup"], "--out", str(tmp_path / "rl")]
+    stopped = run_script("train_rl.py", *flags, "--stop-at", "1")
+    assert "stopped after iteration 1/2 (--stop-at)" in stopped.stdout
+    assert mb.read_training_state(str(tmp_path / "rl"))["step"] == 1
+    resumed = run_script("train_rl.py", *flags, "--resume")
+    assert "rl 2/2" in resumed.stdout and "rl 1/2" not in resumed.stdout
+    assert_same_tensors(quick_pipeline["rl"], tmp_path / "rl")
+
+
+def test_resume_with_other_training_flags_is_refused():
+    saved = {"lr": 0.002, "steps": 12, "out": "a", "stop_at": 6}
+    mb.check_resume_config(saved, {"lr": 0.002, "steps": 12, "out": "b", "stop_at": 0}, {"out", "stop_at"}, "x")
+    with pytest.raises(mb.UserError, match=r"--lr 0.002 -> 0.001"):
+        mb.check_resume_config(saved, {"lr": 0.001, "steps": 12, "out": "a", "stop_at": 0}, {"out", "stop_at"}, "x")
+
+
+def test_ctrl_c_saves_and_exits_130(tmp_path):
+    """SIGINT during the TinyVLM loop: the step in flight completes, a resumable checkpoint is written, and the
+    one line on stderr says where and how to resume."""
+    out = tmp_path / "base"
+    proc = subprocess.Popen([sys.executable, "train_sft.py", "--quick", "--device", "cpu", "--stage", "base",
+                             "--steps", "100000", "--log-every", "1", "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        for line in proc.stdout:
+            if line.startswith("base 1/100000"):  # the loop (and its Ctrl-C handler) is running
+                break
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "interrupted after step" in lines[0] and str(out) in lines[0], stderr
+    assert lines[0].rstrip().endswith("--resume")
+    state = mb.read_training_state(str(out))
+    assert state["step"] >= 1 and state["total"] == 100000
+    assert mb.load_checkpoint(str(out)).model is not None  # the saved weights load
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    """An absurd learning rate blows the weights up after the first step: the run stops at the NaN with one line,
+    exit 2, and the checkpoint of the last finite step (--save-every 1) is intact."""
+    out = tmp_path / "base"
+    proc = run_script("train_sft.py", "--quick", "--device", "cpu", "--stage", "base", "--steps", "8",
+                      "--save-every", "1", "--lr", "1e30", "--out", str(out), check=False)
+    assert_one_error_line(proc, "loss is nan", "keeps the last good checkpoint")
+    step = int(re.search(r"at step (\d+)", proc.stderr).group(1))
+    assert mb.read_training_state(str(out))["step"] == step  # the state after the last finite step
+    model = mb.load_checkpoint(str(out)).model
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- 3. determinism: same seed, same weights, same printed metrics (against the quick_pipeline's runs)
+
+def printed_metrics(stdout, out, first, last):
+    """The log lines from the one starting with `first` to the one starting with `last`, without what
+    legitimately varies: timings and the output path."""
+    lines = stdout.replace(str(out), "OUT").splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith(first))
+    j = next(k for k, line in enumerate(lines) if line.startswith(last))
+    text = "\n".join(lines[i:j + 1])
+    text = re.sub(r"\| [\d.]+ it/s \| eta \d+s", "", text)
+    return re.sub(r"\(\d+\.\ds\)|in \d+s", "", text)
+
+
+def test_same_seed_gives_identical_sft_runs(tmp_path, quick_pipeline):
+    run = run_script("train_sft.py", "--quick", "--device", "cpu", "--stage", "base", "--out", str(tmp_path / "base"))
+    a = printed_metrics(quick_pipeline["logs"]["sft"], quick_pipeline["base"], "base: ", "base: wrote")
+    b = printed_metrics(run.stdout, tmp_path / "base", "base: ", "base: wrote")
+    assert "base 12/12 loss" in b and a == b
+    assert_same_tensors(quick_pipeline["base"], tmp_path / "base", ("model.safetensors", "clip.safetensors"))
+
+
+def test_same_seed_gives_identical_rl_runs(tmp_path, quick_pipeline):
+    run = run_script("train_rl.py", "--quick", "--device", "cpu", "--init", quick_pipeline["warmup"],
+                     "--out", str(tmp_path / "rl"))
+    a = printed_metrics(quick_pipeline["logs"]["rl"], quick_pipeline["rl"], "--- warm-up", "held-out MECE")
+    b = printed_metrics(run.stdout, tmp_path / "rl", "--- warm-up", "held-out MECE")
+    assert "rl 2/2 pg_loss" in b and a == b
+    assert_same_tensors(quick_pipeline["rl"], tmp_path / "rl")
+
+
+# ---- in process: the training state round trip, the Ctrl-C handler, the resume hint
+
+def test_training_state_round_trip(tmp_path):
+    """Optimizer moments, python/numpy/torch global generators and the loop's own generators come back exactly,
+    through safetensors + JSON only."""
+    import numpy as np
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
+    model(torch.randn(5, 4)).square().sum().backward()
+    opt.step()
+    rng, gen = random.Random(7), torch.Generator().manual_seed(7)
+    rng.random(), torch.rand(2, generator=gen)
+    extra_json, extra_tensors = mb.training_state_files(3, opt, {"batches": rng, "sampling": gen}, total=9)
+    for name, obj in extra_json.items():
+        (tmp_path / name).write_text(json.dumps(obj))
+    for name, tensors in extra_tensors.items():
+        save_file(tensors, str(tmp_path / name))
+    expected = (rng.random(), torch.rand(2, generator=gen), random.random(), np.random.rand(), torch.rand(2))
+    expected_moments = {k: v.clone() for k, v in opt.state[model.weight].items()}
+
+    model2 = torch.nn.Linear(4, 3)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2, betas=(0.9, 0.95))
+    rng2, gen2 = random.Random(0), torch.Generator().manual_seed(0)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)  # scramble the global generators
+    state = mb.load_training_state(str(tmp_path), opt2, {"batches": rng2, "sampling": gen2})
+    assert state["step"] == 3 and state["total"] == 9
+    got = (rng2.random(), torch.rand(2, generator=gen2), random.random(), np.random.rand(), torch.rand(2))
+    assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and got[2] == expected[2]
+    assert got[3] == expected[3] and torch.equal(got[4], expected[4])
+    for k, v in expected_moments.items():
+        assert torch.equal(opt2.state[model2.weight][k], v)
+    assert opt2.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_graceful_stop_defers_the_first_signal():
+    """Inside the block a SIGINT only raises the flag (the loop saves at the step's end); one the loop never
+    acted on becomes KeyboardInterrupt when the block ends; outside, the old handler is back."""
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with mb.GracefulStop() as stop:
+            assert not stop.requested()
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # give the interpreter a few bytecodes to run the handler
+                if stop.signum:
+                    break
+            assert stop.requested() and stop.signum == signal.SIGINT
+            assert stop.stop("saved").code == 130
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_resume_command_drops_stop_at():
+    assert mb.resume_command(["--steps", "8", "--stop-at", "4", "--out", "a b"]).endswith("--steps 8 --out 'a b' --resume")
+    assert mb.resume_command(["--stop-at=4", "--resume"]).endswith(" --resume")
