@@ -13,7 +13,7 @@ statement -> level -> level_to_confidence). From these:
 plus a `<base>-internal` row: the base model's own chains scored post hoc with the four signals and the
 warm-up's levels (no words), so readers see what the statements add.
 
-    python evaluate.py                                   # out/base out/warmup out/rl -> out/eval (about a minute)
+    python evaluate.py                                   # out/base out/warmup out/rl -> out/eval (~30 s, 2 CPU cores)
     python evaluate.py --checkpoints out/rl --self-correct 3
     python evaluate.py --ablations                       # the paper's Table 1 (trains what is missing; long)
     python evaluate.py --quick --checkpoints DIR ...     # seconds, for tests
@@ -108,16 +108,11 @@ def answer_step_index(steps):
 
 
 def is_perception(text):
-    """A perception step ("There is a small red circle at the top left.") vs everything else (reasoning).
+    """A perception step ("At the top left there is a small red circle.") vs everything else (reasoning).
     subtle: by the template the step follows (mb.parse_step), not mb.describe_step, which returns None for a
     perception claim about an empty cell: that hallucination is a perception error and must count as one."""
     parsed = mb.parse_step(text)
     return parsed is not None and parsed[0] == "perception"
-
-
-def _float(x):
-    """nan stays nan here; json_safe turns it into null when written."""
-    return float(x)
 
 
 def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10):
@@ -144,9 +139,9 @@ def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10):
     step_perc = np.array(step_perc, dtype=bool)
     n_steps = int(step_ok.size)
     return {
-        "acc": _float(np.mean(answer_ok)) if answer_ok else math.nan,
+        "acc": float(np.mean(answer_ok)) if answer_ok else math.nan,
         # our choice: F1 per question, then the mean (macro), so a long rambling chain weighs like a short one
-        "f1": _float(np.mean(f1s)) if f1s else math.nan,
+        "f1": float(np.mean(f1s)) if f1s else math.nan,
         "ece": mb.ece(np.array(answer_conf), np.array(answer_ok, dtype=bool), n_bins),
         "mece": mb.ece(step_conf, step_ok, n_bins),
         "mece_perception": mb.ece(step_conf[step_perc], step_ok[step_perc], n_bins),
@@ -155,7 +150,7 @@ def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10):
         "brier": mb.brier(step_conf, step_ok) if n_steps else math.nan,
         "n_questions": len(records),
         "n_steps": n_steps,
-        "step_acc": _float(step_ok.mean()) if n_steps else math.nan,
+        "step_acc": float(step_ok.mean()) if n_steps else math.nan,
         "stated_fraction": n_stated / n_steps if n_steps else math.nan,  # steps whose confidence was not a default
     }
 
@@ -646,12 +641,14 @@ def main(argv=None):
     mb.seed_everything(cfg.seed)
     device = mb.pick_device(cfg.device)
     mb.print_config(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
     if cfg.ablations:
+        os.makedirs(cfg.out, exist_ok=True)
         run_ablations(cfg, command, device, t_start)
         print(f"evaluate: wall time {time.time() - t_start:.1f}s")
         return
+    # every checkpoint is checked before any work, so a typo costs nothing and leaves no empty --out behind
     paths = resolve_checkpoints(cfg.checkpoints, explicit=flag_given(argv, "--checkpoints"))
+    os.makedirs(cfg.out, exist_ok=True)
     labels = checkpoint_labels(paths)
     stages = {p: stage_of(p) for p in paths}
     # the post-hoc row needs a base model (its chains, its signals) and a warm-up (the levels it learned)

@@ -125,7 +125,10 @@ def add_config_args(parser, cls, defaults=None):
         meta = f.metadata or {}
         default = defaults.get(f.name, f.default)
         help_text = meta.get("help", "")
-        if f.type in (bool, "bool"):
+        if f.type in (bool, "bool") and f.name.startswith("no_"):
+            # subtle: BooleanOptionalAction reads any --no-X as False, so --no-r-ka would switch itself off
+            parser.add_argument(flag, dest=f.name, action="store_true", default=default, help=help_text)
+        elif f.type in (bool, "bool"):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
         else:
@@ -381,9 +384,12 @@ def render_scene(scene, rng):
 # step of every question type verifies True).
 
 def perception_step(obj):
-    """Image_level step for one object, e.g. "There is a small red circle at the top left."."""
+    """Image_level step for one object, e.g. "At the top left there is a small red circle.".
+    subtle: the position comes first. A causal decoder writes left to right, so naming the cell first lets every
+    attribute word attend to that cell's image token; "There is a small red circle at the top left." makes the
+    model commit to size, colour and shape before saying where it looked (measured: it learns perception far slower)."""
     position = position_name(obj["row"], obj["col"])
-    return f"There is a {obj['size']} {obj['color']} {obj['shape']} at the {position}."
+    return f"At the {position} there is a {obj['size']} {obj['color']} {obj['shape']}."
 
 
 def count_step(color, n):
@@ -621,7 +627,7 @@ _POSITION = _alternation(POSITIONS)
 _NUMBER = "(" + "|".join(NUMBER_WORDS) + r"|[0-9]{1,2})"
 # Full-match patterns on the normalised sentence (lower case, single spaces, no trailing period).
 STEP_PATTERNS = {
-    "perception": re.compile(rf"there is an? {_SIZE} {_COLOR} {_SHAPE} at the {_POSITION}"),
+    "perception": re.compile(rf"at the {_POSITION} there is an? {_SIZE} {_COLOR} {_SHAPE}"),
     "count": re.compile(rf"the number of {_COLOR} objects is {_NUMBER}"),
     "relation": re.compile(rf"the {_COLOR} {_SHAPE} is (left of|right of|above|below) the {_COLOR} {_SHAPE}"),
     "compare": re.compile(rf"the {_COLOR} {_SHAPE} is larger than the {_COLOR} {_SHAPE}"),
@@ -634,7 +640,7 @@ STEP_PATTERNS = {
 def normalize_step(sentence):
     """Lower-case, collapse whitespace, drop one trailing period.
 
-    Example: "  There is a LARGE red  circle at the center . " -> "there is a large red circle at the center".
+    Example: "  There is a LARGE red  circle at the center . " -> "at the center there is a large red circle".
     """
     text = " ".join(sentence.split()).lower()  # split() with no argument also eats tabs/newlines
     if text.endswith("."):
@@ -654,7 +660,10 @@ def parse_step(sentence):
     for kind, pattern in STEP_PATTERNS.items():
         match = pattern.fullmatch(text)
         if match:
-            return kind, match.groups()
+            groups = match.groups()
+            if kind == "perception":  # written position first; fields keep (size, color, shape, position)
+                groups = groups[1:] + groups[:1]
+            return kind, groups
     return None
 
 
@@ -686,8 +695,8 @@ def verify_step(scene, sentence):
 
     Examples with scene {"objects": [{"shape": "circle", "color": "red", "size": "large", "row": 1, "col": 1}],
                          "answer": "one"}:
-        "There is a large red circle at the center."   -> True
-        "There is a large orange circle at the center." -> False   (the confusable colour)
+        "At the center there is a large red circle."   -> True
+        "At the center there is a large orange circle." -> False   (the confusable colour)
         "The number of red objects is one."            -> True
         "So, the answer is two."                       -> False
         "hello world"                                  -> None
@@ -738,7 +747,7 @@ def describe_step(scene, sentence):
     confusable); None when that cell is empty or the step is unparseable.
     other kinds -> {"kind": "count" | "relation" | "compare" | "knowledge" | "answer"}; knowledge steps also
     carry "fact_weight", the stated fact's FACT_WEIGHTS probability (rare facts have small weights).
-    Example: large red circle at the center, "There is a small orange circle at the center." ->
+    Example: large red circle at the center, "At the center there is a small orange circle." ->
         {"kind": "perception", "size": "large", "color": "red", "confusable": True}
     """
     parsed = parse_step(sentence)
@@ -2222,8 +2231,8 @@ def reference_steps(record):
 
 
 def attach_statement(step, statement):
-    """"There is a red circle at the center." + "with total certainty" ->
-    "There is a red circle at the center, with total certainty."  A "(confidence k/5)" number statement
+    """"At the center there is a red circle." + "with total certainty" ->
+    "At the center there is a red circle, with total certainty."  A "(confidence k/5)" number statement
     (the "w/o S-S mapping" ablation) goes after a space instead of a comma."""
     body = step.strip().rstrip(".").strip()
     if statement.startswith("("):
@@ -2238,7 +2247,7 @@ def build_tokenizer(records):
     texts += [c for pool in STATEMENTS.values() for c in pool]
     texts += [confidence_number_statement(k) for k in range(1, 6)]
     texts += list(NUMBER_WORDS) + list(LEXICON.values()) + list(POSITIONS) + list(COLORS) + list(SHAPES)
-    texts += ["so, the answer is", "there is a", "the number of objects is", "left of right of above below larger than called"]
+    texts += ["so, the answer is", "at the there is a", "the number of objects is", "left of right of above below larger than called"]
     return Tokenizer.build(texts)
 
 
@@ -2271,7 +2280,7 @@ class Step:
     start: int  # first content token
     end: int  # one past the last content token (statement, its comma and the period excluded)
     last: int  # the step's last token (its period, or the last token of a truncated step): rewards go here
-    text: str  # the content as a sentence, e.g. "There is a small red circle at the center."
+    text: str  # the content as a sentence, e.g. "At the center there is a small red circle."
     level: "int | None"  # the stated level 1..5, None when there is no parseable statement
 
 
@@ -2279,8 +2288,8 @@ def split_steps(response, tokenizer):
     """Cut a response (token ids, no prompt) at every "." into steps, and each step into content and statement.
     The statement is what follows the step's last comma when that text is a known clause (level_of_statement),
     or a "(confidence k/5)" number statement; otherwise the step has no statement (level None).
-    e.g. "there is a red circle at the center , with total certainty . so , the answer is red , but i'm not sure ."
-      -> [Step(text="there is a red circle at the center.", level=5), Step(text="so, the answer is red.", level=2)]
+    e.g. "at the center there is a red circle , with total certainty . so , the answer is red , but i'm not sure ."
+      -> [Step(text="at the center there is a red circle.", level=5), Step(text="so, the answer is red.", level=2)]
     subtle: "so , the answer is red" has a comma of its own; "the answer is red" is no clause, so it stays content."""
     period, comma, lparen = tokenizer.index.get("."), tokenizer.index.get(","), tokenizer.index.get("(")
     ids = []

@@ -45,13 +45,14 @@ class RLConfig:
     ppo_epochs: int = field(default=2, metadata=note("passes over each rollout batch", POSITIVE))
     minibatches: int = field(default=4, metadata=note("minibatches per epoch", POSITIVE))
     lr: float = field(default=1e-4, metadata=note("AdamW learning rate (policy and value head)", POSITIVE))
-    temperature: float = field(default=1.0, metadata=note("sampling temperature; the same one re-scores the tokens", POSITIVE))
+    temperature: float = field(default=0.7, metadata=note("sampling temperature; the same one re-scores the tokens", POSITIVE))
     alpha: float = field(default=1.0, metadata=note("weight α of R_KA, knowledge accuracy", NON_NEGATIVE))
     beta: float = field(default=1.0, metadata=note("weight β of R_EC, expected calibration (Brier)", NON_NEGATIVE))
     gamma: float = field(default=1.0, metadata=note("weight γ of R_CS, confidence self-calibration", NON_NEGATIVE))
     no_r_ka: bool = field(default=False, metadata=note("ablation 'w/o R_KA': drop the accuracy reward"))
     no_r_ec: bool = field(default=False, metadata=note("ablation 'w/o R_EC': drop the calibration reward"))
     no_r_cs: bool = field(default=False, metadata=note("ablation 'w/o R_CS': drop the self-calibration reward"))
+    mean_over_steps: bool = field(default=True, metadata=note("divide each step's reward by the response's step count (return = mean step reward)"))
     missing_penalty: float = field(default=-1.0, metadata=note("reward instead of β·R_EC + γ·R_CS for a step with no parseable statement"))
     kl_coef: float = field(default=0.05, metadata=note("per-token KL penalty to the frozen warm-up model", NON_NEGATIVE))
     clip_eps: float = field(default=0.2, metadata=note("PPO ratio clip ε", OPEN_UNIT))
@@ -74,25 +75,33 @@ RUN_CONTROL = {"init", "out", "device", "quick", "n_eval", "save_every", "resume
 QUICK = dict(n_train=32, iterations=2, rollouts=8, minibatches=2, max_new_tokens=48, n_eval=8, save_every=1)
 
 
-def rollout_rewards(cfg, records, steps, correct, internal):
-    """Step rewards r_s (DESIGN 5.5) for each response, as a list of (token index in the response, reward)."""
-    placed = []
+def rollout_rewards(cfg, steps, correct, internal):
+    """Step rewards of DESIGN 5.5 for each response: a list of (token index in the response, r_s) per response,
+    and each reward's values over the batch's steps (for the log line).
+        r_s = α R_KA(s) + β R_EC(s) + γ R_CS(s),  or  α R_KA(s) + missing_penalty  when step s states nothing."""
+    placed, seen = [], {"r_ka": [], "r_ec": [], "r_cs": []}
     for st, a, u in zip(steps, correct, internal):
-        row = []
-        for s, step in enumerate(st):
-            a_s = torch.tensor([float(a[s])])
-            r = 0.0 if cfg.no_r_ka else cfg.alpha * mb.r_ka(a_s).item()
-            if step.level is None:
-                r += cfg.missing_penalty  # no statement to score: a fixed penalty instead of R_EC and R_CS
-            else:
-                e_s = torch.tensor([mb.level_to_confidence(step.level)])
-                if not cfg.no_r_ec:
-                    r += cfg.beta * mb.r_ec(e_s, a_s).item()
-                if not cfg.no_r_cs:
-                    r += cfg.gamma * mb.r_cs(e_s, torch.tensor([float(u[s])])).item()
-            row.append((step.last, r))
-        placed.append(row)
-    return placed
+        if not st:
+            placed.append([])
+            continue
+        a_s = torch.tensor([float(x) for x in a])  # (S,) correctness from the verifier
+        stated = torch.tensor([s.level is not None for s in st])  # (S,) does the step carry a parseable statement?
+        e_s = torch.tensor([mb.level_to_confidence(s.level) if s.level is not None else 0.0 for s in st])  # (S,)
+        u_s = torch.tensor([float(x) for x in u])  # (S,) internal confidence
+        ka, ec, cs = mb.r_ka(a_s), mb.r_ec(e_s, a_s), mb.r_cs(e_s, u_s)  # (S,) each
+        r = (0.0 if cfg.no_r_ka else cfg.alpha) * ka
+        r = r + torch.where(stated, (0.0 if cfg.no_r_ec else cfg.beta) * ec + (0.0 if cfg.no_r_cs else cfg.gamma) * cs,
+                            torch.full_like(r, cfg.missing_penalty))
+        if cfg.mean_over_steps:
+            # our choice: divide by the number of steps, so a response's return is its MEAN step reward. Summed
+            # rewards pay for length: R_EC + R_CS earn up to 2 per step even on a wrong step, and the policy
+            # learned to pad its chain with hedged junk steps (seen in practice: step accuracy collapsed).
+            r = r / len(st)
+        placed.append([(step.last, float(x)) for step, x in zip(st, r)])
+        seen["r_ka"] += ka.tolist()
+        seen["r_ec"] += ec[stated].tolist()
+        seen["r_cs"] += cs[stated].tolist()
+    return placed, seen
 
 
 def internal_confidence(policy, clip, tokenizer, records, responses, steps, stats, device):
@@ -190,7 +199,8 @@ def train(cfg, rank, world_size, device):
                 old_logprobs = mb.token_logprobs(logits / T, targets)  # same temperature as sampling
                 ref_logprobs = mb.token_logprobs(ref(images, inputs, text_mask=text_mask)[0] / T, targets)
             score = torch.zeros_like(mask)
-            for b, row in enumerate(rollout_rewards(cfg, batch, steps, correct, internal)):
+            placed, seen = rollout_rewards(cfg, steps, correct, internal)
+            for b, row in enumerate(placed):
                 for last, r in row:
                     score[b, offsets[b] + last] += r
                 if not row:  # a response with no step at all: the penalty on its last token
@@ -234,6 +244,8 @@ def train(cfg, rank, world_size, device):
             expressed = torch.tensor([mb.level_to_confidence(l) if l is not None else 0.5 for l in stated])
             line = {k: sum(v) / len(v) for k, v in stats_mb.items()}
             line["score"] = (score.sum() / n).item()
+            for k, v in seen.items():
+                line[k] = sum(v) / max(1, len(v))
             line["kl_ref"] = (kl.sum() / n).item()
             line["ev"] = float(mb.explained_variance(values, returns, mask))
             line["step_acc"] = sum(flat_correct) / max(1, len(flat_correct))

@@ -16,8 +16,8 @@ from conftest import run_script
 
 # a scene with one large red circle at the center; the gold answer is "red"
 SCENE = {"objects": [{"shape": "circle", "color": "red", "size": "large", "row": 1, "col": 1}], "answer": "red"}
-CIRCLE = "There is a large red circle at the center."  # true perception step
-WRONG = "There is a large blue circle at the center."  # false perception step
+CIRCLE = "At the center there is a large red circle."  # true perception step
+WRONG = "At the center there is a large blue circle."  # false perception step
 COUNT = "The number of red objects is one."  # true reasoning step
 ANSWER = "So, the answer is red."  # true answer step
 
@@ -36,7 +36,7 @@ def test_chain_f1_hand_computed():
     """predicted [A correct, B correct but not in the reference, C wrong], reference [A, D]:
     precision = 2/3, recall = 1/2 (A restated, D not), F1 = 2 (2/3)(1/2) / (2/3 + 1/2) = (2/3) / (7/6) = 4/7.
     Matching normalises case, spaces and the final period; a wrong step never matches."""
-    p, r, f1 = ev.chain_f1(["there is a LARGE red circle  at the center", COUNT, WRONG], [True, True, False],
+    p, r, f1 = ev.chain_f1(["at the center there is a LARGE red  circle", COUNT, WRONG], [True, True, False],
                            [CIRCLE, "So, the answer is red."])
     assert (p, r) == pytest.approx((2 / 3, 1 / 2))
     assert f1 == pytest.approx(4 / 7)
@@ -77,11 +77,14 @@ def test_response_ece_uses_the_answer_step():
     # reasoning: ANSWER at 1.0 and .75 (correct), "hello." at 0.0 (wrong) -> (0 + .25 + 0) / 3
     assert m["mece_perception"] == pytest.approx(1.75 / 3)
     assert m["mece_reasoning"] == pytest.approx(0.25 / 3)
+    # two answers: the last one is the final answer (the one mb.final_answer and Acc read)
+    assert ev.answer_step_index([step(ANSWER), step(CIRCLE), step("So, the answer is blue."), step("hello.")]) == 2
+    assert ev.answer_step_index([step(CIRCLE)]) is None
 
 
 def test_hallucinated_perception_counts_as_perception():
     """A perception claim about an empty cell is a (wrong) perception step, not a reasoning step."""
-    assert ev.is_perception("There is a small blue square at the top left.")
+    assert ev.is_perception("At the top left there is a small blue square.")
     assert not ev.is_perception(ANSWER) and not ev.is_perception("hello.")
 
 
@@ -90,7 +93,8 @@ def test_json_has_no_nan():
 
 
 def test_join_list_flag_and_missing_defaults(tmp_path, capsys):
-    assert ev.join_list_flag(["--checkpoints", "a", "b", "--out", "o"], "--checkpoints") == ["--checkpoints", "a,b", "--out", "o"]
+    joined = ev.join_list_flag(["--checkpoints", "a", "b", "--out", "o"], "--checkpoints")
+    assert joined == ["--checkpoints", "a,b", "--out", "o"]
     (tmp_path / "x").mkdir()
     found = ev.resolve_checkpoints(f"{tmp_path / 'x'},{tmp_path / 'missing'}", explicit=False)
     assert found == [str(tmp_path / "x")]
@@ -124,7 +128,7 @@ class ScriptedModel:
             n_steps = ids.count(self.tok.index["."])  # the prompt holds no period
             self.calls.append((n_steps, temperature))
             if n_steps == 0 and temperature == 0:
-                rows.append(self.tok.encode("there is a large red circle at the center, but i'm not sure."))
+                rows.append(self.tok.encode("at the center there is a large red circle, but i'm not sure."))
             elif n_steps == 0:
                 question = tuple(t for t in ids[:ids.index(mb.SEP)] if t != mb.PAD)
                 i = self.drawn[question] = self.drawn.get(question, -1) + 1  # this question's i-th sample
@@ -142,17 +146,17 @@ def tokenizer():
     return mb.build_tokenizer(mb.make_dataset(50, 0))
 
 
-LOW_SAME = "there is a small red circle at the center, but i have serious doubts."  # level 2: a tie
-LOW_1 = "there is a large blue circle at the center, and this needs checking."  # level 1
-HIGH_4 = "there is a large blue circle at the center, and i am fairly confident."  # level 4
-HIGH_5 = "there is a large red circle at the center, with total certainty."  # level 5
+LOW_SAME = "at the center there is a small red circle, but i have serious doubts."  # level 2: a tie
+LOW_1 = "at the center there is a large blue circle, and this needs checking."  # level 1
+HIGH_4 = "at the center there is a large blue circle, and i am fairly confident."  # level 4
+HIGH_5 = "at the center there is a large red circle, with total certainty."  # level 5
 
 
 @pytest.mark.parametrize("k, samples, kept, n_samples", [
-    (0, [], "large red circle at the center, but i'm not sure", 0),  # off: greedy
-    (1, [LOW_SAME], "large red circle at the center, but i'm not sure", 1),  # a tie keeps the greedy version
-    (3, [LOW_1, HIGH_4, HIGH_5], "large blue circle at the center, and i am fairly confident", 2),  # stop at level > 2
-    (2, [LOW_1, LOW_SAME], "large red circle at the center, but i'm not sure", 2),  # nothing better: greedy kept
+    (0, [], "center there is a large red circle, but i'm not sure", 0),  # off: greedy
+    (1, [LOW_SAME], "center there is a large red circle, but i'm not sure", 1),  # a tie keeps the greedy version
+    (3, [LOW_1, HIGH_4, HIGH_5], "center there is a large blue circle, and i am fairly confident", 2),  # stop at level > 2
+    (2, [LOW_1, LOW_SAME], "center there is a large red circle, but i'm not sure", 2),  # nothing better: greedy kept
 ])
 def test_self_correction_keeps_the_most_confident_version(tokenizer, k, samples, kept, n_samples):
     model = ScriptedModel(tokenizer, samples)
@@ -222,13 +226,44 @@ def test_ablation_plan_rows_and_flags(tmp_path):
 # Smoke runs of the script on the --quick pipeline
 # ---------------------------------------------------------------------------- #
 
-def test_stepwise_greedy_equals_generate_responses(quick_pipeline):
-    """With K = 0, step-by-step decoding (a new generate call per step) gives the same tokens as one call."""
-    ck = mb.load_checkpoint(quick_pipeline["warmup"])
-    recs = mb.make_dataset(6, 5, "test")
-    plain = mb.generate_responses(ck.model, ck.tokenizer, recs, max_new_tokens=30, batch_size=4)
-    stepwise, _ = ev.generate_self_corrected(ck.model, ck.tokenizer, recs, 0, max_new_tokens=30, batch_size=4)
+def chatty_model(tokenizer):
+    """A random tiny TinyVLM whose greedy answers hold several "." (a +2 bias on the period logit) and where one
+    question ends early at <eos>: what step-by-step decoding must get right."""
+    torch.manual_seed(0)
+    cfg = mb.VLMConfig(n_layer=1, n_head=2, n_embd=32, vit_layers=1, vit_embd=16, vocab_size=len(tokenizer), block_size=96)
+    model = mb.TinyVLM(cfg).eval()
+    for p in model.parameters():
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=1.0)  # large weights: the greedy token depends on the context
+    head = torch.nn.Linear(cfg.n_embd, cfg.vocab_size, bias=True)
+    head.weight = model.tok_embed.weight
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[tokenizer.index["."]] = 2.0
+    model.lm_head = head
+    return model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops: one torch thread, as run_script's subprocesses (two threads on a busy 2-core box are ~50x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_stepwise_greedy_equals_generate_responses(tokenizer, one_thread):
+    """With K = 0, step-by-step decoding (one generate call per step, rows advancing together, a finished row
+    leaving the batch) gives exactly the tokens of one mb.generate_responses call."""
+    model = chatty_model(tokenizer)
+    recs = mb.make_dataset(8, 5, "test")
+    plain = mb.generate_responses(model, tokenizer, recs, max_new_tokens=30, batch_size=4)
+    assert max(r.count(tokenizer.index["."]) for r in plain) >= 3  # several steps per answer
+    assert min(len(r) for r in plain) < 30  # and a row that stops early
+    stepwise, counts = ev.generate_self_corrected(model, tokenizer, recs, 0, max_new_tokens=30, batch_size=4)
     assert stepwise == plain
+    assert counts["samples"] == 0
 
 
 def test_evaluate_quick_outputs(quick_pipeline, tmp_path):

@@ -81,9 +81,9 @@ def random_text(rng, vocabulary, sentences):
              "answer": mb.NUMBER_WORDS + list(mb.COLORS) + mb.POSITIONS + ["yes", "no"],
              "clause": [c for pool in mb.STATEMENTS.values() for c in pool], "level": list("123456")}
     template = rng.choice([
-        "There is {article} {size} {color} {shape} at the {position}.", "The number of {color} objects is {number}.",
+        "At the {position} there is {article} {size} {color} {shape}.", "The number of {color} objects is {number}.",
         "The {color} {shape} is {relation} the {color} {shape}.", "{article} {color} {shape} is called a {name}.",
-        "So, the answer is {answer}.", "There is a {size} {color} {shape} at the {position}, {clause}.",
+        "So, the answer is {answer}.", "At the {position} there is a {size} {color} {shape}, {clause}.",
         "So, the answer is {answer} (confidence {level}/5).", "{clause}, {clause}, {clause}",
     ])
     slots["article"] = ["a", "an", "A", "An"]

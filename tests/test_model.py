@@ -177,3 +177,19 @@ def test_checkpoint_falls_back_to_previous_copy(tmp_path):
     make_checkpoint(path)
     os.replace(path, path + ".old")
     assert mb.load_checkpoint(path).model is not None
+
+
+def test_config_flags_and_checks():
+    """Dataclass fields become --dashed flags; --no-X fields switch on; impossible values are one clear error."""
+    import train_rl
+    import train_sft
+    cfg, = mb.parse_configs(["--no-r-ka", "--kl-coef", "0.1"], "", [train_rl.RLConfig])
+    assert cfg.no_r_ka is True and cfg.no_r_ec is False and cfg.kl_coef == 0.1
+    cfg, _ = mb.parse_configs(["--no-statements"], "", [train_sft.SFTConfig, mb.VLMConfig])
+    assert cfg.statements is False
+    with pytest.raises(mb.UserError, match="--clip-eps must be in"):
+        mb.parse_configs(["--clip-eps", "-1"], "", [train_rl.RLConfig])
+    with pytest.raises(mb.UserError, match="--stage must be one of"):
+        mb.parse_configs(["--stage", "pretrain"], "", [train_sft.SFTConfig, mb.VLMConfig])
+    cfg, = mb.parse_configs(["--quick"], "", [train_rl.RLConfig], train_rl.QUICK)
+    assert cfg.iterations == train_rl.QUICK["iterations"]

@@ -46,14 +46,14 @@ HAND_SCENE = {
 
 @pytest.mark.parametrize("sentence, expected", [
     # perception: exact size, colour, shape and position
-    ("There is a large red circle at the top left.", True),
-    ("There is a small blue square at the top right.", True),
-    ("There is a small red triangle at the center.", True),
-    ("There is a large orange circle at the top left.", False),  # confusable colour
-    ("There is a small red circle at the top left.", False),  # wrong size
-    ("There is a large red square at the top left.", False),  # wrong shape
-    ("There is a large red circle at the top middle.", False),  # empty cell
-    ("There is a large yellow diamond at the center.", False),  # exists, but elsewhere
+    ("At the top left there is a large red circle.", True),
+    ("At the top right there is a small blue square.", True),
+    ("At the center there is a small red triangle.", True),
+    ("At the top left there is a large orange circle.", False),  # confusable colour
+    ("At the top left there is a small red circle.", False),  # wrong size
+    ("At the top left there is a large red square.", False),  # wrong shape
+    ("At the top middle there is a large red circle.", False),  # empty cell
+    ("At the center there is a large yellow diamond.", False),  # exists, but elsewhere
     # count: two red objects (circle + triangle), one blue, zero green
     ("The number of red objects is two.", True),
     ("The number of red objects is one.", False),
@@ -90,16 +90,16 @@ HAND_SCENE = {
     ("So, the answer is three.", False),
     ("So the answer is Two", True),  # comma and period optional, case ignored
     # tolerance: case, surrounding and repeated whitespace, space before the period
-    ("  there IS a   LARGE red circle at the top   left . ", True),
-    ("There is a large red circle at the top left", True),
+    ("  at the TOP   left there IS a   LARGE red circle . ", True),
+    ("At the top left there is a large red circle", True),
     # unparseable -> None
     ("", None),
     ("   ", None),
     ("hello world", None),
-    ("There is a large pink circle at the top left.", None),  # pink is not a colour of this world
+    ("At the top left there is a large pink circle.", None),  # pink is not a colour of this world
     ("There is a large red circle at the far left.", None),  # not a position
     ("The number of red objects is many.", None),
-    ("There is a large red circle at the top left. There is more.", None),  # two sentences are not one step
+    ("At the top left there is a large red circle. There is more.", None),  # two sentences are not one step
     ("The red circle is near the blue square.", None),
     ("Ünïcödé ✓ 🚀", None),
     ("The number of red objects is " + "9" * 5000 + ".", None),  # huge numbers must not crash int()
@@ -113,7 +113,7 @@ def test_templates_exact_text():
     # other code (tokenizer, statements, evaluation) relies on these exact strings
     circle = HAND_SCENE["objects"][0]
     square = HAND_SCENE["objects"][1]
-    assert mb.perception_step(circle) == "There is a large red circle at the top left."
+    assert mb.perception_step(circle) == "At the top left there is a large red circle."
     assert mb.count_step("red", 2) == "The number of red objects is two."
     assert mb.relation_step(circle, square, "left") == "The red circle is left of the blue square."
     assert mb.relation_step(square, circle, "below") == "The blue square is below the red circle."
@@ -127,7 +127,7 @@ def test_templates_exact_text():
 def test_parse_step_fields():
     assert mb.parse_step("The red circle is left of the blue square.") == (
         "relation", ("red", "circle", "left of", "blue", "square"))
-    assert mb.parse_step("there is a small orange diamond at the middle left") == (
+    assert mb.parse_step("at the middle left there is a small orange diamond") == (
         "perception", ("small", "orange", "diamond", "middle left"))
     assert mb.parse_step("gibberish") is None
     assert mb.parse_step(None) is None
@@ -135,12 +135,12 @@ def test_parse_step_fields():
 
 def test_describe_step():
     # the *true* object in the stated cell is described, not the claim
-    assert mb.describe_step(HAND_SCENE, "There is a large orange circle at the top left.") == {
+    assert mb.describe_step(HAND_SCENE, "At the top left there is a large orange circle.") == {
         "kind": "perception", "size": "large", "color": "red", "confusable": True}
-    assert mb.describe_step(HAND_SCENE, "There is a small red diamond at the bottom right.") == {
+    assert mb.describe_step(HAND_SCENE, "At the bottom right there is a small red diamond.") == {
         "kind": "perception", "size": "large", "color": "yellow", "confusable": False}
-    assert mb.describe_step(HAND_SCENE, "There is a small red diamond at the center.")["size"] == "small"
-    assert mb.describe_step(HAND_SCENE, "There is a large red circle at the top middle.") is None  # empty cell
+    assert mb.describe_step(HAND_SCENE, "At the center there is a small red diamond.")["size"] == "small"
+    assert mb.describe_step(HAND_SCENE, "At the top middle there is a large red circle.") is None  # empty cell
     assert mb.describe_step(HAND_SCENE, "nonsense") is None
     assert mb.describe_step(HAND_SCENE, "The number of red objects is two.") == {"kind": "count"}
     assert mb.describe_step(HAND_SCENE, "The red circle is above the yellow diamond.") == {"kind": "relation"}
@@ -152,13 +152,13 @@ def test_describe_step():
 
 def test_verify_step_scene_without_objects():
     for scene in ({}, {"objects": None}, {"objects": []}, {"objects": [{}]}, {"objects": "x"}, None, []):
-        assert mb.verify_step(scene, "There is a large red circle at the center.") is False
+        assert mb.verify_step(scene, "At the center there is a large red circle.") is False
         assert mb.verify_step(scene, "The number of red objects is zero.") is True  # none of them
         assert mb.verify_step(scene, "The red circle is left of the blue square.") is False
         assert mb.verify_step(scene, "The red circle is larger than the blue square.") is False
         assert mb.verify_step(scene, f"A red circle is called a {mb.LEXICON[('red', 'circle')]}.") is True
         assert mb.verify_step(scene, "So, the answer is two.") is False  # no gold answer to match
-        assert mb.describe_step(scene, "There is a large red circle at the center.") is None
+        assert mb.describe_step(scene, "At the center there is a large red circle.") is None
 
 
 # ---------------------------------------------------------------------------- #
@@ -185,14 +185,14 @@ def test_reference_steps_verify_true(datasets, split):
 def _mutations(step):
     """Wrong versions of a reference step, built with plain string edits (independent of mb.parse_step)."""
     out = []
-    if step.startswith("There is a "):  # perception: "There is a {size} {color} {shape} at the {pos}."
-        size, color, shape = step[len("There is a "):].split(" at the ")[0].split(" ")
-        pos = step.split(" at the ")[1][:-1]
+    if step.startswith("At the "):  # perception: "At the {pos} there is a {size} {color} {shape}."
+        pos, rest = step[len("At the "):-1].split(" there is a ")
+        size, color, shape = rest.split(" ")
         wrong_color = mb.CONFUSABLE.get(color, "green" if color != "green" else "yellow")
         out.append(step.replace(f" {color} ", f" {wrong_color} "))  # wrong colour (look-alike when any)
         out.append(step.replace(f"a {size} ", f"a {'small' if size == 'large' else 'large'} "))  # wrong size
         other_pos = mb.POSITIONS[(mb.POSITIONS.index(pos) + 1) % 9]
-        out.append(step.replace(f"at the {pos}.", f"at the {other_pos}."))  # wrong cell (pairs are unique)
+        out.append(step.replace(f"At the {pos} ", f"At the {other_pos} "))  # wrong cell (pairs are unique)
     elif step.startswith("The number of "):
         word = step[:-1].split(" ")[-1]
         wrong = mb.NUMBER_WORDS[(mb.NUMBER_WORDS.index(word) + 1) % len(mb.NUMBER_WORDS)]
@@ -224,7 +224,7 @@ def test_mutated_steps_verify_false(datasets, split):
             for wrong in _mutations(step):
                 assert wrong != step
                 assert mb.verify_step(scene, wrong) is False, (record["id"], step, wrong)
-                counts["perception" if step.startswith("There is") else "other"] += 1
+                counts["perception" if step.startswith("At the ") else "other"] += 1
         for choice in record["choices"]:  # every wrong choice makes a false answer step
             if choice != record["answer"]:
                 assert mb.verify_step(scene, f"So, the answer is {choice}.") is False
