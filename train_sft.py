@@ -12,8 +12,8 @@ Run `python train_sft.py --help` for every flag; `--quick` is a seconds-long pre
 Reliability: --save-every N writes a resumable checkpoint (weights + optimizer + random state) to the stage's
 output folder every N steps; Ctrl-C (or SIGTERM) and --stop-at K save one and stop; --resume continues from it
 with the same flags and reaches the same weights as an uninterrupted run (bit for bit on CPU). Resume covers the
-two TinyVLM loops (base, warmup). TinyCLIP (seconds) is not checkpointed: a resumed base run trains it from its
-start after the TinyVLM loop, as an uninterrupted run does. The warm-up's self-answered pool is recomputed on
+two TinyVLM loops (base, warmup). TinyCLIP (seconds) trains first and is not resumable itself: a stopped base run
+holds it finished, and --resume reloads it. The warm-up's self-answered pool is recomputed on
 resume (it is deterministic per seed). torchrun --nproc_per_node N train_sft.py ... trains with DDP: each rank
 draws its own batches (seed + rank) of --batch-size sequences and answers its share of the warm-up questions.
 """
@@ -41,7 +41,7 @@ class SFTConfig:
     seed: int = field(default=1337, metadata=note("seed for data, init and sampling"))
     quick: bool = field(default=False, metadata=note("tiny model and few steps: a seconds-long smoke run"))
     n_train: int = field(default=6000, metadata=note("training questions generated from the shapes world", POSITIVE))
-    steps: int = field(default=1200, metadata=note("base: optimizer steps for TinyVLM", POSITIVE))
+    steps: int = field(default=800, metadata=note("base: optimizer steps for TinyVLM", POSITIVE))
     batch_size: int = field(default=32, metadata=note("sequences per optimizer step", POSITIVE))
     lr: float = field(default=2e-3, metadata=note("peak AdamW learning rate (linear warm-up, cosine decay)", POSITIVE))
     weight_decay: float = field(default=0.01, metadata=note("AdamW weight decay on matrices", NON_NEGATIVE))
@@ -50,12 +50,13 @@ class SFTConfig:
     clip_steps: int = field(default=600, metadata=note("base: optimizer steps for TinyCLIP", POSITIVE))
     clip_batch_size: int = field(default=64, metadata=note("(image, step) pairs per TinyCLIP step; also the InfoNCE negatives", POSITIVE))
     clip_lr: float = field(default=5e-4, metadata=note("TinyCLIP learning rate", POSITIVE))
+    vit_from_clip: bool = field(default=True, metadata=note("base: start TinyVLM's vision encoder from the trained TinyCLIP image tower (LLaVA's recipe)"))
     log_every: int = field(default=100, metadata=note("print a progress line every this many steps", POSITIVE))
     n_eval: int = field(default=300, metadata=note("held-out test questions for the end-of-stage report", NON_NEGATIVE))
     # stage 1, the confidence warm-up
-    warmup_n: int = field(default=2000, metadata=note("warmup: training questions the base model answers itself", POSITIVE))
-    warmup_temperature: float = field(default=1.0, metadata=note("warmup: sampling temperature of those answers (1 = the model's own distribution)", POSITIVE))
-    warmup_steps: int = field(default=500, metadata=note("warmup: fine-tuning steps", POSITIVE))
+    warmup_n: int = field(default=1000, metadata=note("warmup: training questions the base model answers itself", POSITIVE))
+    warmup_temperature: float = field(default=0.0, metadata=note("warmup: temperature of those answers (0 = greedy, the model's most likely chain; 1 = its full distribution)", NON_NEGATIVE))
+    warmup_steps: int = field(default=300, metadata=note("warmup: fine-tuning steps", POSITIVE))
     warmup_lr: float = field(default=1e-3, metadata=note("warmup: peak learning rate", POSITIVE))
     signals: str = field(default="lnlp,mte,tokensar,clipscore", metadata=note("warmup: signals fused into the confidence (drop one for the 'w/o U_X' ablations)"))
     fusion: str = field(default="mean", metadata=note("warmup: mean (weighted) or max (the 'w U_Max' ablation)", choices=("mean", "max")))
@@ -249,8 +250,10 @@ def run_base(cfg, mcfg, out, device, resume_from=None):
     tokenizer = mb.build_tokenizer(records)
     mcfg = dataclasses.replace(mcfg, vocab_size=len(tokenizer))
     model = mb.TinyVLM(mcfg).to(device)
+    # TinyCLIP's image tower has the TinyVLM's ViT shape, so it can serve as the VLM's vision encoder (LLaVA's recipe)
     ccfg = mb.CLIPConfig(image_size=mcfg.image_size, patch_size=mcfg.patch_size, vocab_size=len(tokenizer),
-                         **({"n_layer": 1, "n_embd": 32, "embed_dim": 32} if cfg.quick else {}))
+                         n_layer=mcfg.vit_layers, n_embd=mcfg.vit_embd, n_head=mcfg.n_head,
+                         **({"embed_dim": 32} if cfg.quick else {}))
     clip = mb.TinyCLIP(ccfg).to(device)  # subtle: made before any resume, so TinyCLIP's init is the same either way
     config = {"stage": "base", "model": dataclasses.asdict(mcfg), "clip": dataclasses.asdict(ccfg),
               "train": dataclasses.asdict(cfg)}
@@ -268,12 +271,20 @@ def run_base(cfg, mcfg, out, device, resume_from=None):
         if len(ids) - 1 > mcfg.block_size:
             raise UserError(f"record {r.get('id')}: {len(ids)} tokens > --block-size {mcfg.block_size}")
         examples.append((r["image"], ids, start))
-    # a stopped base run holds the TinyVLM only (clip None): TinyCLIP trains after the loop, resumed or not
-    partial = dict(config, clip=None)
-    save = lambda step, extra_json, extra_tensors: save_on_rank0(out, model, tokenizer, partial, extra_json=extra_json,
-                                                                  extra_tensors=extra_tensors)
+    # 1. TinyCLIP first: (image, step) pairs, symmetric InfoNCE. A resumed run reloads it from the stopped run.
+    if resume_from:
+        mb.load_weights(clip, os.path.join(resume_from, "clip.safetensors"))
+    else:
+        train_clip(clip, tokenizer, records, cfg, device)
+        if cfg.vit_from_clip:
+            # LLaVA starts from a pretrained CLIP vision tower. Measured here: a from-scratch ViT trained only through
+            # the language loss collapses to image-independent features (shuffling the images leaves the loss
+            # unchanged after 500 steps), while the CLIP-initialised one keeps using the image.
+            model.vit.load_state_dict(clip.vit.state_dict())
+    # 2. TinyVLM: (image, question) -> reference chain, loss on the answer only. Stopped runs hold both models.
+    save = lambda step, extra_json, extra_tensors: save_on_rank0(out, model, tokenizer, config, clip=clip,
+                                                                  extra_json=extra_json, extra_tensors=extra_tensors)
     train_lm(model, examples, cfg, device, cfg.steps, cfg.lr, "base", save, resume_from)
-    train_clip(clip, tokenizer, records, cfg, device)
     breakdown = {}
     if mb.is_main():
         breakdown = report(model, tokenizer, load_records(cfg, cfg.n_eval, "test", cfg.seed + 1, mcfg.image_size),
@@ -350,7 +361,7 @@ def run_warmup(cfg, init, out, device, resume_from=None):
 
 def signal_evidence(pool, conf, fused, levels, correct):
     """Do the signals find the knowledge boundary? Level histogram, step accuracy per level, AUROC per signal."""
-    print("--- warm-up pool: base model's own sampled chains, exact-verifier step accuracy per assigned level")
+    print("--- warm-up pool: the base model's own chains, exact-verifier step accuracy per assigned level")
     evidence = {"levels": {}, "auroc": {}}
     for k in range(1, 6):
         sel = levels == k
