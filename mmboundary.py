@@ -13,6 +13,7 @@ scratch on an embedded shapes world whose step truth is known exactly, so the wh
 Map of this file (sections under # ---- rulers):
   errors, configuration, command line   UserError, run_cli, parse_configs, seed_everything, pick_device
   the shapes world (DESIGN 3)            make_dataset, render_scene, verify_step, describe_step
+  real annotated data                    load_annotated (official JSON / JSONL), judge_steps_by_reference
   tokenizer, TinyVLM, TinyCLIP (4)       Tokenizer, TinyVLM (ViT -> projector -> GPT, KV cache), TinyCLIP
   checkpoints                            save_checkpoint (atomic), load_checkpoint (checked)
   5.1 the four signals                   token_logprobs, token_entropy, u_lnlp, u_mte, u_tokensar, u_clipscore
@@ -21,6 +22,7 @@ Map of this file (sections under # ---- rulers):
   5.5 rewards and PPO maths              r_ka, r_ec, r_cs, masked_whiten, gae, ppo_policy_loss, ppo_value_loss
   6 metrics                              ece, auroc, brier, reliability_bins
   text and steps                         format_prompt, split_steps, score_responses (5.1 on real responses)
+  distributed training, fault tolerance  setup_distributed, wrap_ddp, training state for --resume, GracefulStop
   bench, golden vectors                  python mmboundary.py --bench | --golden PATH
 
 Shapes: B batch, T tokens, V vocab, S steps, D embedding, N pooled items, P image tokens, C width.

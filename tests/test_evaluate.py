@@ -230,7 +230,7 @@ def chatty_model(tokenizer):
     """A random tiny TinyVLM whose greedy answers hold several "." (a +2 bias on the period logit) and where one
     question ends early at <eos>: what step-by-step decoding must get right."""
     torch.manual_seed(0)
-    cfg = mb.VLMConfig(n_layer=1, n_head=2, n_embd=32, vit_layers=1, vit_embd=16, vocab_size=len(tokenizer), block_size=96)
+    cfg = mb.VLMConfig(n_layer=1, n_head=2, n_embd=32, vit_layers=1, vit_embd=16, patch_size=6, vocab_size=len(tokenizer), block_size=96)
     model = mb.TinyVLM(cfg).eval()
     for p in model.parameters():
         if p.dim() >= 2:

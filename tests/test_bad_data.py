@@ -1,0 +1,51 @@
+"""Bad data files end in one clear line and exit code 2 from the scripts themselves (the loader's messages are
+pinned in test_realdata.py; here: that the scripts pass them through without a traceback)."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_script
+
+
+def write_fixture(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((20, 20, 3), 128, dtype=np.uint8)).save(images / f"{7:012d}.jpg")
+    good = {"image_id": 7, "question": "what is it?", "choices": ["a", "b", "c", "d"], "correct_choice_idx": 1,
+            "keys_filtered": {"Image_level": ["There is a cake."], "Reasoning_level": ["So, the answer is b."]}}
+    return images, good
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not_json", "not valid JSON"),
+    ("missing_field", "question"),
+    ("missing_image", "000000000008.jpg"),
+    ("bad_jsonl_line", "line 2"),
+])
+def test_train_sft_rejects_bad_data_in_one_line(tmp_path, case, message):
+    images, good = write_fixture(tmp_path)
+    path = tmp_path / "data.json"
+    if case == "not_json":
+        path.write_text('[{"image_id": 7, "question": ')
+    elif case == "missing_field":
+        path.write_text(json.dumps([{k: v for k, v in good.items() if k != "question"}]))
+    elif case == "missing_image":
+        path.write_text(json.dumps([dict(good, image_id=8)]))
+    else:
+        path = tmp_path / "data.jsonl"
+        path.write_text(json.dumps(dict(good, image=f"{7:012d}.jpg")) + "\n{not json\n")
+    out = tmp_path / "out"
+    proc = run_script("train_sft.py", "--stage", "base", "--quick", "--device", "cpu", "--data", str(path),
+                      "--images", str(images), "--out", str(out), check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()  # nothing half-written
+
+
+def test_evaluate_rejects_impossible_flag(tmp_path):
+    proc = run_script("evaluate.py", "--n-test", "0", "--out", str(tmp_path), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --n-test must be > 0"), proc.stderr
