@@ -96,3 +96,15 @@ def test_value_head_learns_returns():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_quick_rl_run_writes_a_loadable_checkpoint(quick_pipeline):
+    """train_rl.py --quick: a checkpoint that loads with its warm-up statistics, and one log line per iteration
+    with every metric the README defines."""
+    ck = mb.load_checkpoint(quick_pipeline["rl"], need_clip=True)
+    assert ck.config["stage"] == "rl" and ck.stats is not None and ck.stats["signals"]
+    lines = [l for l in quick_pipeline["logs"]["rl"].splitlines() if l.startswith("rl ")]
+    assert len(lines) == 2  # QUICK: 2 iterations
+    for key in ["pg_loss", "v_loss", "approx_kl", "clipfrac", "entropy", "score", "r_ka", "r_ec", "r_cs", "kl_ref",
+                "ev", "step_acc", "mece", "levels"]:
+        assert f" {key} " in lines[0], key
