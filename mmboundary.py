@@ -2267,7 +2267,7 @@ def collate_sft(examples, device="cpu"):
     """examples: list of (image, ids, response_start) -> images, inputs (B,T), targets (B,T), loss_mask (B,T).
     Next-token training: inputs = ids[:-1], targets = ids[1:]; the loss counts only targets in the response."""
     seqs = [ids for _, ids, _ in examples]
-    ids, mask = pad_right(seqs)
+    ids, _ = pad_right(seqs)  # subtle: no text mask needed, pads sit after every real token and attention is causal
     inputs, targets = ids[:, :-1], ids[:, 1:]
     loss_mask = torch.zeros_like(targets)
     for i, (_, s, start) in enumerate(examples):

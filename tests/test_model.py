@@ -193,3 +193,17 @@ def test_config_flags_and_checks():
         mb.parse_configs(["--stage", "pretrain"], "", [train_sft.SFTConfig, mb.VLMConfig])
     cfg, = mb.parse_configs(["--quick"], "", [train_rl.RLConfig], train_rl.QUICK)
     assert cfg.iterations == train_rl.QUICK["iterations"]
+
+
+def test_sft_loss_mask_covers_the_response_and_eos_only():
+    """[<bos>] prompt [<sep>] response [<eos>]: the targets under loss_mask are exactly response + <eos>."""
+    rec = mb.make_dataset(1, 3)[0]
+    tok = mb.build_tokenizer(mb.make_dataset(30, 3))
+    response = " ".join(mb.reference_steps(rec))
+    ids, start = mb.encode_example(tok, rec, response)
+    short, short_start = mb.encode_example(tok, rec, "So, the answer is red.")
+    images, inputs, targets, loss_mask = mb.collate_sft([(rec["image"], ids, start), (rec["image"], short, short_start)])
+    assert targets[0][loss_mask[0].bool()].tolist() == tok.encode(response) + [mb.EOS]
+    assert targets[1][loss_mask[1].bool()].tolist() == tok.encode("So, the answer is red.") + [mb.EOS]
+    assert inputs[0, start - 1].item() == mb.SEP  # the first counted target is predicted from <sep>
+    assert images.shape == (2, 36, 36, 3) and images.dtype == torch.uint8
