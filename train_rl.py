@@ -2,7 +2,7 @@
 
 For every sampled response and every reasoning step s:
     e_s  stated confidence    statement -> level -> level_to_confidence
-    a_s  correctness          the exact verifier of the shapes world
+    a_s  correctness          the exact verifier of the shapes world (on --data: similarity to the reference chain)
     u_s  internal confidence  the four signals on the policy's own tokens, normalised with the warm-up's stats
     r_s = α·R_KA + β·R_EC + γ·R_CS  on the step's last token, R_KA = a_s, R_EC = 1-(e_s-a_s)², R_CS = 1-(e_s-u_s)²
 and on every token a KL penalty -kl_coef·(log π - log π_ref) to the frozen warm-up model. Then GAE, whitened
