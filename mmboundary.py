@@ -96,6 +96,8 @@ POSITIVE = (lambda v: v > 0, "> 0")
 NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 UNIT_INTERVAL = (lambda v: 0 <= v <= 1, "in [0, 1]")
 OPEN_UNIT = (lambda v: 0 < v < 1, "in (0, 1)")
+# a learning rate above 1 is never meant, and a huge one overflows inside AdamW with a traceback: refuse it here
+LEARNING_RATE = (lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -2971,6 +2973,9 @@ def golden_tensors(seed=0):
 
 def write_golden(path, seed=0):
     from safetensors.torch import save_file
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"--golden {path}: folder {folder} does not exist")
     tensors, meta = golden_tensors(seed)
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata=meta)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 import mmboundary as mb
-from mmboundary import note, POSITIVE, NON_NEGATIVE, UNIT_INTERVAL, OPEN_UNIT, UserError
+from mmboundary import note, LEARNING_RATE, POSITIVE, NON_NEGATIVE, UNIT_INTERVAL, OPEN_UNIT, UserError
 
 
 @dataclass
@@ -44,7 +44,7 @@ class RLConfig:
     rollouts: int = field(default=64, metadata=note("responses sampled per iteration", POSITIVE))
     ppo_epochs: int = field(default=2, metadata=note("passes over each rollout batch", POSITIVE))
     minibatches: int = field(default=4, metadata=note("minibatches per epoch", POSITIVE))
-    lr: float = field(default=1e-4, metadata=note("AdamW learning rate (policy and value head)", POSITIVE))
+    lr: float = field(default=1e-4, metadata=note("AdamW learning rate (policy and value head)", LEARNING_RATE))
     temperature: float = field(default=0.7, metadata=note("sampling temperature; the same one re-scores the tokens", POSITIVE))
     alpha: float = field(default=2.0, metadata=note("weight α of R_KA, knowledge accuracy", NON_NEGATIVE))
     beta: float = field(default=1.0, metadata=note("weight β of R_EC, expected calibration (Brier)", NON_NEGATIVE))

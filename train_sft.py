@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 import mmboundary as mb
-from mmboundary import note, POSITIVE, NON_NEGATIVE, UserError
+from mmboundary import note, LEARNING_RATE, POSITIVE, NON_NEGATIVE, UserError
 
 
 @dataclass
@@ -43,13 +43,13 @@ class SFTConfig:
     n_train: int = field(default=6000, metadata=note("training questions generated from the shapes world", POSITIVE))
     steps: int = field(default=800, metadata=note("base: optimizer steps for TinyVLM", POSITIVE))
     batch_size: int = field(default=32, metadata=note("sequences per optimizer step", POSITIVE))
-    lr: float = field(default=2e-3, metadata=note("peak AdamW learning rate (linear warm-up, cosine decay)", POSITIVE))
+    lr: float = field(default=2e-3, metadata=note("peak AdamW learning rate (linear warm-up, cosine decay)", LEARNING_RATE))
     weight_decay: float = field(default=0.01, metadata=note("AdamW weight decay on matrices", NON_NEGATIVE))
     warmup_iters: int = field(default=50, metadata=note("linear learning-rate warm-up steps", NON_NEGATIVE))
     grad_clip: float = field(default=1.0, metadata=note("clip the global gradient norm to this", POSITIVE))
     clip_steps: int = field(default=600, metadata=note("base: optimizer steps for TinyCLIP", POSITIVE))
     clip_batch_size: int = field(default=64, metadata=note("(image, step) pairs per TinyCLIP step; also the InfoNCE negatives", POSITIVE))
-    clip_lr: float = field(default=5e-4, metadata=note("TinyCLIP learning rate", POSITIVE))
+    clip_lr: float = field(default=5e-4, metadata=note("TinyCLIP learning rate", LEARNING_RATE))
     vit_from_clip: bool = field(default=True, metadata=note("base: start TinyVLM's vision encoder from the trained TinyCLIP image tower (LLaVA's recipe)"))
     log_every: int = field(default=100, metadata=note("print a progress line every this many steps", POSITIVE))
     n_eval: int = field(default=300, metadata=note("held-out test questions for the end-of-stage report", NON_NEGATIVE))
@@ -57,7 +57,7 @@ class SFTConfig:
     warmup_n: int = field(default=1000, metadata=note("warmup: training questions the base model answers itself", POSITIVE))
     warmup_temperature: float = field(default=0.0, metadata=note("warmup: temperature of those answers (0 = greedy, the model's most likely chain; 1 = its full distribution)", NON_NEGATIVE))
     warmup_steps: int = field(default=300, metadata=note("warmup: fine-tuning steps", POSITIVE))
-    warmup_lr: float = field(default=1e-3, metadata=note("warmup: peak learning rate", POSITIVE))
+    warmup_lr: float = field(default=1e-3, metadata=note("warmup: peak learning rate", LEARNING_RATE))
     signals: str = field(default="lnlp,mte,tokensar,clipscore", metadata=note("warmup: signals fused into the confidence (drop one for the 'w/o U_X' ablations)"))
     fusion: str = field(default="mean", metadata=note("warmup: mean (weighted) or max (the 'w U_Max' ablation)", choices=("mean", "max")))
     weights: str = field(default="", metadata=note("warmup: fusion weights, e.g. lnlp=1,mte=1,tokensar=1,clipscore=1 (default equal)"))

@@ -52,3 +52,10 @@ def test_golden_forward_reproduces_from_stored_weights():
     logits, loss = model(t["vlm.images"], t["vlm.input_ids"], t["targets"])
     assert torch.allclose(logits, t["vlm.logits"], atol=1e-5)
     assert torch.allclose(loss, t["vlm.loss"], atol=1e-5)
+
+
+def test_golden_into_a_missing_folder_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "mmboundary.py", "--golden", str(tmp_path / "no" / "g.safetensors")],
+                          cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --golden") and "does not exist" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -55,9 +55,9 @@ def assert_same_tensors(folder_a, folder_b, names=("model.safetensors",)):
 
 # ---- 1. bad input: one line, exit 2, nothing saved lost
 
-SFT_BAD_FLAGS = [(["--lr", "-0.1"], "--lr must be > 0"), (["--stage", "finetune"], "--stage must be one of"),
+SFT_BAD_FLAGS = [(["--lr", "-0.1"], "--lr must be in (0, 1]"), (["--lr", "1e38"], "--lr must be in (0, 1]"), (["--stage", "finetune"], "--stage must be one of"),
                  (["--steps", "0"], "--steps must be > 0")]
-RL_BAD_FLAGS = [(["--lr", "-1"], "--lr must be > 0"), (["--clip-eps", "0"], "--clip-eps must be in (0, 1)"),
+RL_BAD_FLAGS = [(["--lr", "-1"], "--lr must be in (0, 1]"), (["--clip-eps", "0"], "--clip-eps must be in (0, 1)"),
                 (["--clip-eps", "-1"], "--clip-eps must be in (0, 1)")]
 
 
@@ -222,11 +222,21 @@ def test_ctrl_c_saves_and_exits_130(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    """An absurd learning rate blows the weights up after the first step: the run stops at the NaN with one line,
-    exit 2, and the checkpoint of the last finite step (--save-every 1) is intact."""
+    """The training loss turns NaN at the 4th step (TinyVLM.forward patched in the subprocess; a learning rate
+    large enough to do it is refused as a flag): the run stops at the NaN with one line, exit 2, and the
+    checkpoint of the last finite step (--save-every 1) is intact."""
     out = tmp_path / "base"
-    proc = run_script("train_sft.py", "--quick", "--device", "cpu", "--stage", "base", "--steps", "8",
-                      "--save-every", "1", "--lr", "1e30", "--out", str(out), check=False)
+    nan_after_three_steps = (
+        "import sys, mmboundary as mb, train_sft\n"
+        "forward, calls = mb.TinyVLM.forward, [0]\n"
+        "def patched(self, *a, **k):\n"
+        "    logits, loss = forward(self, *a, **k)[:2]\n"
+        "    calls[0] += loss is not None\n"
+        "    return logits, (loss * float('nan') if loss is not None and calls[0] > 3 else loss)\n"
+        "mb.TinyVLM.forward = patched\n"
+        "mb.run_cli(train_sft.main, sys.argv[1:])\n")
+    proc = run_script("-c", nan_after_three_steps, "--quick", "--device", "cpu", "--stage", "base", "--steps", "8",
+                      "--save-every", "1", "--out", str(out), check=False)
     assert_one_error_line(proc, "loss is nan", "keeps the last good checkpoint")
     step = int(re.search(r"at step (\d+)", proc.stderr).group(1))
     assert mb.read_training_state(str(out))["step"] == step  # the state after the last finite step
