@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,7 +71,7 @@ QUICK = dict(n_test=12, n_ood=12, max_new_tokens=48)
 # results.json: every label and split has exactly these keys (and "self_correct" with --self-correct)
 REQUIRED_KEYS = ("acc", "f1", "ece", "mece", "mece_perception", "mece_reasoning", "auroc", "brier",
                  "n_questions", "n_steps")
-METRIC_KEYS = REQUIRED_KEYS + ("step_acc", "stated_fraction")
+METRIC_KEYS = REQUIRED_KEYS + ("step_acc", "stated_fraction", "acc_by_type", "n_by_type")
 SPLITS = ("test", "ood")
 # seed offsets per split: test = seed + 1 is train_rl.py's held-out set; ood gets its own (seed + 2 is RL's train pool)
 SPLIT_SEED = {"test": 1, "ood": 3}
@@ -152,6 +153,11 @@ def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10):
         "n_steps": n_steps,
         "step_acc": float(step_ok.mean()) if n_steps else math.nan,
         "stated_fraction": n_stated / n_steps if n_steps else math.nan,  # steps whose confidence was not a default
+        # final-answer accuracy per question type (shapes world: color, count, spatial, compare, knowledge), so a
+        # loss concentrated in one type (e.g. rare knowledge facts) shows; real data without "qtype" gives {}
+        "acc_by_type": {t: float(np.mean([ok for r, ok in zip(records, answer_ok) if r.get("qtype") == t]))
+                        for t in sorted({r["qtype"] for r in records if r.get("qtype")})},
+        "n_by_type": dict(sorted(Counter(r["qtype"] for r in records if r.get("qtype")).items())),
     }
 
 
@@ -392,6 +398,13 @@ def results_markdown(results, cfg, command, split_info, wall):
         parts += [f"## {split} ({split_info[split]})", ""]
         rows = [[label] + [fmt(results[label][split][key]) for _, key in MAIN_COLUMNS] for label in results]
         parts += [markdown_table(["model"] + [name for name, _ in MAIN_COLUMNS], rows), ""]
+        types = sorted({t for label in results for t in results[label][split].get("acc_by_type", {})})
+        if types:
+            counts = {t: max(results[label][split].get("n_by_type", {}).get(t, 0) for label in results) for t in types}
+            rows = [[label] + [fmt(results[label][split]["acc_by_type"].get(t, math.nan)) for t in types]
+                    for label in results]
+            parts += [f"Acc by question type ({split}):", "",
+                      markdown_table(["model"] + [f"{t} ({counts[t]})" for t in types], rows), ""]
     sc_rows = [(label, split, results[label][split]["self_correct"]) for label in results for split in SPLITS
                if "self_correct" in results[label][split]]
     if sc_rows:

@@ -59,6 +59,19 @@ def test_chain_metrics_f1_is_the_mean_over_questions():
     assert m["brier"] == pytest.approx(0.25) and m["mece"] == pytest.approx(0.3) and m["auroc"] == pytest.approx(0.5)
 
 
+def test_accuracy_by_question_type():
+    """Three "color" questions answered right, wrong (no answer step), right, and one "count" question answered
+    right, plus one question without a qtype answered right: acc 4/5 overall; by type color 2/3 and count 1/1, with
+    the counts per type (the untyped question is in no type)."""
+    color, count = dict(record(), qtype="color"), dict(record(), qtype="count")
+    steps = [[step(ANSWER)], [step(CIRCLE)], [step(ANSWER)], [step(ANSWER)], [step(ANSWER)]]
+    m = ev.chain_metrics([color, color, color, count, record()], steps, [[None]] * 5)
+    assert m["acc"] == pytest.approx(4 / 5)
+    assert m["acc_by_type"] == pytest.approx({"color": 2 / 3, "count": 1.0})
+    assert m["n_by_type"] == {"color": 3, "count": 1}
+    assert ev.chain_metrics([record()], [[step(ANSWER)]], [[None]])["acc_by_type"] == {}
+
+
 def test_response_ece_uses_the_answer_step():
     """ECE is computed on the step that carries the final answer, not the first or the last step.
     R1: [CIRCLE level 1, ANSWER level 5], right          -> answer conf 1.00, correct
@@ -282,6 +295,9 @@ def test_evaluate_quick_outputs(quick_pipeline, tmp_path):
     assert results["base"]["test"]["stated_fraction"] in (0.0, None)
     md = (out / "results.md").read_text()
     assert "| model | Acc | F1 | ECE | MECE | MECE-perc | MECE-reas | AUROC | Brier" in md
+    n_types = results["rl"]["test"]["n_by_type"]  # the per-type table: every type with its question count
+    assert sum(n_types.values()) == ev.QUICK["n_test"]
+    assert "Acc by question type (test):" in md and all(f"{t} ({n})" in md for t, n in n_types.items())
     for label in results:
         for split in ("test", "ood"):
             with Image.open(out / f"reliability_{label}_{split}.png") as im:
