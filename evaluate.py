@@ -139,6 +139,7 @@ def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10):
     step_conf, step_ok = np.array(step_conf, dtype=np.float64), np.array(step_ok, dtype=bool)
     step_perc = np.array(step_perc, dtype=bool)
     n_steps = int(step_ok.size)
+    n_by_type = dict(sorted(Counter(r["qtype"] for r in records if r.get("qtype")).items()))
     return {
         "acc": float(np.mean(answer_ok)) if answer_ok else math.nan,
         # our choice: F1 per question, then the mean (macro), so a long rambling chain weighs like a short one
@@ -156,8 +157,8 @@ def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10):
         # final-answer accuracy per question type (shapes world: color, count, spatial, compare, knowledge), so a
         # loss concentrated in one type (e.g. rare knowledge facts) shows; real data without "qtype" gives {}
         "acc_by_type": {t: float(np.mean([ok for r, ok in zip(records, answer_ok) if r.get("qtype") == t]))
-                        for t in sorted({r["qtype"] for r in records if r.get("qtype")})},
-        "n_by_type": dict(sorted(Counter(r["qtype"] for r in records if r.get("qtype")).items())),
+                        for t in n_by_type},
+        "n_by_type": n_by_type,
     }
 
 
@@ -398,13 +399,12 @@ def results_markdown(results, cfg, command, split_info, wall):
         parts += [f"## {split} ({split_info[split]})", ""]
         rows = [[label] + [fmt(results[label][split][key]) for _, key in MAIN_COLUMNS] for label in results]
         parts += [markdown_table(["model"] + [name for name, _ in MAIN_COLUMNS], rows), ""]
-        types = sorted({t for label in results for t in results[label][split].get("acc_by_type", {})})
-        if types:
-            counts = {t: max(results[label][split].get("n_by_type", {}).get(t, 0) for label in results) for t in types}
-            rows = [[label] + [fmt(results[label][split]["acc_by_type"].get(t, math.nan)) for t in types]
+        counts = next(iter(results.values()))[split].get("n_by_type", {})  # every label answers the same questions
+        if counts:
+            rows = [[label] + [fmt(results[label][split]["acc_by_type"].get(t, math.nan)) for t in counts]
                     for label in results]
             parts += [f"Acc by question type ({split}):", "",
-                      markdown_table(["model"] + [f"{t} ({counts[t]})" for t in types], rows), ""]
+                      markdown_table(["model"] + [f"{t} ({n})" for t, n in counts.items()], rows), ""]
     sc_rows = [(label, split, results[label][split]["self_correct"]) for label in results for split in SPLITS
                if "self_correct" in results[label][split]]
     if sc_rows:
