@@ -111,27 +111,17 @@ DAMAGES = ["missing weights", "truncated weights", "config does not match weight
 
 
 @pytest.mark.parametrize("how", DAMAGES)
-def test_sft_warmup_bad_init_checkpoint(tmp_path, quick_pipeline, how):
-    """A broken --init: one line naming the problem, and the existing warm-up output is left as it was."""
-    init, out = tmp_path / "base", tmp_path / "warmup"
-    shutil.copytree(quick_pipeline["base"], init)
-    shutil.copytree(quick_pipeline["warmup"], out)
+@pytest.mark.parametrize("script, init_stage, out_stage, flags", [("train_sft.py", "base", "warmup", ["--stage", "warmup"]),
+                                                                  ("train_rl.py", "warmup", "rl", [])])
+def test_bad_init_checkpoint(tmp_path, quick_pipeline, how, script, init_stage, out_stage, flags):
+    """A broken --init (the warm-up's base, RL's warm-up): one line naming the problem, and the existing output
+    folder is left as it was."""
+    init, out = tmp_path / init_stage, tmp_path / out_stage
+    shutil.copytree(quick_pipeline[init_stage], init)
+    shutil.copytree(quick_pipeline[out_stage], out)
     message = damage(str(init), how)
     before = digest(out)
-    proc = run_script("train_sft.py", "--quick", "--device", "cpu", "--stage", "warmup", "--init", str(init),
-                      "--out", str(out), check=False)
-    assert_one_error_line(proc, message, str(init))
-    assert digest(out) == before
-
-
-@pytest.mark.parametrize("how", DAMAGES)
-def test_rl_bad_init_checkpoint(tmp_path, quick_pipeline, how):
-    init, out = tmp_path / "warmup", tmp_path / "rl"
-    shutil.copytree(quick_pipeline["warmup"], init)
-    shutil.copytree(quick_pipeline["rl"], out)
-    message = damage(str(init), how)
-    before = digest(out)
-    proc = run_script("train_rl.py", "--quick", "--device", "cpu", "--init", str(init), "--out", str(out), check=False)
+    proc = run_script(script, "--quick", "--device", "cpu", *flags, "--init", str(init), "--out", str(out), check=False)
     assert_one_error_line(proc, message, str(init))
     assert digest(out) == before
 
