@@ -53,7 +53,7 @@ class EvalConfig:
     quick: bool = field(default=False, metadata=note("a few questions per split: a seconds-long smoke run"))
     n_test: int = field(default=300, metadata=note("test (in-distribution) questions", POSITIVE))
     n_ood: int = field(default=300, metadata=note("ood questions (5 to 6 objects, another background)", POSITIVE))
-    max_new_tokens: int = field(default=96, metadata=note("longest generated response (as in training)", POSITIVE))
+    max_new_tokens: int = field(default=128, metadata=note("longest generated response (as in training)", POSITIVE))
     batch_size: int = field(default=64, metadata=note("questions decoded together", POSITIVE))
     n_bins: int = field(default=10, metadata=note("equal-width confidence bins of ECE/MECE and the diagrams", POSITIVE))
     self_correct: int = field(default=0, metadata=note(
@@ -216,7 +216,7 @@ def _next_step(model, images, prefixes, budgets, temperature, generator, stop_id
 
 
 @torch.no_grad()
-def generate_self_corrected(model, tokenizer, records, k, temperature=1.0, max_new_tokens=96, batch_size=64,
+def generate_self_corrected(model, tokenizer, records, k, temperature=1.0, max_new_tokens=128, batch_size=64,
                             generator=None, device="cpu"):
     """Greedy answers, resampling every step that states level <= LOW_LEVEL up to k times (DESIGN 5.6).
     -> (responses: list of token id lists without <eos>, like mb.generate_responses; counts: {"resampled_steps":

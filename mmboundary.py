@@ -2338,7 +2338,7 @@ def step_mask_from_steps(steps_per_row, offsets, T):
 
 
 @torch.no_grad()
-def generate_responses(model, tokenizer, records, temperature=0.0, max_new_tokens=96, batch_size=64,
+def generate_responses(model, tokenizer, records, temperature=0.0, max_new_tokens=128, batch_size=64,
                        generator=None, device="cpu"):
     """Answer every record: batched KV-cache decoding from left-padded prompts. -> list of response id lists
     (EOS and padding removed)."""

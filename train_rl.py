@@ -61,7 +61,7 @@ class RLConfig:
     discount: float = field(default=1.0, metadata=note("GAE γ (1: the episode is one response)", UNIT_INTERVAL))
     gae_lambda: float = field(default=0.95, metadata=note("GAE λ", UNIT_INTERVAL))
     grad_clip: float = field(default=1.0, metadata=note("clip the global gradient norm to this", POSITIVE))
-    max_new_tokens: int = field(default=96, metadata=note("longest sampled response", POSITIVE))
+    max_new_tokens: int = field(default=128, metadata=note("longest sampled response", POSITIVE))
     save_every: int = field(default=10, metadata=note("write the checkpoint every this many iterations", POSITIVE))
     n_eval: int = field(default=300, metadata=note("held-out test questions for the before/after check", NON_NEGATIVE))
     resume: bool = field(default=False, metadata=note("continue a stopped run from --out (same flags); a missing one starts fresh"))

@@ -62,7 +62,7 @@ class SFTConfig:
     fusion: str = field(default="mean", metadata=note("warmup: mean (weighted) or max (the 'w U_Max' ablation)", choices=("mean", "max")))
     weights: str = field(default="", metadata=note("warmup: fusion weights, e.g. lnlp=1,mte=1,tokensar=1,clipscore=1 (default equal)"))
     statements: bool = field(default=True, metadata=note("warmup: verbal statements; --no-statements writes '(confidence k/5)' (the 'w/o S-S mapping' ablation)"))
-    max_new_tokens: int = field(default=96, metadata=note("longest generated response", POSITIVE))
+    max_new_tokens: int = field(default=128, metadata=note("longest generated response", POSITIVE))
     # fault tolerance: periodic checkpoints, stop and resume (module docstring)
     save_every: int = field(default=0, metadata=note("also write a resumable checkpoint every this many steps of a TinyVLM loop (0: only on Ctrl-C and at --stop-at)", NON_NEGATIVE))
     resume: bool = field(default=False, metadata=note("continue a stopped run from its output folder (same flags); a finished stage is skipped, a missing one starts fresh"))

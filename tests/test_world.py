@@ -385,3 +385,23 @@ def test_render_small_is_smaller_and_noise_applies():
     _, noisy = covered("large", noise=14.0)
     background = noisy[24:, :12]  # bottom-left 12x24 block is empty
     assert 10 < background.std() < 18  # the noise std shows up in the empty pixels
+
+
+def test_longest_chain_with_statements_fits_the_generation_budget():
+    """Every test-split reference chain with the longest clause after each of its steps, plus <eos>, fits the
+    default max_new_tokens of train_rl.py and evaluate.py, and the prompt plus that budget fits block_size.
+    Worst case by hand: a count question over 4 objects = 4 perception steps of 11 tokens ("at the top left
+    there is a small red circle ."), a count step of 8, an answer step of 7: 59 tokens. Each step gains a comma
+    and "and i ' m quite sure of it" (1 + 8 tokens): 59 + 6 x 9 = 113, plus <eos> = 114. The old budget of 96
+    cut the end (often the answer step itself) off such chains once the warm-up had taught the statements."""
+    import evaluate
+    import train_rl
+    records = mb.make_dataset(1000, seed=0, split="test")
+    tokenizer = mb.build_tokenizer(records)
+    longest = max((c for pool in mb.STATEMENTS.values() for c in pool), key=lambda c: len(tokenizer.encode(c)))
+    need = max(len(tokenizer.encode(" ".join(mb.attach_statement(s, longest) for s in mb.reference_steps(r)))) + 1
+               for r in records)
+    prompt = max(len(mb.prompt_ids(tokenizer, r)) for r in records)
+    budgets = {evaluate.EvalConfig().max_new_tokens, train_rl.RLConfig().max_new_tokens}
+    assert need == 114 and all(need <= b for b in budgets), (need, budgets)
+    assert prompt + max(budgets) <= mb.VLMConfig().block_size, (prompt, budgets)
