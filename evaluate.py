@@ -155,7 +155,7 @@ def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10):
         "step_acc": float(step_ok.mean()) if n_steps else math.nan,
         "stated_fraction": n_stated / n_steps if n_steps else math.nan,  # steps whose confidence was not a default
         # final-answer accuracy per question type (shapes world: color, count, spatial, compare, knowledge), so a
-        # loss concentrated in one type (e.g. rare knowledge facts) shows; real data without "qtype" gives {}
+        # loss concentrated in one type (e.g. knowledge questions) shows; real data without "qtype" gives {}
         "acc_by_type": {t: float(np.mean([ok for r, ok in zip(records, answer_ok) if r.get("qtype") == t]))
                         for t in n_by_type},
         "n_by_type": n_by_type,
