@@ -1280,7 +1280,9 @@ class TinyVLM(nn.Module):
                 # full pass over image + all text so far (the first step of the cached path too)
                 pos, mask, _ = self._positions_and_mask(text_mask, P)
                 x = torch.cat([self.encode_images(images), self.tok_embed(ids)], dim=1) + self.pos_embed(pos)
-                capacity = x.size(1) + max_new_tokens
+                # the loop stops once the text passes block_size, so at most block_size - T0 + 1 new tokens come:
+                # a larger --max-new-tokens must not size (and fail to allocate) a cache it can never fill
+                capacity = x.size(1) + min(max_new_tokens, self.cfg.block_size - T0 + 1)
                 caches = [dict(capacity=capacity) for _ in self.blocks] if use_cache else [None] * len(self.blocks)
                 for block, cache in zip(self.blocks, caches):
                     x = block(x, mask, cache)

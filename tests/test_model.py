@@ -59,6 +59,17 @@ def test_kv_cache_greedy_equals_no_cache(sdpa):
     assert torch.equal(cached, plain)
 
 
+def test_generation_budget_beyond_block_size():
+    """A budget far past the block (10^9 tokens) neither sizes a cache it cannot allocate nor changes the output:
+    the text may grow to block_size 48, so a 7-token prompt gets 48 - 7 + 1 = 42 new tokens (the last one is
+    produced from the 48th position and never fed back), the same with and without the cache."""
+    model = tiny_vlm()
+    ids, mask = mb.pad_left([[1, 7, 8, 9, 10, 11, 4], [1, 12, 4]])
+    cached = model.generate(random_images(2), ids, mask, max_new_tokens=10**9, use_cache=True, eos_id=-1)
+    plain = model.generate(random_images(2), ids, mask, max_new_tokens=10**9, use_cache=False, eos_id=-1)
+    assert cached.shape == (2, 42) and torch.equal(cached, plain)
+
+
 def test_kv_cache_sampling_equals_no_cache():
     """Temperature sampling with the same generator seed draws the same tokens with and without the cache."""
     model = tiny_vlm()
