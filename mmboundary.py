@@ -2339,6 +2339,19 @@ def step_mask_from_steps(steps_per_row, offsets, T):
     return mask
 
 
+def statement_mask(steps_per_row, offsets, T):
+    """-> (B, T) float, 1 on the tokens of every parseable statement: from the comma (or "(") after a step's
+    content through the step's last token, e.g. ", but i'm not sure ." ; 0 elsewhere (content, a step with no
+    statement, prompt, padding). PPO uses it to weigh the KL penalty of what a step says about itself apart
+    from the step itself."""
+    mask = torch.zeros(len(steps_per_row), T)
+    for b, steps in enumerate(steps_per_row):
+        for st in steps:
+            if st.level is not None:
+                mask[b, offsets[b] + st.end: offsets[b] + st.last + 1] = 1.0
+    return mask
+
+
 @torch.no_grad()
 def generate_responses(model, tokenizer, records, temperature=0.0, max_new_tokens=128, batch_size=64,
                        generator=None, device="cpu"):

@@ -42,9 +42,11 @@ class RLConfig:
     n_train: int = field(default=4000, metadata=note("pool of training questions the rollouts draw from", POSITIVE))
     iterations: int = field(default=50, metadata=note("PPO iterations (rollout + update)", POSITIVE))
     rollouts: int = field(default=64, metadata=note("responses sampled per iteration", POSITIVE))
+    critic_warmup: int = field(default=0, metadata=note("the first K iterations train only the value head (the policy stays the warm-up)", NON_NEGATIVE))
     ppo_epochs: int = field(default=2, metadata=note("passes over each rollout batch", POSITIVE))
     minibatches: int = field(default=4, metadata=note("minibatches per epoch", POSITIVE))
-    lr: float = field(default=1e-4, metadata=note("AdamW learning rate (policy and value head)", LEARNING_RATE))
+    lr: float = field(default=1e-4, metadata=note("AdamW learning rate of the policy (the whole model but the value head)", LEARNING_RATE))
+    value_lr: float = field(default=1e-4, metadata=note("AdamW learning rate of the value head", LEARNING_RATE))
     temperature: float = field(default=0.7, metadata=note("sampling temperature; the same one re-scores the tokens", POSITIVE))
     alpha: float = field(default=2.0, metadata=note("weight α of R_KA, knowledge accuracy", NON_NEGATIVE))
     beta: float = field(default=1.0, metadata=note("weight β of R_EC, expected calibration (Brier)", NON_NEGATIVE))
@@ -55,6 +57,7 @@ class RLConfig:
     mean_over_steps: bool = field(default=True, metadata=note("divide each step's reward by the response's step count (return = mean step reward)"))
     missing_penalty: float = field(default=-1.0, metadata=note("reward instead of β·R_EC + γ·R_CS for a step with no parseable statement"))
     kl_coef: float = field(default=0.1, metadata=note("per-token KL penalty to the frozen warm-up model", NON_NEGATIVE))
+    statement_kl_coef: float = field(default=0.1, metadata=note("the KL penalty's coefficient on statement tokens (--kl-coef: all others)", NON_NEGATIVE))
     clip_eps: float = field(default=0.2, metadata=note("PPO ratio clip ε", OPEN_UNIT))
     value_clip_eps: float = field(default=0.2, metadata=note("value clip around the rollout's values", POSITIVE))
     vf_coef: float = field(default=0.5, metadata=note("weight of the value loss", NON_NEGATIVE))
@@ -169,7 +172,10 @@ def train(cfg, rank, world_size, device):
         mb.load_weights(policy, os.path.join(resume_from, "model.safetensors"))
     else:
         before = heldout_check(policy, tokenizer, heldout, cfg, device, "warm-up (before RL)") if mb.is_main() else {}
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    head = [p for n, p in policy.named_parameters() if n.startswith("value_head.")]
+    trunk = [p for n, p in policy.named_parameters() if not n.startswith("value_head.")]
+    opt = torch.optim.AdamW([{"params": trunk, "lr": cfg.lr}, {"params": head, "lr": cfg.value_lr}],
+                            betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(cfg.seed + rank)  # each rank its own rollouts; rank 0, and a plain run: cfg.seed
     gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     generators = {"rollouts": rng, "sampling": gen}
@@ -206,11 +212,16 @@ def train(cfg, rank, world_size, device):
                 if not row:  # a response with no step at all: the penalty on its last token
                     score[b, offsets[b] + len(responses[b])] += cfg.missing_penalty
             kl = (old_logprobs - ref_logprobs) * mask  # per-token log-ratio to the reference
-            rewards = (score - cfg.kl_coef * kl) * mask
+            stmt = mb.statement_mask(steps, offsets, mask.size(1)).to(device)  # (B, T) 1 on statement tokens
+            kl_coef = cfg.kl_coef + (cfg.statement_kl_coef - cfg.kl_coef) * stmt  # (B, T) per-token coefficient
+            rewards = (score - kl_coef * kl) * mask
             # 4. GAE (γ = discount, λ = gae_lambda; nothing bootstraps past <eos>), returns, whitened advantages
             advantages, returns = mb.gae(rewards, values * mask, mask, cfg.discount, cfg.gae_lambda)
             advantages = mb.masked_whiten(advantages, mask)
-            # 5. several epochs of minibatches: clipped policy loss + clipped value loss, gradient clipping
+            # 5. several epochs of minibatches: clipped policy loss + clipped value loss, gradient clipping. During the
+            # first --critic-warmup iterations only the value head learns: a zero-initialised critic makes every
+            # advantage the raw return-to-go, which favours early tokens over late ones whatever they say
+            warming = it < cfg.critic_warmup
             policy.train()
             n = len(batch)
             stats_mb = {"pg_loss": [], "v_loss": [], "approx_kl": [], "clipfrac": [], "entropy": []}
@@ -221,12 +232,16 @@ def train(cfg, rank, world_size, device):
                     logprobs = mb.token_logprobs(new_logits / T, targets[idx])
                     pg_loss, clipfrac = mb.ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask[idx], cfg.clip_eps)
                     v_loss = mb.ppo_value_loss(new_values, values[idx], returns[idx], mask[idx], cfg.value_clip_eps)
-                    loss = pg_loss + cfg.vf_coef * v_loss
+                    loss = cfg.vf_coef * v_loss if warming else pg_loss + cfg.vf_coef * v_loss
                     if mb.any_rank(not torch.isfinite(loss)):  # all ranks stop together, or the others hang in backward
                         kept = f"{saved[1]} keeps the last good save, iteration {saved[0]}" if saved else "no checkpoint written"
                         raise UserError(f"rl: loss is {loss.item()} at iteration {it}; stopping, {kept}")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if warming:  # the value loss must not move the shared trunk: AdamW skips a parameter with no grad
+                        for name, p in policy.named_parameters():
+                            if not name.startswith("value_head."):
+                                p.grad = None
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                     opt.step()
                     with torch.no_grad():

@@ -1,8 +1,10 @@
 """PPO on a real (tiny) TinyVLM: the pieces of train_rl.py's loop behave as the algorithm says."""
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 import mmboundary as mb
+from conftest import run_script
 
 
 def tiny_setup(seed=0):
@@ -108,3 +110,37 @@ def test_quick_rl_run_writes_a_loadable_checkpoint(quick_pipeline):
     for key in ["pg_loss", "v_loss", "approx_kl", "clipfrac", "entropy", "score", "r_ka", "r_ec", "r_cs", "kl_ref",
                 "ev", "step_acc", "mece", "levels"]:
         assert f" {key} " in lines[0], key
+
+
+def test_statement_mask_hand():
+    """statement_mask marks ", <clause> ." of every stated step and nothing else. Response (token index):
+        at(0) the(1) center(2) there(3) is(4) a(5) red(6) circle(7) ,(8) with(9) total(10) certainty(11) .(12)
+        so(13) ,(14) the(15) answer(16) is(17) red(18) .(19)
+    Step 1 states level 5: tokens 8..12. Step 2 has no clause after its comma ("so ,"), so nothing. With the
+    response at offset 3 in a row of 25 tokens: ones at 11..15, five in all."""
+    tok = mb.build_tokenizer(mb.make_dataset(40, 0))
+    ids = tok.encode("at the center there is a red circle, with total certainty. so, the answer is red.")
+    assert len(ids) == 20 and mb.UNK not in ids
+    steps = mb.split_steps(ids, tok)
+    assert [s.level for s in steps] == [5, None]
+    m = mb.statement_mask([steps, []], torch.tensor([3, 0]), 25)
+    assert m.shape == (2, 25)
+    assert m[0].nonzero().flatten().tolist() == [11, 12, 13, 14, 15]
+    assert m[1].sum() == 0  # a row with no steps
+
+
+def test_critic_warmup_moves_only_the_value_head(quick_pipeline, tmp_path):
+    """train_rl.py --critic-warmup 1 --iterations 1: the one iteration trains the value head alone, so every other
+    weight is bit-identical to the warm-up's and the value head has left its zero start."""
+    run_script("train_rl.py", "--quick", "--device", "cpu", "--init", quick_pipeline["warmup"], "--out", str(tmp_path / "rl"),
+               "--iterations", "1", "--critic-warmup", "1", "--value-lr", "1e-2")
+    before = load_file(f"{quick_pipeline['warmup']}/model.safetensors")
+    after = load_file(f"{tmp_path}/rl/model.safetensors")
+    assert before.keys() == after.keys()
+    head = [k for k in before if k.startswith("value_head.")]
+    assert head and all(torch.count_nonzero(before[k]) == 0 for k in head)  # zero-initialised, untouched by SFT
+    for k in before:
+        if k in head:
+            assert torch.count_nonzero(after[k]) > 0, k
+        else:
+            assert torch.equal(before[k], after[k]), f"{k} moved during the critic warm-up"
