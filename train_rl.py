@@ -107,6 +107,15 @@ def rollout_rewards(cfg, steps, correct, internal):
     return placed, seen
 
 
+def token_rewards(score, kl, mask, stmt, kl_coef, statement_kl_coef):
+    """The per-token reward PPO sees, all (B, T): the step rewards (score, on each step's last token) minus the
+    KL penalty coef·(log π - log π_ref) on every response token, coef = statement_kl_coef on statement tokens
+    (stmt = 1) and kl_coef on all others.
+        rewards_t = (score_t - coef_t · kl_t) · mask_t"""
+    coef = torch.where(stmt.bool(), statement_kl_coef, kl_coef)
+    return (score - coef * kl) * mask
+
+
 def internal_confidence(policy, clip, tokenizer, records, responses, steps, stats, device):
     """u_s: the warm-up's recipe (signals, min/max, fusion, levels) applied to the policy's own tokens."""
     raw = mb.score_responses(policy, clip, tokenizer, records, responses, steps, device=device)
@@ -213,8 +222,7 @@ def train(cfg, rank, world_size, device):
                     score[b, offsets[b] + len(responses[b])] += cfg.missing_penalty
             kl = (old_logprobs - ref_logprobs) * mask  # per-token log-ratio to the reference
             stmt = mb.statement_mask(steps, offsets, mask.size(1)).to(device)  # (B, T) 1 on statement tokens
-            kl_coef = cfg.kl_coef + (cfg.statement_kl_coef - cfg.kl_coef) * stmt  # (B, T) per-token coefficient
-            rewards = (score - kl_coef * kl) * mask
+            rewards = token_rewards(score, kl, mask, stmt, cfg.kl_coef, cfg.statement_kl_coef)
             # 4. GAE (γ = discount, λ = gae_lambda; nothing bootstraps past <eos>), returns, whitened advantages
             advantages, returns = mb.gae(rewards, values * mask, mask, cfg.discount, cfg.gae_lambda)
             advantages = mb.masked_whiten(advantages, mask)

@@ -144,3 +144,20 @@ def test_critic_warmup_moves_only_the_value_head(quick_pipeline, tmp_path):
             assert torch.count_nonzero(after[k]) > 0, k
         else:
             assert torch.equal(before[k], after[k]), f"{k} moved during the critic warm-up"
+
+
+def test_token_rewards_hand():
+    """One response of 4 tokens, the last two a statement; a step reward 1.0 on the last token; kl = (0.5, 1, 2, 4);
+    kl_coef 0.1, statement_kl_coef 0.25; a fifth padding token masked out:
+        content:   0 - 0.1·0.5 = -0.05,   0 - 0.1·1 = -0.1
+        statement: 0 - 0.25·2 = -0.5,     1 - 0.25·4 = 0.0
+        padding:   0"""
+    import train_rl
+    score = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]])
+    kl = torch.tensor([[0.5, 1.0, 2.0, 4.0, 8.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    stmt = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]])
+    r = train_rl.token_rewards(score, kl, mask, stmt, 0.1, 0.25)
+    assert torch.allclose(r, torch.tensor([[-0.05, -0.1, -0.5, 0.0, 0.0]]))
+    same = train_rl.token_rewards(score, kl, mask, stmt, 0.1, 0.1)  # one coefficient: the plain per-token penalty
+    assert torch.equal(same, (score - 0.1 * kl) * mask)
