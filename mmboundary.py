@@ -21,7 +21,7 @@ Map of this file (sections under # ---- rulers):
   5.3 statements                         STATEMENTS, statement_for, level_of_statement
   5.5 rewards and PPO maths              r_ka, r_ec, r_cs, masked_whiten, gae, ppo_policy_loss, ppo_value_loss
   6 metrics                              ece, auroc, brier, reliability_bins
-  text and steps                         format_prompt, split_steps, score_responses (5.1 on real responses)
+  text and steps                         format_prompt, split_steps, statement_mask, score_responses (5.1 on real responses)
   distributed training, fault tolerance  setup_distributed, wrap_ddp, training state for --resume, GracefulStop
   bench, golden vectors                  python mmboundary.py --bench | --golden PATH
 
@@ -34,7 +34,7 @@ Paper symbol -> code name:
   c_final, w_i                           fuse_confidence(conf, weights)
   confidence level, score->statement     confidence_levels, statement_for; statement->score level_of_statement
   R_KA, R_EC, R_CS; α, β, γ              r_ka, r_ec, r_cs; --alpha, --beta, --gamma (train_rl.py)
-  β_KL (KL to reference)                 kl_coef
+  β_KL (KL to reference)                 kl_coef (statement tokens: statement_kl_coef), token_rewards (train_rl.py)
   γ, λ of GAE; ε                         discount, gae_lambda; clip_eps
   MECE (step-level ECE)                  ece over all steps (evaluate.py)
 
