@@ -247,9 +247,8 @@ def train(cfg, rank, world_size, device):
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if warming:  # the value loss must not move the shared trunk: AdamW skips a parameter with no grad
-                        for name, p in policy.named_parameters():
-                            if not name.startswith("value_head."):
-                                p.grad = None
+                        for p in trunk:
+                            p.grad = None
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                     opt.step()
                     with torch.no_grad():
