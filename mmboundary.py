@@ -2812,7 +2812,12 @@ def run_status(path, stage):
 
 def check_resume_config(saved, current, ignore, where):
     """--resume continues the same run, so every training flag must equal the stopped run's (run-control flags
-    such as --out, --device, --stop-at are in `ignore`). A difference is a UserError naming each flag."""
+    such as --out, --device, --stop-at are in `ignore`). A difference is a UserError naming each flag; so is a
+    flag the stopped run's config does not know (it was saved by an older version of the script)."""
+    unknown = [f"--{k.replace('_', '-')}" for k in current if k not in ignore and k not in saved]
+    if unknown:  # the run was saved by a version of the script that had no such flag
+        raise UserError(f"{where} was saved by an older version without {', '.join(unknown)}; its training state "
+                        f"does not carry over: start fresh without --resume")
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in current.items()
             if k not in ignore and saved.get(k) != v]
     if diff:

@@ -185,6 +185,10 @@ def test_resume_with_other_training_flags_is_refused():
     mb.check_resume_config(saved, {"lr": 0.002, "steps": 12, "out": "b", "stop_at": 0}, {"out", "stop_at"}, "x")
     with pytest.raises(mb.UserError, match=r"--lr 0.002 -> 0.001"):
         mb.check_resume_config(saved, {"lr": 0.001, "steps": 12, "out": "a", "stop_at": 0}, {"out", "stop_at"}, "x")
+    # a flag the stopped run never had (saved by an older version of the script): named, and fresh start advised
+    with pytest.raises(mb.UserError, match=r"older version without --value-lr; .* start fresh"):
+        mb.check_resume_config(saved, {"lr": 0.002, "steps": 12, "value_lr": 1e-3, "out": "a", "stop_at": 0},
+                               {"out", "stop_at"}, "x")
 
 
 def test_ctrl_c_saves_and_exits_130(tmp_path):
