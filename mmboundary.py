@@ -19,7 +19,7 @@ Map of this file (sections under # ---- rulers):
   5.1 the four signals                   token_logprobs, token_entropy, u_lnlp, u_mte, u_tokensar, u_clipscore
   5.2 normalise, fuse, level             fit_minmax, to_confidence, fuse_confidence, confidence_levels
   5.3 statements                         STATEMENTS, statement_for, level_of_statement
-  5.5 rewards and PPO maths              r_ka, r_ec, r_cs, masked_whiten, gae, ppo_policy_loss, ppo_value_loss
+  5.5 rewards and PPO maths              r_ka, r_ec, r_cs, masked_whiten, gae, ppo_policy_loss, ppo_value_loss, exact_kl
   6 metrics                              ece, auroc, brier, reliability_bins
   text and steps                         format_prompt, split_steps, statement_mask, score_responses (5.1 on real responses)
   distributed training, fault tolerance  setup_distributed, wrap_ddp, training state for --resume, GracefulStop
@@ -2110,6 +2110,18 @@ def approx_kl_k3(logprobs, old_logprobs, mask):
     return masked_mean((torch.exp(log_ratio) - 1.0) - log_ratio, mask)
 
 
+# KL(π || π_ref) at a position = Σ_v π(v) · (log π(v) - log π_ref(v))     exact, over the whole vocabulary
+def exact_kl(logits, ref_logprobs):
+    """KL of the policy's next-token distribution from the reference's at every position, summed over the
+    vocabulary (not estimated from the sampled token): logits (B,T,V) of π, log-softmax (B,T,V) of π_ref -> (B,T).
+    Example: π = (1/2, 1/2), π_ref = (1/4, 3/4) -> 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3) = .1438"""
+    logp = torch.log_softmax(_as_float(logits), dim=-1)
+    ref = _as_float(ref_logprobs).to(logp.dtype)
+    assert logp.shape == ref.shape and logp.dim() == 3, f"exact_kl: shapes {tuple(logp.shape)} and {tuple(ref.shape)}"
+    lo = torch.finfo(logp.dtype).min  # subtle: clamp -inf (a masked word) so that its p = 0 term is 0, not nan
+    return (logp.exp() * (logp.clamp(min=lo) - ref.clamp(min=lo))).sum(-1)  # (B,T)
+
+
 # explained_variance = 1 - Var[R - V] / Var[R]       over the mask (nan when Var[R] = 0)
 def explained_variance(values, returns, mask):
     """How much of the returns' variance the value head explains: (B,T) x3 -> python float (1 = perfect).
@@ -2268,15 +2280,19 @@ def prompt_ids(tokenizer, record):
 
 
 def collate_sft(examples, device="cpu"):
-    """examples: list of (image, ids, response_start) -> images, inputs (B,T), targets (B,T), loss_mask (B,T).
-    Next-token training: inputs = ids[:-1], targets = ids[1:]; the loss counts only targets in the response."""
-    seqs = [ids for _, ids, _ in examples]
+    """examples: list of (image, ids, response_start) or (image, ids, response_start, hidden) -> images,
+    inputs (B,T), targets (B,T), loss_mask (B,T). Next-token training: inputs = ids[:-1], targets = ids[1:]; the
+    loss counts only targets in the response, and none at the positions p in `hidden` (the token ids[p] is read
+    but never learned: train_sft.py --base-statements)."""
+    seqs = [e[1] for e in examples]
     ids, _ = pad_right(seqs)  # subtle: no text mask needed, pads sit after every real token and attention is causal
     inputs, targets = ids[:, :-1], ids[:, 1:]
     loss_mask = torch.zeros_like(targets)
-    for i, (_, s, start) in enumerate(examples):
+    for i, (_, s, start, *hidden) in enumerate(examples):
         loss_mask[i, start - 1:len(s) - 1] = 1  # target positions start-1 .. len-2 predict ids[start .. len-1]
-    images = torch.stack([torch.as_tensor(np.asarray(im)) for im, _, _ in examples])  # (B,H,W,3) uint8
+        for p in (hidden[0] if hidden else []):
+            loss_mask[i, p - 1] = 0  # ids[p] is predicted at target position p - 1
+    images = torch.stack([torch.as_tensor(np.asarray(e[0])) for e in examples])  # (B,H,W,3) uint8
     return images.to(device), inputs.to(device), targets.to(device), loss_mask.to(device)
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import mmboundary as mb
-from mmboundary import note, LEARNING_RATE, POSITIVE, NON_NEGATIVE, UserError
+from mmboundary import note, LEARNING_RATE, POSITIVE, NON_NEGATIVE, UNIT_INTERVAL, UserError
 
 
 @dataclass
@@ -51,6 +51,7 @@ class SFTConfig:
     clip_steps: int = field(default=600, metadata=note("base: optimizer steps for TinyCLIP", POSITIVE))
     clip_batch_size: int = field(default=64, metadata=note("(image, step) pairs per TinyCLIP step; also the InfoNCE negatives", POSITIVE))
     clip_lr: float = field(default=5e-4, metadata=note("TinyCLIP learning rate", LEARNING_RATE))
+    base_statements: float = field(default=0.0, metadata=note("base: fraction of reference chains that carry a random statement after every step, with no loss on it (the base learns to read statements, never to write them)", UNIT_INTERVAL))
     vit_from_clip: bool = field(default=True, metadata=note("base: start TinyVLM's vision encoder from the trained TinyCLIP image tower (LLaVA's recipe)"))
     log_every: int = field(default=100, metadata=note("print a progress line every this many steps", POSITIVE))
     n_eval: int = field(default=300, metadata=note("held-out test questions for the end-of-stage report", NON_NEGATIVE))
@@ -122,8 +123,9 @@ def make_optimizer(model, lr, weight_decay):
 RUN_CONTROL = {"stage", "out", "init", "device", "quick", "log_every", "n_eval", "save_every", "resume", "stop_at"}
 
 
-def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_from=None):
-    """Next-token SFT on (image, ids, response_start) examples; loss on the response tokens only.
+def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_from=None, soft=None):
+    """Next-token SFT on (image, ids, response_start[, hidden]) examples; loss on the response tokens only (and
+    not on the positions in `hidden`, see collate_sft). soft: per example, distill_loss's (pos, probs) targets.
     Under torchrun each rank draws its own batches and DDP averages the gradients.
     save(step, extra_json, extra_tensors) -> folder: writes a resumable checkpoint, called every --save-every
     steps, at --stop-at and on Ctrl-C (then RunStopped); resume_from: a stopped run's folder to continue."""
@@ -141,10 +143,10 @@ def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_fr
         for step in range(start, steps):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, lr, cfg.warmup_iters)
-            batch = [examples[rng.randrange(len(examples))] for _ in range(cfg.batch_size)]
-            images, inputs, targets, loss_mask = mb.collate_sft([e[:3] for e in batch], device)
-            if len(batch[0]) == 4:  # --warmup-distill: some targets are distributions (distill_loss)
-                loss = distill_loss(ddp_model(images, inputs)[0], targets, loss_mask, [e[3] for e in batch])
+            picks = [rng.randrange(len(examples)) for _ in range(cfg.batch_size)]
+            images, inputs, targets, loss_mask = mb.collate_sft([examples[i] for i in picks], device)
+            if soft is not None:  # --warmup-distill: some targets are distributions (distill_loss)
+                loss = distill_loss(ddp_model(images, inputs)[0], targets, loss_mask, [soft[i] for i in picks])
             else:
                 _, loss = ddp_model(images, inputs, targets, loss_mask)
             if mb.any_rank(not torch.isfinite(loss)):  # all ranks stop together, or the others hang in backward
@@ -171,6 +173,22 @@ def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_fr
                                     f"continue with: {mb.resume_command()}", 0)
     model.eval()
     return model
+
+
+def statement_reading_example(tokenizer, record, rng, block_size):
+    """For --base-statements: the reference chain with a statement of a random level after every step, and no
+    loss on the statements: -> (image, ids, start, hidden), hidden = the positions of every ", clause ." in ids
+    (collate_sft drops their loss), or None when the chain no longer fits block_size.
+    The base then predicts each step's content after earlier steps that carry statements, as it will read them
+    in the warm-up and in RL, but it never learns to write one (the comma after a step's content is hidden too,
+    so after content it still predicts only ".")."""
+    text = " ".join(mb.attach_statement(s, mb.statement_for(rng.randint(1, 5), rng)) for s in mb.reference_steps(record))
+    ids, start = mb.encode_example(tokenizer, record, text)
+    if len(ids) - 1 > block_size:
+        return None
+    hidden = [start + j for st in mb.split_steps(ids[start:], tokenizer) if st.level is not None
+              for j in range(st.end, st.last + 1)]
+    return record["image"], ids, start, hidden
 
 
 def distill_loss(logits, targets, loss_mask, soft):
@@ -311,12 +329,15 @@ def run_base(cfg, mcfg, out, device, resume_from=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"base: {len(records)} training questions, vocab {len(tokenizer)}, TinyVLM {n_params / 1e6:.2f}M params, "
           f"TinyCLIP {sum(p.numel() for p in clip.parameters()) / 1e6:.2f}M params, device {device}")
-    examples = []
+    examples, rng = [], random.Random(cfg.seed)
     for r in records:
         ids, start = mb.encode_example(tokenizer, r, " ".join(mb.reference_steps(r)))
         if len(ids) - 1 > mcfg.block_size:
             raise UserError(f"record {r.get('id')}: {len(ids)} tokens > --block-size {mcfg.block_size}")
-        examples.append((r["image"], ids, start))
+        example = (r["image"], ids, start)
+        if cfg.base_statements and rng.random() < cfg.base_statements:
+            example = statement_reading_example(tokenizer, r, rng, mcfg.block_size) or example
+        examples.append(example)
     # 1. TinyCLIP first: (image, step) pairs, symmetric InfoNCE. A resumed run reloads it from the stopped run.
     if resume_from:
         mb.load_weights(clip, os.path.join(resume_from, "clip.safetensors"))
@@ -394,9 +415,9 @@ def run_warmup(cfg, init, out, device, resume_from=None):
           f"{tokenizer.decode(examples[0][1][examples[0][2]:]) if examples else ''}")
     if mb.any_rank(not examples):
         raise UserError("warmup: the base model produced no steps to train on")
+    soft = None
     if cfg.warmup_distill:  # the base model's own distributions as the content targets (before it is trained)
         soft = distill_targets(model, tokenizer, kept_records, kept_responses, kept_steps, examples, cfg, device)
-        examples = [e + (sp,) for e, sp in zip(examples, soft)]
     config = dict(ck.config, stage="warmup", warmup=dataclasses.asdict(cfg))
     if resume_from:  # the pool above is recomputed (deterministic); the fine-tuning continues from the stopped run
         saved = mb.read_json(os.path.join(resume_from, "config.json"))
@@ -406,7 +427,7 @@ def run_warmup(cfg, init, out, device, resume_from=None):
         out, model, tokenizer, config, clip=clip, extra_json={"confidence_stats.json": stats, **extra_json},
         extra_tensors=extra_tensors)
     model.train()
-    train_lm(model, examples, cfg, device, cfg.warmup_steps, cfg.warmup_lr, "warmup", save, resume_from)
+    train_lm(model, examples, cfg, device, cfg.warmup_steps, cfg.warmup_lr, "warmup", save, resume_from, soft)
     save_on_rank0(out, model, tokenizer, config, clip=clip,
                   extra_json={"confidence_stats.json": stats, "report.json": evidence})
     print(f"warmup: wrote {out} in {time.time() - t0:.0f}s")

@@ -389,6 +389,21 @@ def test_ppo_value_loss_hand():
     close(loss, 0.085)
 
 
+def test_exact_kl_hand_and_gradcheck():
+    """exact_kl: π = (1/2, 1/2) against π_ref = (1/4, 3/4) -> 1/2 ln(1/2 / 1/4) + 1/2 ln(1/2 / 3/4) = 1/2 ln(4/3);
+    the other way round, π = (1/4, 3/4) against (1/2, 1/2) -> 1/4 ln(1/2) + 3/4 ln(3/2) = .1308 (KL is not
+    symmetric); 0 for the same distribution; a word masked to -inf in both gives 0, not nan. Gradient: gradcheck."""
+    flat, skew = torch.zeros(1, 1, 2), torch.tensor([[[0.0, math.log(3)]]])
+    assert mb.exact_kl(flat, torch.log_softmax(skew, -1)).item() == pytest.approx(0.5 * math.log(4 / 3))
+    assert mb.exact_kl(skew, torch.log_softmax(flat, -1)).item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+    logits = torch.randn(2, 3, 5)
+    assert torch.allclose(mb.exact_kl(logits, torch.log_softmax(logits, -1)), torch.zeros(2, 3), atol=1e-6)
+    masked = torch.tensor([[[0.0, 1.0, -math.inf]]])
+    assert mb.exact_kl(masked, torch.log_softmax(masked, -1)).item() == pytest.approx(0.0, abs=1e-7)
+    ref = torch.log_softmax(torch.randn(2, 3, 5, dtype=torch.float64), -1)
+    assert torch.autograd.gradcheck(lambda x: mb.exact_kl(x, ref), (torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True),))
+
+
 def test_approx_kl_and_explained_variance():
     """k3: equal logprobs -> 0; log r = [ln 2, 0] -> mean((2 - 1 - ln 2), 0) = (1 - ln 2)/2.
     explained variance: V = R -> 1; V = [0, 0], R = [1, 3] -> 1 - Var[R]/Var[R] = 0; constant R -> nan."""

@@ -223,6 +223,28 @@ def test_sft_loss_mask_covers_the_response_and_eos_only():
     assert images.shape == (2, 36, 36, 3) and images.dtype == torch.uint8
 
 
+def test_statement_reading_example_hides_exactly_the_statements():
+    """--base-statements: the chain "a b . c d ." becomes "a b , X . c d , Y ." with ", X ." and ", Y ." hidden.
+    So the tokens that keep their loss are the plain chain's tokens without its periods, then <eos>; and every
+    hidden token decodes to a comma, a known clause or a period. An off-by-one in collate_sft's hidden mask
+    (p instead of p - 1) or in the step ranges breaks the first equality."""
+    import random
+    import train_sft
+    tok = mb.build_tokenizer(mb.make_dataset(30, 3))
+    period = tok.index["."]
+    for i, rec in enumerate(mb.make_dataset(12, 3)):
+        image, ids, start, hidden = train_sft.statement_reading_example(tok, rec, random.Random(i), block_size=160)
+        _, targets, mask = mb.collate_sft([(image, ids, start, hidden)])[1:]
+        kept = targets[0][mask[0].bool()].tolist()
+        plain = tok.encode(" ".join(mb.reference_steps(rec)))
+        assert kept == [t for t in plain if t != period] + [mb.EOS]
+        steps = mb.split_steps(ids[start:], tok)
+        assert len(steps) == len(mb.reference_steps(rec)) and all(st.level is not None for st in steps)
+        clauses = tok.decode([ids[p] for p in hidden]).replace(" .", ".").split(".")[:-1]
+        assert len(clauses) == len(steps) and all(mb.level_of_statement(c.strip(" ,")) for c in clauses)
+    assert train_sft.statement_reading_example(tok, rec, random.Random(0), block_size=20) is None  # too long
+
+
 def test_distill_loss_hand_and_equal_to_the_model_loss():
     """distill_loss: one row, V = 2, logits (0, 0) so p = (1/2, 1/2). A one-hot target costs log 2; a soft target
     (1/4, 3/4) costs -(1/4 + 3/4)·log(1/2) = log 2 as well; logits (0, log 3) give p = (1/4, 3/4), and the
