@@ -2275,6 +2275,22 @@ def encode_example(tokenizer, record, response):
     return prompt + tokenizer.encode(response) + [EOS], len(prompt)
 
 
+def statement_reading_example(tokenizer, record, rng, block_size):
+    """The reference chain with a statement of a random level after every step, and no loss on the statements
+    (train_sft.py --base-statements, train_rl.py --ptx-coef): -> (image, ids, start, hidden), hidden = the
+    positions of every ", clause ." in ids (collate_sft drops their loss), or None when it no longer fits
+    block_size. A model trained on it predicts each step's content after earlier steps that carry statements, as
+    it reads them in the warm-up and in RL, but learns nothing about writing one (the comma after a step's
+    content is hidden too)."""
+    text = " ".join(attach_statement(s, statement_for(rng.randint(1, 5), rng)) for s in reference_steps(record))
+    ids, start = encode_example(tokenizer, record, text)
+    if len(ids) - 1 > block_size:
+        return None
+    hidden = [start + j for st in split_steps(ids[start:], tokenizer) if st.level is not None
+              for j in range(st.end, st.last + 1)]
+    return record["image"], ids, start, hidden
+
+
 def prompt_ids(tokenizer, record):
     return [BOS] + tokenizer.encode(format_prompt(record)) + [SEP]
 
@@ -2574,6 +2590,13 @@ def wrap_ddp(model, device, find_unused_parameters=False):
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=find_unused_parameters)
+
+
+def no_sync(model):
+    """DistributedDataParallel's no_sync() (gradients accumulate locally; the next synced backward all-reduces
+    them too), or a no-op context for a plain module."""
+    import contextlib
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
 def unwrap(model):

@@ -58,6 +58,8 @@ class RLConfig:
     missing_penalty: float = field(default=-1.0, metadata=note("reward instead of β·R_EC + γ·R_CS for a step with no parseable statement"))
     kl_coef: float = field(default=0.1, metadata=note("per-token KL penalty to the frozen warm-up model", NON_NEGATIVE))
     statement_kl_coef: float = field(default=0.1, metadata=note("the KL penalty's coefficient on statement tokens (--kl-coef: all others)", NON_NEGATIVE))
+    ptx_coef: float = field(default=0.0, metadata=note("weight of a loss term: next-token cross-entropy on reference chains of the training questions, content only, with random statements read but not learned (InstructGPT's PPO-ptx)", NON_NEGATIVE))
+    ptx_batch: int = field(default=16, metadata=note("reference chains per minibatch for --ptx-coef", POSITIVE))
     anchor_coef: float = field(default=0.0, metadata=note("weight of a loss term: the exact KL to the warm-up model on content tokens (not statements), summed over the vocabulary", NON_NEGATIVE))
     clip_eps: float = field(default=0.2, metadata=note("PPO ratio clip ε", OPEN_UNIT))
     value_clip_eps: float = field(default=0.2, metadata=note("value clip around the rollout's values", POSITIVE))
@@ -115,6 +117,21 @@ def token_rewards(score, kl, mask, stmt, kl_coef, statement_kl_coef):
         rewards_t = (score_t - coef_t · kl_t) · mask_t"""
     coef = torch.where(stmt.bool(), statement_kl_coef, kl_coef)
     return (score - coef * kl) * mask
+
+
+def ptx_loss(model, tokenizer, records, rng, n, device):
+    """InstructGPT's PPO-ptx (Ouyang et al. 2022, eq. 2) on this task: mean next-token cross-entropy on the
+    reference chains of n training questions. Each chain carries a random statement after every step, read but
+    not learned (mb.statement_reading_example), so the term teaches right content after statements and says
+    nothing about which statement to write: that stays the rewards' job. -> 0-dim loss, or None when no drawn
+    chain fits the model's block_size (then the minibatch has no ptx term)."""
+    picked = [records[rng.randrange(len(records))] for _ in range(n)]
+    examples = [mb.statement_reading_example(tokenizer, r, rng, mb.unwrap(model).cfg.block_size) for r in picked]
+    examples = [e for e in examples if e is not None]
+    if not examples:
+        return None
+    images, inputs, targets, loss_mask = mb.collate_sft(examples, device)
+    return model(images, inputs, targets, loss_mask)[1]
 
 
 def internal_confidence(policy, clip, tokenizer, records, responses, steps, stats, device):
@@ -189,6 +206,8 @@ def train(cfg, rank, world_size, device):
     rng = random.Random(cfg.seed + rank)  # each rank its own rollouts; rank 0, and a plain run: cfg.seed
     gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     generators = {"rollouts": rng, "sampling": gen}
+    if cfg.ptx_coef:  # its own generator, so that --ptx-coef leaves the rollouts as they were
+        generators["ptx"] = random.Random(cfg.seed + rank + 100_000)
     start, saved = 0, None  # saved: (iteration, folder) of the last good resumable checkpoint
     if resume_from:
         state = mb.load_training_state(resume_from, opt, generators)
@@ -243,19 +262,29 @@ def train(cfg, rank, world_size, device):
             for epoch in range(cfg.ppo_epochs):
                 perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + it * 10 + epoch))
                 for idx in perm.chunk(cfg.minibatches):
+                    opt.zero_grad(set_to_none=True)
+                    # PPO-ptx (--ptx-coef) first: a forward and backward pass of its own on reference chains. Under
+                    # DDP its gradient stays local (no_sync) and joins the all-reduce of the PPO loss's backward below
+                    ptx = None
+                    if cfg.ptx_coef and not warming:
+                        with mb.no_sync(policy_ddp):
+                            ptx = ptx_loss(policy_ddp, tokenizer, records, generators["ptx"], cfg.ptx_batch, device)
+                            if ptx is not None:
+                                (cfg.ptx_coef * ptx).backward()
+                                stats_mb.setdefault("ptx", []).append(ptx.item())
                     new_logits, _, new_values = policy_ddp(images[idx], inputs[idx], text_mask=text_mask[idx], return_values=True)
                     logprobs = mb.token_logprobs(new_logits / T, targets[idx])
                     pg_loss, clipfrac = mb.ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask[idx], cfg.clip_eps)
                     v_loss = mb.ppo_value_loss(new_values, values[idx], returns[idx], mask[idx], cfg.value_clip_eps)
                     loss = cfg.vf_coef * v_loss if warming else pg_loss + cfg.vf_coef * v_loss
-                    if cfg.anchor_coef and not warming:
+                    if cfg.anchor_coef and not warming:  # the exact content KL to the warm-up (see above)
                         anchor = mb.masked_mean(mb.exact_kl(new_logits / T, ref_all[idx]), content[idx])
                         loss = loss + cfg.anchor_coef * anchor
                         stats_mb.setdefault("anchor_kl", []).append(anchor.item())
-                    if mb.any_rank(not torch.isfinite(loss)):  # all ranks stop together, or the others hang in backward
+                    total = loss.detach() if ptx is None else loss.detach() + cfg.ptx_coef * ptx.detach()
+                    if mb.any_rank(not torch.isfinite(total)):  # all ranks stop together, or the others hang in backward
                         kept = f"{saved[1]} keeps the last good save, iteration {saved[0]}" if saved else "no checkpoint written"
-                        raise UserError(f"rl: loss is {loss.item()} at iteration {it}; stopping, {kept}")
-                    opt.zero_grad(set_to_none=True)
+                        raise UserError(f"rl: loss is {total.item()} at iteration {it}; stopping, {kept}")
                     loss.backward()
                     if warming:  # the value loss must not move the shared trunk: AdamW skips a parameter with no grad
                         for p in trunk:

@@ -175,22 +175,6 @@ def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_fr
     return model
 
 
-def statement_reading_example(tokenizer, record, rng, block_size):
-    """For --base-statements: the reference chain with a statement of a random level after every step, and no
-    loss on the statements: -> (image, ids, start, hidden), hidden = the positions of every ", clause ." in ids
-    (collate_sft drops their loss), or None when the chain no longer fits block_size.
-    The base then predicts each step's content after earlier steps that carry statements, as it will read them
-    in the warm-up and in RL, but it never learns to write one (the comma after a step's content is hidden too,
-    so after content it still predicts only ".")."""
-    text = " ".join(mb.attach_statement(s, mb.statement_for(rng.randint(1, 5), rng)) for s in mb.reference_steps(record))
-    ids, start = mb.encode_example(tokenizer, record, text)
-    if len(ids) - 1 > block_size:
-        return None
-    hidden = [start + j for st in mb.split_steps(ids[start:], tokenizer) if st.level is not None
-              for j in range(st.end, st.last + 1)]
-    return record["image"], ids, start, hidden
-
-
 def distill_loss(logits, targets, loss_mask, soft):
     """Cross-entropy against a target distribution per token: one-hot on `targets`, except where soft[b] = (pos,
     probs) gives rows probs (n, V) for target positions pos (n,). Masked mean over loss_mask, like the model's
@@ -336,7 +320,7 @@ def run_base(cfg, mcfg, out, device, resume_from=None):
             raise UserError(f"record {r.get('id')}: {len(ids)} tokens > --block-size {mcfg.block_size}")
         example = (r["image"], ids, start)
         if cfg.base_statements and rng.random() < cfg.base_statements:
-            example = statement_reading_example(tokenizer, r, rng, mcfg.block_size) or example
+            example = mb.statement_reading_example(tokenizer, r, rng, mcfg.block_size) or example
         examples.append(example)
     # 1. TinyCLIP first: (image, step) pairs, symmetric InfoNCE. A resumed run reloads it from the stopped run.
     if resume_from:

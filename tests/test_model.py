@@ -229,11 +229,10 @@ def test_statement_reading_example_hides_exactly_the_statements():
     hidden token decodes to a comma, a known clause or a period. An off-by-one in collate_sft's hidden mask
     (p instead of p - 1) or in the step ranges breaks the first equality."""
     import random
-    import train_sft
     tok = mb.build_tokenizer(mb.make_dataset(30, 3))
     period = tok.index["."]
     for i, rec in enumerate(mb.make_dataset(12, 3)):
-        image, ids, start, hidden = train_sft.statement_reading_example(tok, rec, random.Random(i), block_size=160)
+        image, ids, start, hidden = mb.statement_reading_example(tok, rec, random.Random(i), block_size=160)
         _, targets, mask = mb.collate_sft([(image, ids, start, hidden)])[1:]
         kept = targets[0][mask[0].bool()].tolist()
         plain = tok.encode(" ".join(mb.reference_steps(rec)))
@@ -242,7 +241,7 @@ def test_statement_reading_example_hides_exactly_the_statements():
         assert len(steps) == len(mb.reference_steps(rec)) and all(st.level is not None for st in steps)
         clauses = tok.decode([ids[p] for p in hidden]).replace(" .", ".").split(".")[:-1]
         assert len(clauses) == len(steps) and all(mb.level_of_statement(c.strip(" ,")) for c in clauses)
-    assert train_sft.statement_reading_example(tok, rec, random.Random(0), block_size=20) is None  # too long
+    assert mb.statement_reading_example(tok, rec, random.Random(0), block_size=20) is None  # too long
 
 
 def test_distill_loss_hand_and_equal_to_the_model_loss():
