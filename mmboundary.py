@@ -21,8 +21,9 @@ Map of this file (sections under # ---- rulers):
   5.3 statements                         STATEMENTS, statement_for, level_of_statement
   5.5 rewards and PPO maths              r_ka, r_ec, r_cs, masked_whiten, gae, ppo_policy_loss, ppo_value_loss, exact_kl
   6 metrics                              ece, auroc, brier, reliability_bins
-  text and steps                         format_prompt, split_steps, statement_mask, score_responses (5.1 on real responses)
-  distributed training, fault tolerance  setup_distributed, wrap_ddp, training state for --resume, GracefulStop
+  text and steps                         format_prompt, split_steps, statement_mask, statement_reading_example,
+                                         score_responses (5.1 on real responses)
+  distributed training, fault tolerance  setup_distributed, wrap_ddp, no_sync, training state for --resume, GracefulStop
   bench, golden vectors                  python mmboundary.py --bench | --golden PATH
 
 Shapes: B batch, T tokens, V vocab, S steps, D embedding, N pooled items, P image tokens, C width.

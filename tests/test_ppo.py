@@ -107,8 +107,8 @@ def test_quick_rl_run_writes_a_loadable_checkpoint(quick_pipeline):
     assert ck.config["stage"] == "rl" and ck.stats is not None and ck.stats["signals"]
     lines = [l for l in quick_pipeline["logs"]["rl"].splitlines() if l.startswith("rl ")]
     assert len(lines) == 2  # QUICK: 2 iterations
-    for key in ["pg_loss", "v_loss", "approx_kl", "clipfrac", "entropy", "score", "r_ka", "r_ec", "r_cs", "kl_ref",
-                "ev", "step_acc", "mece", "levels"]:
+    for key in ["pg_loss", "v_loss", "approx_kl", "clipfrac", "entropy", "ptx", "anchor_kl", "score", "r_ka", "r_ec",
+                "r_cs", "kl_ref", "ev", "step_acc", "mece", "levels"]:
         assert f" {key} " in lines[0], key
 
 
@@ -181,7 +181,7 @@ def test_anchor_holds_the_content_to_the_reference(quick_pipeline, tmp_path):
     for coef in ["0", "100"]:
         out = tmp_path / f"rl{coef}"
         proc = run_script("train_rl.py", "--quick", "--device", "cpu", "--init", quick_pipeline["warmup"], "--out", str(out),
-                          "--lr", "3e-2", "--anchor-coef", coef, "--n-eval", "0")
+                          "--lr", "3e-2", "--anchor-coef", coef, "--ptx-coef", "0", "--n-eval", "0")
         assert (" anchor_kl " in proc.stdout) == (coef != "0")
         policy = mb.load_checkpoint(str(out)).model
         with torch.no_grad():
@@ -204,7 +204,7 @@ def test_ptx_teaches_the_reference_content(quick_pipeline, tmp_path):
     for coef in ["0", "10"]:
         out = tmp_path / f"rl{coef}"
         proc = run_script("train_rl.py", "--quick", "--device", "cpu", "--init", quick_pipeline["warmup"], "--out", str(out),
-                          "--lr", "3e-2", "--ptx-coef", coef, "--n-eval", "0")
+                          "--lr", "3e-2", "--ptx-coef", coef, "--anchor-coef", "0", "--n-eval", "0")
         assert (" ptx " in proc.stdout) == (coef != "0")
         with torch.no_grad():
             ce[coef] = mb.load_checkpoint(str(out)).model(*batch)[1].item()
