@@ -1,5 +1,6 @@
 """PPO on a real (tiny) TinyVLM: the pieces of train_rl.py's loop behave as the algorithm says."""
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -163,11 +164,27 @@ def test_token_rewards_hand():
     assert torch.equal(same, (score - 0.1 * kl) * mask)
 
 
-def test_anchor_holds_the_content_to_the_reference(quick_pipeline, tmp_path):
-    """--anchor-coef: the exact content KL to the warm-up is a loss term. With a learning rate high enough to move
-    the quick model far in two iterations, a large anchor keeps the policy's content distributions much closer
-    to the warm-up's than no anchor does (mean exact KL over the content tokens of the warm-up's own greedy
-    answers). Fails if the anchor is dropped, sits on the statements only, or never reaches the loss."""
+def fast_rl(quick_pipeline, out, ptx="0", anchor="0"):
+    """A quick RL run with a learning rate high enough to move the quick model far in two iterations -> (policy,
+    stdout). Both content-guard terms are off unless given."""
+    proc = run_script("train_rl.py", "--quick", "--device", "cpu", "--init", quick_pipeline["warmup"], "--out", str(out),
+                      "--lr", "3e-2", "--ptx-coef", ptx, "--anchor-coef", anchor, "--n-eval", "0")
+    return mb.load_checkpoint(str(out)).model, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def unguarded(quick_pipeline, tmp_path_factory):
+    """fast_rl with neither term: the baseline both tests below compare against."""
+    policy, stdout = fast_rl(quick_pipeline, tmp_path_factory.mktemp("unguarded") / "rl")
+    assert " ptx " not in stdout and " anchor_kl " not in stdout
+    return policy
+
+
+def test_anchor_holds_the_content_to_the_reference(quick_pipeline, unguarded, tmp_path):
+    """--anchor-coef: the exact content KL to the warm-up is a loss term. A large anchor keeps the policy's content
+    distributions much closer to the warm-up's than the same fast run without it (mean exact KL over the content
+    tokens of the warm-up's own greedy answers). Fails if the anchor is dropped, sits on the statements only, or
+    never reaches the loss."""
     warm = mb.load_checkpoint(quick_pipeline["warmup"])
     records = mb.make_dataset(16, 11, "test")
     responses = mb.generate_responses(warm.model, warm.tokenizer, records, max_new_tokens=48)
@@ -175,37 +192,28 @@ def test_anchor_holds_the_content_to_the_reference(quick_pipeline, tmp_path):
     steps = [mb.split_steps(r, warm.tokenizer) for r in responses]
     content = mask.float() * (1 - mb.statement_mask(steps, offsets, mask.size(1)))
     assert content.sum() > 0
+    anchored, stdout = fast_rl(quick_pipeline, tmp_path / "rl", anchor="100")
+    assert " anchor_kl " in stdout
     with torch.no_grad():
         ref = torch.log_softmax(warm.model(images, inputs, text_mask=text_mask)[0], -1)
-    drift = {}
-    for coef in ["0", "100"]:
-        out = tmp_path / f"rl{coef}"
-        proc = run_script("train_rl.py", "--quick", "--device", "cpu", "--init", quick_pipeline["warmup"], "--out", str(out),
-                          "--lr", "3e-2", "--anchor-coef", coef, "--ptx-coef", "0", "--n-eval", "0")
-        assert (" anchor_kl " in proc.stdout) == (coef != "0")
-        policy = mb.load_checkpoint(str(out)).model
-        with torch.no_grad():
-            drift[coef] = mb.masked_mean(mb.exact_kl(policy(images, inputs, text_mask=text_mask)[0], ref), content).item()
-    assert drift["0"] > 1e-3 and drift["100"] < 0.2 * drift["0"], drift
+        drift = {name: mb.masked_mean(mb.exact_kl(policy(images, inputs, text_mask=text_mask)[0], ref), content).item()
+                 for name, policy in [("none", unguarded), ("anchor", anchored)]}
+    assert drift["none"] > 1e-3 and drift["anchor"] < 0.2 * drift["none"], drift
 
 
-def test_ptx_teaches_the_reference_content(quick_pipeline, tmp_path):
+def test_ptx_teaches_the_reference_content(quick_pipeline, unguarded, tmp_path):
     """--ptx-coef: cross-entropy on reference chains (random statements read, not learned) joins the PPO loss.
-    With a learning rate high enough to move the quick model in two iterations, a large ptx weight lowers that
-    cross-entropy on held-out reference chains well below what the same run reaches without it. Fails if the
-    term's gradient is lost (e.g. zeroed before the optimizer step) or never computed."""
+    A large ptx weight lowers that cross-entropy on held-out reference chains well below what the same fast run
+    reaches without it. Fails if the term's gradient is lost (e.g. zeroed before the optimizer step) or never
+    computed."""
     import random
     warm = mb.load_checkpoint(quick_pipeline["warmup"])
     records = mb.make_dataset(16, 12, "test")
     examples = [mb.statement_reading_example(warm.tokenizer, r, random.Random(i), warm.model.cfg.block_size)
                 for i, r in enumerate(records)]
     batch = mb.collate_sft(examples)
-    ce = {}
-    for coef in ["0", "10"]:
-        out = tmp_path / f"rl{coef}"
-        proc = run_script("train_rl.py", "--quick", "--device", "cpu", "--init", quick_pipeline["warmup"], "--out", str(out),
-                          "--lr", "3e-2", "--ptx-coef", coef, "--anchor-coef", "0", "--n-eval", "0")
-        assert (" ptx " in proc.stdout) == (coef != "0")
-        with torch.no_grad():
-            ce[coef] = mb.load_checkpoint(str(out)).model(*batch)[1].item()
-    assert ce["10"] < ce["0"] - 0.5, ce
+    taught, stdout = fast_rl(quick_pipeline, tmp_path / "rl", ptx="10")
+    assert " ptx " in stdout
+    with torch.no_grad():
+        ce = {name: policy(*batch)[1].item() for name, policy in [("none", unguarded), ("ptx", taught)]}
+    assert ce["ptx"] < ce["none"] - 0.5, ce
