@@ -36,6 +36,7 @@ Paper symbol -> code name:
   confidence level, score->statement     confidence_levels, statement_for; statement->score level_of_statement
   R_KA, R_EC, R_CS; α, β, γ              r_ka, r_ec, r_cs; --alpha, --beta, --gamma (train_rl.py)
   β_KL (KL to reference)                 kl_coef (statement tokens: statement_kl_coef), token_rewards (train_rl.py)
+  not in the paper: PPO-ptx, KL anchor   ptx_coef (ptx_loss), anchor_coef (exact_kl) in train_rl.py
   γ, λ of GAE; ε                         discount, gae_lambda; clip_eps
   MECE (step-level ECE)                  ece over all steps (evaluate.py)
 
@@ -2279,11 +2280,14 @@ def encode_example(tokenizer, record, response):
 def statement_reading_example(tokenizer, record, rng, block_size):
     """The reference chain with a statement of a random level after every step, and no loss on the statements
     (train_sft.py --base-statements, train_rl.py --ptx-coef): -> (image, ids, start, hidden), hidden = the
-    positions of every ", clause ." in ids (collate_sft drops their loss), or None when it no longer fits
-    block_size. A model trained on it predicts each step's content after earlier steps that carry statements, as
-    it reads them in the warm-up and in RL, but learns nothing about writing one (the comma after a step's
-    content is hidden too)."""
-    text = " ".join(attach_statement(s, statement_for(rng.randint(1, 5), rng)) for s in reference_steps(record))
+    positions of every ", clause ." in ids (collate_sft drops their loss), or None when the record has no
+    reference steps or the chain no longer fits block_size. A model trained on it predicts each step's content
+    after earlier steps that carry statements, as it reads them in the warm-up and in RL, but learns nothing
+    about writing one (the comma after a step's content is hidden too)."""
+    steps = reference_steps(record)
+    if not steps:  # nothing to read: an empty chain would teach the model to answer with <eos> alone
+        return None
+    text = " ".join(attach_statement(s, statement_for(rng.randint(1, 5), rng)) for s in steps)
     ids, start = encode_example(tokenizer, record, text)
     if len(ids) - 1 > block_size:
         return None

@@ -242,6 +242,7 @@ def test_statement_reading_example_hides_exactly_the_statements():
         clauses = tok.decode([ids[p] for p in hidden]).replace(" .", ".").split(".")[:-1]
         assert len(clauses) == len(steps) and all(mb.level_of_statement(c.strip(" ,")) for c in clauses)
     assert mb.statement_reading_example(tok, rec, random.Random(0), block_size=20) is None  # too long
+    assert mb.statement_reading_example(tok, dict(rec, keys_filtered={}), random.Random(0), block_size=160) is None
 
 
 def test_distill_loss_hand_and_equal_to_the_model_loss():
