@@ -68,7 +68,7 @@ class RLConfig:
     statement_kl_coef: float = field(default=0.1, metadata=note("the KL penalty's coefficient on statement tokens (--kl-coef: all others)", NON_NEGATIVE))
     ptx_coef: float = field(default=3.0, metadata=note("weight of a loss term: next-token cross-entropy on reference chains of the training questions, content only, with random statements read but not learned (InstructGPT's PPO-ptx); 0 = off", NON_NEGATIVE))
     ptx_batch: int = field(default=16, metadata=note("reference chains per minibatch for --ptx-coef", POSITIVE))
-    anchor_coef: float = field(default=1.0, metadata=note("weight of a loss term: the exact KL to the warm-up model on content tokens (not statements), summed over the vocabulary; 0 = off", NON_NEGATIVE))
+    anchor_coef: float = field(default=1.0, metadata=note("weight of a loss term: the exact KL to the warm-up model on content tokens (not statements), summed over the vocabulary, at the sampling temperature; 0 = off", NON_NEGATIVE))
     clip_eps: float = field(default=0.2, metadata=note("PPO ratio clip ε", OPEN_UNIT))
     value_clip_eps: float = field(default=0.2, metadata=note("value clip around the rollout's values", POSITIVE))
     vf_coef: float = field(default=0.5, metadata=note("weight of the value loss", NON_NEGATIVE))
@@ -257,8 +257,8 @@ def train(cfg, rank, world_size, device):
             # 4. GAE (γ = discount, λ = gae_lambda; nothing bootstraps past <eos>), returns, whitened advantages
             advantages, returns = mb.gae(rewards, values * mask, mask, cfg.discount, cfg.gae_lambda)
             advantages = mb.masked_whiten(advantages, mask)
-            # 5. several epochs of minibatches: clipped policy loss + clipped value loss (+ the anchor), gradient
-            # clipping. During the first --critic-warmup iterations only the value head learns: a zero-initialised
+            # 5. several epochs of minibatches: clipped policy loss + clipped value loss (+ the ptx and anchor terms),
+            # gradient clipping. During the first --critic-warmup iterations only the value head learns: a zero-initialised
             # critic makes every advantage the raw return-to-go, which favours early tokens over late ones whatever
             # they say. The anchor (--anchor-coef) is the exact KL to the warm-up on content tokens, a loss term
             # rather than a sampled reward: the policy-gradient noise moves content words that no reward asked to
