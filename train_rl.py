@@ -257,12 +257,12 @@ def train(cfg, rank, world_size, device):
             # 4. GAE (γ = discount, λ = gae_lambda; nothing bootstraps past <eos>), returns, whitened advantages
             advantages, returns = mb.gae(rewards, values * mask, mask, cfg.discount, cfg.gae_lambda)
             advantages = mb.masked_whiten(advantages, mask)
-            # 5. several epochs of minibatches: clipped policy loss + clipped value loss (+ the ptx and anchor terms),
-            # gradient clipping. During the first --critic-warmup iterations only the value head learns: a zero-initialised
-            # critic makes every advantage the raw return-to-go, which favours early tokens over late ones whatever
-            # they say. The anchor (--anchor-coef) is the exact KL to the warm-up on content tokens, a loss term
-            # rather than a sampled reward: the policy-gradient noise moves content words that no reward asked to
-            # move (measured: most of RL's accuracy change), and this pulls them back directly
+            # 5. several epochs of minibatches: clipped policy loss + clipped value loss (+ the ptx and anchor
+            # terms), gradient clipping. During the first --critic-warmup iterations only the value head learns: a
+            # zero-initialised critic makes every advantage the raw return-to-go, which favours early tokens over
+            # late ones whatever they say. The anchor (--anchor-coef) is the exact KL to the warm-up on content
+            # tokens, a loss term rather than a sampled reward: the policy-gradient noise moves content words that
+            # no reward asked to move (measured: most of RL's accuracy change), and this pulls them back directly
             warming = it < cfg.critic_warmup
             policy.train()
             n = len(batch)
