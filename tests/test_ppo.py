@@ -217,3 +217,36 @@ def test_ptx_teaches_the_reference_content(quick_pipeline, unguarded, tmp_path):
     with torch.no_grad():
         ce = {name: policy(*batch)[1].item() for name, policy in [("none", unguarded), ("ptx", taught)]}
     assert ce["ptx"] < ce["none"] - 0.5, ce
+
+
+def test_ptx_gradient_joins_the_ddp_all_reduce(tmp_path):
+    """train_rl.py's minibatch under DistributedDataParallel: the ptx term's forward and backward run first inside
+    mb.no_sync, then the PPO forward and backward through DDP. The gradient DDP leaves must be the sum of both
+    terms' gradients, as a plain module computes them in one backward (one process, gloo: the all-reduce is the
+    identity, so any difference is DDP dropping or overwriting the accumulated ptx gradient). Running the ptx
+    forward outside no_sync instead raises "mark a variable ready only once"."""
+    import copy
+    import datetime
+    import random
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    model, tok, records, responses, (images, inputs, targets, text_mask, mask, offsets) = tiny_setup()
+    ptx_batch = mb.collate_sft([mb.statement_reading_example(tok, r, random.Random(i), 96) for i, r in enumerate(records)])
+
+    def main_loss(m):  # stands in for the PPO loss: every parameter, the value head included, gets a gradient
+        logits, _, values = m(images, inputs, text_mask=text_mask, return_values=True)
+        return mb.masked_mean(mb.token_logprobs(logits, targets), mask) + mb.masked_mean(values, mask)
+
+    plain = copy.deepcopy(model).train()
+    (3.0 * plain(*ptx_batch)[1] + main_loss(plain)).backward()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))  # a stuck collective fails instead of hanging
+    try:
+        ddp = DistributedDataParallel(copy.deepcopy(model).train())
+        with mb.no_sync(ddp):
+            (3.0 * ddp(*ptx_batch)[1]).backward()
+        main_loss(ddp).backward()
+        for (name, p), q in zip(plain.named_parameters(), ddp.module.parameters()):
+            assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+    finally:
+        dist.destroy_process_group()
