@@ -2304,7 +2304,7 @@ def collate_sft(examples, device="cpu"):
     """examples: list of (image, ids, response_start) or (image, ids, response_start, hidden) -> images,
     inputs (B,T), targets (B,T), loss_mask (B,T). Next-token training: inputs = ids[:-1], targets = ids[1:]; the
     loss counts only targets in the response, and none at the positions p in `hidden` (the token ids[p] is read
-    but never learned: train_sft.py --base-statements)."""
+    but never learned: statement_reading_example, for train_sft.py --base-statements and train_rl.py --ptx-coef)."""
     seqs = [e[1] for e in examples]
     ids, _ = pad_right(seqs)  # subtle: no text mask needed, pads sit after every real token and attention is causal
     inputs, targets = ids[:, :-1], ids[:, 1:]

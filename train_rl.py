@@ -216,6 +216,9 @@ def train(cfg, rank, world_size, device):
     generators = {"rollouts": rng, "sampling": gen}
     if cfg.ptx_coef:  # its own generator, so that --ptx-coef leaves the rollouts as they were
         generators["ptx"] = random.Random(cfg.seed + rank + 100_000)
+        if not any(mb.statement_reading_example(tokenizer, r, random.Random(0), policy.cfg.block_size) for r in records):
+            raise UserError(f"--ptx-coef {cfg.ptx_coef}: no training record has a reference chain that fits the "
+                            f"model's {policy.cfg.block_size} tokens with statements; use --ptx-coef 0")
     start, saved = 0, None  # saved: (iteration, folder) of the last good resumable checkpoint
     if resume_from:
         state = mb.load_training_state(resume_from, opt, generators)

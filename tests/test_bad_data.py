@@ -49,3 +49,20 @@ def test_train_sft_rejects_bad_data_in_one_line(tmp_path, case, message):
 def test_evaluate_rejects_impossible_flag(tmp_path):
     proc = run_script("evaluate.py", "--n-test", "0", "--out", str(tmp_path), check=False)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --n-test must be > 0"), proc.stderr
+
+
+def test_train_rl_refuses_ptx_when_no_chain_fits(tmp_path, quick_pipeline):
+    """--ptx-coef on data whose every reference chain, with a statement after each step, is longer than the
+    model's block_size: one line that says so and how to go on, not a run whose ptx term silently never acts."""
+    images, good = write_fixture(tmp_path)
+    long = dict(good, keys_filtered={"Image_level": ["There is a small cake on the table."] * 30,
+                                     "Reasoning_level": ["So, the answer is b."]})
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([long]))
+    out = tmp_path / "rl"
+    proc = run_script("train_rl.py", "--quick", "--device", "cpu", "--init", quick_pipeline["warmup"], "--data", str(path),
+                      "--images", str(images), "--out", str(out), check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --ptx-coef") and "--ptx-coef 0" in lines[0], proc.stderr
+    assert not out.exists()
