@@ -35,7 +35,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 import mmboundary as mb
 from mmboundary import note, POSITIVE, NON_NEGATIVE, UserError
-from train_rl import internal_confidence  # the warm-up's recipe (signals -> minmax -> fuse -> level) on any tokens
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CHECKPOINTS = "out/base,out/warmup,out/rl"
@@ -522,7 +521,7 @@ def internal_row(base, stats, data, answers, cfg, device, label):
     for split, records in data.items():
         t0 = time.time()
         responses, steps = answers[split]
-        conf = internal_confidence(base.model, base.clip, base.tokenizer, records, responses, steps, stats, device)
+        conf = mb.internal_confidence(base.model, base.clip, base.tokenizer, records, responses, steps, stats, device)
         metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins)
         plot(records, steps, conf, label, split, metrics[split], cfg)
         print_line(label, split, metrics[split], time.time() - t0)

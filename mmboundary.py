@@ -1827,6 +1827,30 @@ def level_to_confidence(level):
     return (levels.float() - 1.0) / 4.0
 
 
+
+# The warm-up's whole recipe in two calls (section 3.2): fit once on the pool of scored training steps,
+#   stats = fit_confidence_stats(pool, ...)          min/max per signal, then μ and σ of c_final on the pool
+# then apply it to any steps, the pool itself (stage 1) or the policy's own tokens (R_CS in stage 2, evaluate.py):
+#   fused, levels = signals_to_levels(values, stats)    U -> c_i -> c_final -> level
+def fit_confidence_stats(pool, signals=SIGNALS, weights=None, fusion="mean"):
+    """Fit normalisation and level cuts on a pool {name: (N,)} of raw signals -> the stats dict stored as
+    confidence_stats.json: {"minmax", "mu", "sigma", "signals", "weights", "fusion"}.
+    Example: lnlp [1, 2, 3] alone -> minmax (1, 3), c_final [1, .5, 0], mu .5, sigma sqrt(1/6) = .408"""
+    signals = list(signals)
+    minmax = fit_minmax(pool)
+    fused = fuse_confidence(to_confidence({k: pool[k] for k in signals}, minmax), weights, fusion)
+    # σ is the population std (divide by N): the cuts describe this pool, not an estimate of a larger one
+    return {"minmax": minmax, "mu": fused.mean().item(), "sigma": fused.std(unbiased=False).item(),
+            "signals": signals, "weights": weights, "fusion": fusion}
+
+
+def signals_to_levels(values, stats):
+    """Apply fitted stats to raw signals {name: (N,)}: -> (c_final (N,) in [0, 1], level (N,) long in 1..5).
+    Only stats["signals"] are used, so an ablation's stats drop a signal everywhere they are applied."""
+    conf = to_confidence({k: values[k] for k in stats["signals"]}, stats["minmax"])
+    fused = fuse_confidence(conf, stats["weights"], stats["fusion"])
+    return fused, confidence_levels(fused, stats["mu"], stats["sigma"])
+
 # ---------------------------------------------------------------------------- #
 # 5.3 Statements: level -> words -> level
 # ---------------------------------------------------------------------------- #
@@ -2511,6 +2535,22 @@ def score_responses(model, clip, tokenizer, records, responses, steps, device="c
         out["clipscore"][i:i + len(recs), :S_b] = u_clipscore(image_emb, text_emb).cpu() * (step_mask.sum(-1) > 0).cpu()
     return out
 
+
+
+def internal_confidence(model, clip, tokenizer, records, responses, steps, stats, device="cpu"):
+    """u_s for every step: the four signals of `model` on its own tokens, then the warm-up's recipe
+    (signals_to_levels with the stored stats) -> level -> level_to_confidence. -> list (per response) of
+    lists (per step) of floats in {0, .25, .5, .75, 1}. Used by R_CS (train_rl.py) and evaluate.py's
+    internal-confidence row."""
+    raw = score_responses(model, clip, tokenizer, records, responses, steps, device=device)  # {name: (B, S_max)}
+    out = []
+    for i, st in enumerate(steps):
+        if not st:
+            out.append([])
+            continue
+        _, levels = signals_to_levels({k: raw[k][i, :len(st)] for k in stats["signals"]}, stats)  # (S,)
+        out.append(level_to_confidence(levels).tolist())
+    return out
 
 # ---------------------------------------------------------------------------- #
 # Distributed training and fault tolerance

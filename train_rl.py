@@ -142,22 +142,6 @@ def ptx_loss(model, tokenizer, records, rng, n, device):
     return model(images, inputs, targets, loss_mask)[1]
 
 
-def internal_confidence(policy, clip, tokenizer, records, responses, steps, stats, device):
-    """u_s: the warm-up's recipe (signals, min/max, fusion, levels) applied to the policy's own tokens."""
-    raw = mb.score_responses(policy, clip, tokenizer, records, responses, steps, device=device)
-    out = []
-    for i, st in enumerate(steps):
-        if not st:
-            out.append([])
-            continue
-        values = {k: raw[k][i, :len(st)] for k in stats["signals"]}
-        conf = mb.to_confidence(values, stats["minmax"])
-        fused = mb.fuse_confidence(conf, stats["weights"], stats["fusion"])
-        levels = mb.confidence_levels(fused, stats["mu"], stats["sigma"])
-        out.append(mb.level_to_confidence(levels).tolist())
-    return out
-
-
 def main(argv=None):
     cfg, = mb.parse_configs(argv, __doc__.splitlines()[0], [RLConfig], QUICK)
     if cfg.no_r_ka and cfg.no_r_ec and cfg.no_r_cs:
@@ -236,7 +220,7 @@ def train(cfg, rank, world_size, device):
             steps = [mb.split_steps(r, tokenizer) for r in responses]
             # 2. per step: correctness a_s, internal confidence u_s (stated e_s is in each Step's level)
             correct = [mb.judge_steps(rec, st) for rec, st in zip(batch, steps)]
-            internal = internal_confidence(policy, clip, tokenizer, batch, responses, steps, stats, device)
+            internal = mb.internal_confidence(policy, clip, tokenizer, batch, responses, steps, stats, device)
             # 3. rewards: r_s on the last token of each step, minus kl_coef·(log π - log π_ref) on every token
             images, inputs, targets, text_mask, mask, offsets = mb.response_batch(tokenizer, batch, responses, device)
             mask = mask.float()  # (B, T): response tokens incl. <eos>; the one mask used everywhere below

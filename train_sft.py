@@ -369,15 +369,10 @@ def run_warmup(cfg, init, out, device, resume_from=None):
     pool = {k: torch.cat([p[k] for p, _ in shards]) for k in pool}
     correct = torch.cat([c for _, c in shards])
     # 3. normalise with the pool's min/max, fuse, and cut into five levels at mu +- 0.5 sigma, mu +- 1.5 sigma (5.2)
-    minmax = mb.fit_minmax(pool)
-    conf = mb.to_confidence({k: pool[k] for k in signals}, minmax)
-    fused = mb.fuse_confidence(conf, weights, cfg.fusion)
-    mu, sigma = fused.mean().item(), fused.std(unbiased=False).item()
-    levels = mb.confidence_levels(fused, mu, sigma)
-    stats = {"minmax": minmax, "mu": mu, "sigma": sigma, "signals": signals, "weights": weights,
-             "fusion": cfg.fusion, "statements": cfg.statements, "n_steps": len(fused),
-             "temperature": cfg.warmup_temperature}
-    evidence = signal_evidence(pool, conf, fused, levels, correct)
+    stats = mb.fit_confidence_stats(pool, signals, weights, cfg.fusion)
+    fused, levels = mb.signals_to_levels(pool, stats)
+    stats.update(statements=cfg.statements, n_steps=len(fused), temperature=cfg.warmup_temperature)
+    evidence = signal_evidence(pool, fused, levels, correct)
     # 4. attach a statement to every step (5.3) and fine-tune on the model's own chain with its statements (5.4)
     rng = random.Random(cfg.seed + rank)
     examples, k = [], offset
@@ -417,7 +412,7 @@ def run_warmup(cfg, init, out, device, resume_from=None):
     print(f"warmup: wrote {out} in {time.time() - t0:.0f}s")
 
 
-def signal_evidence(pool, conf, fused, levels, correct):
+def signal_evidence(pool, fused, levels, correct):
     """Do the signals find the knowledge boundary? Level histogram, step accuracy per level, AUROC per signal."""
     print("--- warm-up pool: the base model's own chains, exact-verifier step accuracy per assigned level")
     evidence = {"levels": {}, "auroc": {}}
