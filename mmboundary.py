@@ -139,8 +139,9 @@ def add_config_args(parser, cls, defaults=None):
                                 help=help_text)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            parser.add_argument(flag, dest=f.name, type=typ, default=default, metavar=f.name.upper(),
-                                help=f"{help_text} (default: {default})")
+            # an empty-string default means "derived from other flags": the note says how, so print no "(default: )"
+            shown = f"{help_text} (default: {default})" if default != "" else help_text
+            parser.add_argument(flag, dest=f.name, type=typ, default=default, metavar=f.name.upper(), help=shown)
 
 
 def config_from_args(cls, args):

@@ -66,3 +66,12 @@ def test_train_rl_refuses_ptx_when_no_chain_fits(tmp_path, quick_pipeline):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --ptx-coef") and "--ptx-coef 0" in lines[0], proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["train_sft.py", "train_rl.py", "evaluate.py"])
+def test_help_prints_no_empty_default(script):
+    """--help explains every flag: a flag whose default is derived from others (--out, --init) says so in its note,
+    and no line reads '(default: )'."""
+    out = run_script(script, "--help")
+    assert "--out" in out.stdout
+    assert "(default: )" not in " ".join(out.stdout.split())  # argparse may wrap the line inside the parentheses
