@@ -1258,6 +1258,13 @@ class TinyVLM(nn.Module):
             return logits, loss, self.value_head(h).squeeze(-1)  # values (B, T)
         return logits, loss
 
+    @staticmethod
+    def _never_generated(vocab_size, device):
+        """(V,) bool: the special tokens decoding must not produce (every special token but <eos>)."""
+        never = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        never[[PAD, BOS, UNK, SEP]] = True
+        return never
+
     @torch.no_grad()
     def generate(self, images, prompt_ids, prompt_mask=None, max_new_tokens=64, temperature=0.0,
                  generator=None, use_cache=True, eos_id=EOS):
@@ -1277,15 +1284,17 @@ class TinyVLM(nn.Module):
         out = []
         caches = None
         for step in range(max_new_tokens):
-            if ids.size(1) > self.cfg.block_size:
+            # stop while prompt + response still fits the block: the text that re-scores this response later
+            # (prompt + response as inputs, <eos> as the last target) is then at most block_size tokens
+            if ids.size(1) >= self.cfg.block_size:
                 break
             if not use_cache or caches is None:
                 # full pass over image + all text so far (the first step of the cached path too)
                 pos, mask, _ = self._positions_and_mask(text_mask, P)
                 x = torch.cat([self.encode_images(images), self.tok_embed(ids)], dim=1) + self.pos_embed(pos)
-                # the loop stops once the text passes block_size, so at most block_size - T0 + 1 new tokens come:
+                # the loop stops once the text reaches block_size, so at most block_size - T0 new tokens come:
                 # a larger --max-new-tokens must not size (and fail to allocate) a cache it can never fill
-                capacity = x.size(1) + min(max_new_tokens, self.cfg.block_size - T0 + 1)
+                capacity = x.size(1) + min(max_new_tokens, self.cfg.block_size - T0)
                 caches = [dict(capacity=capacity) for _ in self.blocks] if use_cache else [None] * len(self.blocks)
                 for block, cache in zip(self.blocks, caches):
                     x = block(x, mask, cache)
@@ -1302,6 +1311,10 @@ class TinyVLM(nn.Module):
                 last = x[:, -1]
                 next_pos = next_pos + 1
             logits = self.lm_head(self.ln_f(last))  # (B, V)
+            # <pad>, <bos>, <unk> and <sep> are never a next token: a sampled <pad> would be deleted from the
+            # response and the re-scored text would differ from the sampled one (PPO's ratio then compares two
+            # different sequences). Their probability under a trained model is ~0, so this changes nothing else.
+            logits = logits.masked_fill(self._never_generated(logits.size(-1), logits.device), float("-inf"))
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)

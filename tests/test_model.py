@@ -62,13 +62,61 @@ def test_kv_cache_greedy_equals_no_cache(sdpa):
 
 def test_generation_budget_beyond_block_size():
     """A budget far past the block (10^9 tokens) neither sizes a cache it cannot allocate nor changes the output:
-    the text may grow to block_size 48, so a 7-token prompt gets 48 - 7 + 1 = 42 new tokens (the last one is
-    produced from the 48th position and never fed back), the same with and without the cache."""
+    prompt + response may fill block_size 48, so a 7-token prompt gets 48 - 7 = 41 new tokens (then re-scoring
+    prompt + response, with <eos> as the last target only, feeds exactly 48 tokens), with and without the cache."""
     model = tiny_vlm()
     ids, mask = mb.pad_left([[1, 7, 8, 9, 10, 11, 4], [1, 12, 4]])
     cached = model.generate(random_images(2), ids, mask, max_new_tokens=10**9, use_cache=True, eos_id=-1)
     plain = model.generate(random_images(2), ids, mask, max_new_tokens=10**9, use_cache=False, eos_id=-1)
-    assert cached.shape == (2, 42) and torch.equal(cached, plain)
+    assert cached.shape == (2, 41) and torch.equal(cached, plain)
+
+
+class Favour(torch.nn.Module):
+    """Wraps lm_head and adds +50 to the logits of `token_ids`, so decoding picks them whenever it may."""
+
+    def __init__(self, head, token_ids):
+        super().__init__()
+        self.head, self.token_ids = head, token_ids
+
+    def forward(self, h):
+        logits = self.head(h).clone()
+        logits[..., self.token_ids] += 50.0
+        return logits
+
+
+def test_a_response_that_fills_the_block_can_be_rescored():
+    """B1: a response that runs into block_size must still fit when re-scored with <eos> appended. The model is made
+    to repeat one word (never <eos>) so it always hits the block; response_batch's text then has exactly
+    block_size tokens and the forward pass (which asserts T <= block_size) runs. Before the fix generate let the
+    text reach block_size + 1 and this forward failed."""
+    records = mb.make_dataset(2, seed=0)
+    tok = mb.build_tokenizer(records)
+    prompt_len = max(len(mb.prompt_ids(tok, r)) for r in records)
+    torch.manual_seed(0)
+    cfg = mb.VLMConfig(n_layer=1, n_head=2, n_embd=32, vit_layers=1, vit_embd=16, vocab_size=len(tok.vocab),
+                       block_size=prompt_len + 6)
+    model = mb.TinyVLM(cfg).eval()
+    model.lm_head = Favour(model.lm_head, [tok.encode("square")[0]])
+    responses = mb.generate_responses(model, tok, records, max_new_tokens=200)
+    assert max(len(r) for r in responses) == 6  # the longest prompt leaves 6 tokens
+    images, inputs, targets, text_mask, mask, offsets = mb.response_batch(tok, records, responses)
+    assert inputs.size(1) == cfg.block_size
+    model(images, inputs, text_mask=text_mask)  # raised "text of 81 tokens > block_size 80" before the fix
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_decoding_never_produces_special_tokens_but_eos(temperature):
+    """B3: <pad>, <bos>, <unk>, <sep> are excluded from greedy and sampled decoding even when they have by far
+    the highest logit (+50); <eos> stays allowed (favoured, it ends every row at once)."""
+    model = tiny_vlm()
+    ids, mask = mb.pad_left([[1, 7, 8, 4], [1, 9, 4]])
+    gen = torch.Generator().manual_seed(0)
+    model.lm_head = Favour(model.lm_head, [mb.PAD, mb.BOS, mb.UNK, mb.SEP])
+    out = model.generate(random_images(2), ids, mask, 12, temperature=temperature, generator=gen, eos_id=-1)
+    assert out.shape == (2, 12) and not torch.isin(out, torch.tensor([mb.PAD, mb.BOS, mb.UNK, mb.SEP])).any()
+    model.lm_head = Favour(model.lm_head, [mb.EOS])
+    out = model.generate(random_images(2), ids, mask, 12, temperature=temperature, generator=gen)
+    assert out[:, 0].tolist() == [mb.EOS, mb.EOS]
 
 
 def test_kv_cache_sampling_equals_no_cache():
