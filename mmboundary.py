@@ -3,47 +3,89 @@
 He et al., "MMBoundary: Advancing MLLM Knowledge Boundary Awareness through Reasoning Step Confidence
 Calibration", ACL 2025, arXiv 2505.23224. A multimodal model reasons step by step and, after every step, says
 in words how sure it is ("..., with total certainty." / "..., but I'm not sure."). Training has two stages:
-a confidence warm-up SFT whose statements come from four internal signals (train_sft.py), then PPO with three
-step-level rewards (train_rl.py). evaluate.py measures calibration. This file holds everything they share,
-in paper order; importing it has no side effects.
+a confidence warm-up SFT whose statements come from four internal signals (paper §3.2, train_sft.py), then PPO
+with three step-level rewards (§3.3, train_rl.py). evaluate.py measures calibration (§4). This file holds
+everything they share; importing it has no side effects.
 
 It is NOT a wrapper around a large model: TinyVLM (a few million parameters) and TinyCLIP are trained from
 scratch on an embedded shapes world whose step truth is known exactly, so the whole method runs on a laptop CPU.
 
-Map of this file (sections under # ---- rulers):
-  errors, configuration, command line   UserError, run_cli, parse_configs, seed_everything, pick_device
-  the shapes world (DESIGN 3)            make_dataset, render_scene, verify_step, describe_step
-  real annotated data                    load_annotated (official JSON / JSONL), judge_steps_by_reference
-  tokenizer, TinyVLM, TinyCLIP (4)       Tokenizer, TinyVLM (ViT -> projector -> GPT, KV cache), TinyCLIP
-  checkpoints                            save_checkpoint (atomic), load_checkpoint (checked)
-  5.1 the four signals                   token_logprobs, token_entropy, u_lnlp, u_mte, u_tokensar, u_clipscore
-  5.2 normalise, fuse, level             fit_minmax, to_confidence, fuse_confidence, confidence_levels
-  5.3 statements                         STATEMENTS, statement_for, level_of_statement
-  5.5 rewards and PPO maths              r_ka, r_ec, r_cs, masked_whiten, gae, ppo_policy_loss, ppo_value_loss, exact_kl
-  6 metrics                              ece, auroc, brier, reliability_bins
-  text and steps                         format_prompt, split_steps, statement_mask, statement_reading_example,
-                                         score_responses (5.1 on real responses)
-  distributed training, fault tolerance  setup_distributed, wrap_ddp, no_sync, training state for --resume, GracefulStop
-  bench, golden vectors                  python mmboundary.py --bench | --golden PATH
+Reading order (sections under # ---- rulers, in this order):
+  the shapes world                 make_dataset, render_scene, verify_step (exact step truth), describe_step
+  real annotated data              load_annotated (official JSON / JSONL), judge_steps_by_reference
+  tokenizer and models             Tokenizer, TinyVLM (ViT -> projector -> GPT, KV cache, value head), TinyCLIP
+  text                             format_prompt, generate_responses, split_steps, response_batch, judge_steps
+  §3.2 four signals                token_logprobs, token_entropy, u_lnlp, u_mte, u_tokensar, u_clipscore,
+                                   score_responses (all four for every step of real responses)
+  §3.2 normalise, fuse, level      fit_minmax, to_confidence, fuse_confidence, confidence_levels,
+                                   fit_confidence_stats + signals_to_levels (the recipe), internal_confidence
+  §3.2 statements                  STATEMENTS, statement_for, level_of_statement, attach_statement
+  §3.3 rewards and PPO maths       r_ka, r_ec, r_cs, masked_mean, masked_whiten, gae, ppo_policy_loss,
+                                   ppo_value_loss, approx_kl_k3, exact_kl, explained_variance
+  §4 metrics                       ece (MECE = ece over steps), reliability_bins, auroc, brier
+  ==== infrastructure (skip on a first read) ====
+  command line, checkpoints, distributed training and resume, --bench, --golden
 
-Shapes: B batch, T tokens, V vocab, S steps, D embedding, N pooled items, P image tokens, C width.
+Equation -> function:
+  U_LNLP(s) = exp(-(1/L) Σ_l log p(y_l | y_<l, x))                    u_lnlp(token_logprobs, step_mask)
+  U_MTE(s)  = (1/L) Σ_l H_l,  H_l = -Σ_v p(v) log p(v)                u_mte(token_entropy, step_mask)
+  U_TokenSAR(s) = Σ_l R~_l (-log p(y_l)),  R_l = 1 - g(x∪y, x∪y\y_l)   u_tokensar(logprobs, relevance, step_mask)
+  U_CLIPS(s) = max(cos(v, e_s), 0)                                     u_clipscore(image_emb, text_emb)
+  c = 1 - clip((U - lo)/(hi - lo), 0, 1)   (CLIPS: without the 1 -)    to_confidence(values, minmax)
+  c_final = Σ_i w_i c_i / Σ_i w_i   ("w U_Max": max_i c_i)             fuse_confidence(conf, weights, mode)
+  level = 1 + #{k : μ + kσ <= c_final},  k in (-1.5, -0.5, .5, 1.5)   confidence_levels(c, mu, sigma)
+  confidence of level k = (k - 1) / 4                                  level_to_confidence(level)
+  R_KA = a_s,  R_EC = 1 - (e_s - a_s)²,  R_CS = 1 - (e_s - u_s)²       r_ka, r_ec, r_cs
+  δ_t = r_t + γ V_{t+1} - V_t,  A_t = δ_t + γλ A_{t+1}                 gae(rewards, values, mask, gamma, lam)
+  L_clip = -min(ρ A, clip(ρ, 1±ε) A),  ρ = π/π_old                     ppo_policy_loss(...)
+  ECE = Σ_bins |B|/N · |acc(B) - conf(B)|                              ece(conf, correct, n_bins=10)
 
 Paper symbol -> code name:
-  U_LNLP, U_MTE, U_TokenSAR, U_CLIPS    u_lnlp, u_mte, u_tokensar, u_clipscore
+  U_LNLP, U_MTE, U_TokenSAR, U_CLIPS     u_lnlp, u_mte, u_tokensar, u_clipscore
   R_l, R~_l (TokenSAR relevance)         relevance (raw R_l), normalised inside u_tokensar
   g (text similarity)                    cosine of TinyCLIP text embeddings (tokensar_relevance)
   c_final, w_i                           fuse_confidence(conf, weights)
   confidence level, score->statement     confidence_levels, statement_for; statement->score level_of_statement
   R_KA, R_EC, R_CS; α, β, γ              r_ka, r_ec, r_cs; --alpha, --beta, --gamma (train_rl.py)
-  β_KL (KL to reference)                 kl_coef (statement tokens: statement_kl_coef), token_rewards (train_rl.py)
-  not in the paper: PPO-ptx, KL anchor   ptx_coef (ptx_loss), anchor_coef (exact_kl) in train_rl.py
-  γ, λ of GAE; ε                         discount, gae_lambda; clip_eps
+  β_KL (KL to reference)                 --kl-coef (train_rl.py)
+  not in the paper: PPO-ptx, KL anchor   --ptx-coef, --anchor-coef (exact_kl) in train_rl.py
+  γ, λ of GAE; ε                         --discount, --gae-lambda; --clip-eps
   MECE (step-level ECE)                  ece over all steps (evaluate.py)
+
+Shapes: B batch, T tokens, V vocab, S steps, D embedding, N pooled items, P image tokens, C width.
+
+Porting contract. These names, signatures and shapes are stable; outside checks call them, and
+`python mmboundary.py --golden golden.safetensors` writes the inputs and outputs of each for a fixed seed
+(tests/golden.safetensors is the committed copy; tensor names in brackets). A port matches when every float
+output agrees within atol 1e-6 (the TinyVLM forward: 1e-5) and every integer output exactly.
+  token_logprobs(logits (B,T,V), targets (B,T)) -> (B,T)                    [token_logprobs]
+  token_entropy(logits (B,T,V)) -> (B,T) nats                               [token_entropy]
+  u_lnlp(logprobs (B,T), step_mask (B,S,T)) -> (B,S)                        [u_lnlp]
+  u_mte(entropy (B,T), step_mask (B,S,T)) -> (B,S)                          [u_mte]
+  u_tokensar(logprobs (B,T), relevance (B,T), step_mask (B,S,T)) -> (B,S)   [u_tokensar]
+  u_clipscore(image_emb (B,D), text_emb (B,S,D)) -> (B,S)                   [u_clipscore]
+  fit_minmax({name: (N,)}) -> {name: (lo, hi)}                              [minmax.NAME]
+  to_confidence({name: (N,)}, minmax) -> {name: (N,)}                       [to_confidence.NAME]
+  fuse_confidence(conf, weights=None, mode="mean"|"max") -> (N,)            [fuse_mean, fuse_max, fuse_without_clipscore]
+  confidence_levels(c (N,), mu, sigma) -> (N,) long in 1..5                 [confidence_levels]
+  level_to_confidence(level) -> float or tensor                             [level_to_confidence]
+  STATEMENTS {level: [clauses]}; statement_for(level, rng); level_of_statement(text) -> int | None
+  r_ka(correct (S,)); r_ec(expressed (S,), correct (S,)); r_cs(expressed (S,), internal (S,)) -> (S,)
+  masked_mean(x, mask) -> scalar; masked_whiten(x, mask, shift_mean=True) (biased variance)
+  gae(rewards (B,T), values (B,T), mask (B,T), gamma, lam) -> advantages, returns (B,T)  [gae_advantages, gae_returns]
+  ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps) -> loss, clipfrac
+  ppo_value_loss(values, old_values, returns, mask, clip_eps) -> 0.5 · masked mean of the max
+  ece(conf (N,), correct (N,), n_bins=10) -> float (bins [0,.1], (.1,.2], ...); auroc (ties 1/2, one class
+  -> nan); brier                                                             [ece, auroc, brier]
+  make_dataset(n, seed, split="train") -> list[dict]; verify_step(scene, sentence) -> bool | None
+  TinyVLM forward on the stored config and weights                          [vlm.logits, vlm.loss]
+Step masks mark each step's own tokens (its statement excluded). Functions accept tensors (numpy too), never
+mutate their inputs, and behave on edge cases (a one-token step, all-equal values) without raising.
 
 Commands:
   python train_sft.py && python train_rl.py && python evaluate.py     # the whole method, CPU, minutes
   python mmboundary.py --bench                                         # throughput on this machine
-  python mmboundary.py --golden golden.safetensors                     # porting vectors (DESIGN 8)
+  python mmboundary.py --golden golden.safetensors                     # porting vectors (above)
 """
 
 
@@ -66,145 +108,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-
-
-# ---------------------------------------------------------------------------- #
-# Errors, configuration and the command line
-# ---------------------------------------------------------------------------- #
-
-class UserError(Exception):
-    """A bad input from the user (file, flag, checkpoint). Scripts print its message as one line, exit 2."""
-
-
-def run_cli(main, argv=None):
-    """Run a script's main(argv); a UserError (or Ctrl-C) ends in one clear line instead of a traceback."""
-    try:
-        return main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-def note(help_text, check=None, choices=None):
-    """Field metadata: the --help text, an optional validity check (a predicate + what it means) and choices.
-    e.g. lr: float = field(default=1e-3, metadata=note("learning rate", POSITIVE))"""
-    return {"help": help_text, "check": check, "choices": choices}
-
-
-POSITIVE = (lambda v: v > 0, "> 0")
-NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
-UNIT_INTERVAL = (lambda v: 0 <= v <= 1, "in [0, 1]")
-OPEN_UNIT = (lambda v: 0 < v < 1, "in (0, 1)")
-# a learning rate above 1 is never meant, and a huge one overflows inside AdamW with a traceback: refuse it here
-LEARNING_RATE = (lambda v: 0 < v <= 1, "in (0, 1]")
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a UserError (one line, exit 2) instead of usage text."""
-
-    def error(self, message):
-        raise UserError(message)
-
-
-def parse_configs(argv, description, classes, quick=None):
-    """Flags for every field of every dataclass in `classes`; `quick` ({field: value}) replaces defaults when
-    --quick is given (explicit flags still win). Returns one instance per class, each checked."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--quick", action="store_true")
-    known, _ = pre.parse_known_args(argv)
-    parser = ArgParser(description=description)
-    for cls in classes:
-        add_config_args(parser, cls, quick if known.quick else None)
-    args = parser.parse_args(argv)
-    return [config_from_args(cls, args) for cls in classes]
-
-
-def add_config_args(parser, cls, defaults=None):
-    """Turn every field of dataclass `cls` into a --flag (underscores become dashes; bools become
-    --flag / --no-flag). `defaults` (a dict) overrides the dataclass defaults, e.g. for a --quick preset."""
-    defaults = defaults or {}
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        meta = f.metadata or {}
-        default = defaults.get(f.name, f.default)
-        help_text = meta.get("help", "")
-        if f.type in (bool, "bool") and f.name.startswith("no_"):
-            # subtle: BooleanOptionalAction reads any --no-X as False, so --no-r-ka would switch itself off
-            parser.add_argument(flag, dest=f.name, action="store_true", default=default, help=help_text)
-        elif f.type in (bool, "bool"):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text)
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            # an empty-string default means "derived from other flags": the note says how, so print no "(default: )"
-            shown = f"{help_text} (default: {default})" if default != "" else help_text
-            parser.add_argument(flag, dest=f.name, type=typ, default=default, metavar=f.name.upper(), help=shown)
-
-
-def config_from_args(cls, args):
-    """Build the dataclass from parsed args and check every field's constraint; a bad value is a UserError
-    naming the flag, e.g. 'error: --lr must be > 0 (got -0.1)'."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    return check_config(cls(**values))
-
-
-def check_config(cfg):
-    for f in dataclasses.fields(cfg):
-        meta = f.metadata or {}
-        value = getattr(cfg, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if meta.get("choices") is not None and value not in meta["choices"]:
-            raise UserError(f"{flag} must be one of {', '.join(map(str, meta['choices']))} (got {value!r})")
-        if meta.get("check") is not None:
-            predicate, meaning = meta["check"]
-            if not predicate(value):
-                raise UserError(f"{flag} must be {meaning} (got {value!r})")
-    return cfg
-
-
-def seed_everything(seed):
-    """One seed for python's random, numpy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name="auto"):
-    """'auto' picks cuda, then mps, then cpu; anything else is passed to torch.device after a check."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise UserError(f"--device must be auto, cpu, cuda[:N] or mps (got {name!r})")
-    return torch.device(name)
-
-
-def print_config(*cfgs):
-    """Print each resolved config as one JSON line, so a log says exactly what ran."""
-    for cfg in cfgs:
-        print(f"{type(cfg).__name__} {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
-
-
-class Progress:
-    """One progress line per log interval: step/total, the given metrics, it/s and ETA."""
-
-    def __init__(self, total, name="", start=0):
-        self.total, self.name, self.t0, self.start = total, name, time.time(), start  # start: a resumed run's first step
-
-    def line(self, step, **metrics):
-        elapsed = time.time() - self.t0
-        rate = (step - self.start) / max(elapsed, 1e-9)
-        eta = (self.total - step) / max(rate, 1e-9)
-        parts = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-        print(f"{self.name} {step}/{self.total} {parts} | {rate:.2f} it/s | eta {eta:.0f}s", flush=True)
 
 
 # ---------------------------------------------------------------------------- #
@@ -271,6 +174,7 @@ LEXICON = {
     for si, shape in enumerate(SHAPES)
 }
 
+
 # ---------------------------------------------------------------------------- #
 # The long tail of facts
 # ---------------------------------------------------------------------------- #
@@ -298,6 +202,7 @@ def _zipf_fact_weights(exponent=FACT_ZIPF_EXPONENT, shuffle_seed=FACT_SHUFFLE_SE
 
 # dict[(color, shape), float]; iteration order is the frequency rank (list(FACT_WEIGHTS)[0] = most common).
 FACT_WEIGHTS = _zipf_fact_weights()
+
 
 # ---------------------------------------------------------------------------- #
 # Rendering
@@ -992,6 +897,23 @@ def judge_steps_by_reference(steps_texts, reference_texts, threshold=SIMILARITY_
 
 
 # ---------------------------------------------------------------------------- #
+# Config fields: every dataclass field carries a --help note and an optional check
+# ---------------------------------------------------------------------------- #
+def note(help_text, check=None, choices=None):
+    """Field metadata: the --help text, an optional validity check (a predicate + what it means) and choices.
+    e.g. lr: float = field(default=1e-3, metadata=note("learning rate", POSITIVE))"""
+    return {"help": help_text, "check": check, "choices": choices}
+
+
+POSITIVE = (lambda v: v > 0, "> 0")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+UNIT_INTERVAL = (lambda v: 0 <= v <= 1, "in [0, 1]")
+OPEN_UNIT = (lambda v: 0 < v < 1, "in (0, 1)")
+# a learning rate above 1 is never meant, and a huge one overflows inside AdamW with a traceback: refuse it here
+LEARNING_RATE = (lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+# ---------------------------------------------------------------------------- #
 # Tokenizer: word level, one word one token (keeps TokenSAR's "remove token l" readable)
 # ---------------------------------------------------------------------------- #
 
@@ -1436,843 +1358,6 @@ def clip_embed_text(clip, tokenizer, texts):
 
 
 # ---------------------------------------------------------------------------- #
-# Checkpoints: a folder of safetensors + JSON, written atomically, loaded with exact checks
-# ---------------------------------------------------------------------------- #
-
-def atomic_write_text(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path):
-    """Read a JSON file; a missing or malformed file is a UserError naming the file (and line)."""
-    if not os.path.exists(path):
-        raise UserError(f"{path}: file not found")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file") from None
-
-
-CHECKPOINT_FORMAT = 1  # bump when the folder layout or a file's meaning changes
-
-
-def unique_state_dict(module):
-    """state_dict without tied duplicates (lm_head.weight is tok_embed.weight): safetensors stores each tensor once."""
-    seen, out = set(), {}
-    for k, v in module.state_dict().items():
-        if v.data_ptr() in seen:
-            continue
-        seen.add(v.data_ptr())
-        out[k] = v.detach().cpu().contiguous()
-    return out
-
-
-def save_checkpoint(path, model, tokenizer, config, clip=None, extra_json=None, extra_tensors=None):
-    """Write a checkpoint folder atomically: everything goes to PATH.tmp, then PATH.tmp replaces PATH.
-    The previous PATH lives on as PATH.old until the new one is complete, so a run killed mid-write always
-    leaves a loadable checkpoint (load_checkpoint falls back to PATH.old).
-    config: a JSON-able dict (model config, training config, stage); extra_json: {filename: JSON-able};
-    extra_tensors: {filename: {name: tensor}} (e.g. optimizer state for --resume)."""
-    from safetensors.torch import save_file
-    path = os.path.normpath(path)
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    meta = {"format_version": str(CHECKPOINT_FORMAT)}
-    save_file(unique_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata=meta)
-    if clip is not None:
-        save_file(unique_state_dict(clip), os.path.join(tmp, "clip.safetensors"), metadata=meta)
-    for name, tensors in (extra_tensors or {}).items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(tmp, name), metadata=meta)
-    config = dict(config, format_version=CHECKPOINT_FORMAT)
-    atomic_write_text(os.path.join(tmp, "config.json"), json.dumps(config, indent=1, sort_keys=True))
-    tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-    for name, obj in (extra_json or {}).items():
-        atomic_write_text(os.path.join(tmp, name), json.dumps(obj, indent=1, sort_keys=True))
-    # the swap: PATH -> PATH.old, PATH.tmp -> PATH, drop PATH.old. At every instant one complete copy exists.
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_tensors(path):
-    """Load a safetensors file; a missing, truncated or foreign file is a UserError naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    if not os.path.exists(path):
-        raise UserError(f"{path}: file not found")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: truncated or not a safetensors file ({str(e).splitlines()[0][:120]})") from None
-
-
-def load_weights(module, path):
-    """Load weights into module, checking every key and shape; the error names each mismatch."""
-    tensors = load_tensors(path)
-    expected = unique_state_dict(module)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in tensors and tensors[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-        if wrong:
-            parts.append(f"shape {'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
-        raise UserError(f"{path}: weights do not match config.json ({'; '.join(parts)})")
-    module.load_state_dict(tensors, strict=False)  # strict=False only for the tied lm_head.weight
-    return module
-
-
-@dataclass
-class Checkpoint:
-    """What load_checkpoint returns: the models, the tokenizer, config.json, and the folder's other files."""
-    path: str
-    model: "TinyVLM"
-    tokenizer: Tokenizer
-    config: dict
-    clip: "TinyCLIP | None" = None
-    stats: "dict | None" = None  # confidence_stats.json, once the warm-up has written it
-
-
-def dataclass_from_dict(cls, d, where):
-    names = {f.name for f in dataclasses.fields(cls)}
-    if not isinstance(d, dict) or set(d) - names:
-        raise UserError(f"{where}: unknown fields {sorted(set(d) - names) if isinstance(d, dict) else d!r}")
-    return check_config(cls(**d))
-
-
-def load_checkpoint(path, device="cpu", need_clip=False):
-    """Load a checkpoint folder written by save_checkpoint; everything wrong is a one-line UserError."""
-    path = os.path.normpath(path)
-    if not os.path.isdir(path):
-        if os.path.isdir(path + ".old"):  # a run died between the two renames of save_checkpoint
-            print(f"note: {path} missing, loading the previous complete copy {path}.old", file=sys.stderr)
-            path = path + ".old"
-        else:
-            raise UserError(f"checkpoint folder {path} not found")
-    config = read_json(os.path.join(path, "config.json"))
-    if not isinstance(config, dict) or "model" not in config:
-        raise UserError(f"{path}/config.json: no 'model' section")
-    if config.get("format_version") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}/config.json: format_version {config.get('format_version')} != {CHECKPOINT_FORMAT}")
-    tokenizer = Tokenizer.load(os.path.join(path, "tokenizer.json"))
-    mcfg = dataclass_from_dict(VLMConfig, config["model"], f"{path}/config.json model")
-    if mcfg.vocab_size != len(tokenizer):
-        raise UserError(f"{path}: config vocab_size {mcfg.vocab_size} != tokenizer size {len(tokenizer)}")
-    model = load_weights(TinyVLM(mcfg), os.path.join(path, "model.safetensors")).to(device)
-    clip = None
-    if config.get("clip") is not None:
-        ccfg = dataclass_from_dict(CLIPConfig, config["clip"], f"{path}/config.json clip")
-        clip = load_weights(TinyCLIP(ccfg), os.path.join(path, "clip.safetensors")).to(device).eval()
-    elif need_clip:
-        raise UserError(f"{path}: no TinyCLIP in this checkpoint (train_sft.py --stage base writes one)")
-    stats_path = os.path.join(path, "confidence_stats.json")
-    stats = read_json(stats_path) if os.path.exists(stats_path) else None
-    return Checkpoint(path, model, tokenizer, config, clip, stats)
-
-
-# ---------------------------------------------------------------------------- #
-# Tensor helpers for the maths below (inputs: torch tensors, numpy arrays or lists)
-# ---------------------------------------------------------------------------- #
-
-def _as_tensor(x):
-    """`x` as a torch tensor: a tensor is returned as is (never written to), numpy/lists are converted.
-    Example: np.array([1., 2.]) -> tensor([1., 2.], dtype=torch.float64)"""
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, np.ndarray):
-        # ascontiguousarray: torch cannot wrap numpy views with negative strides (x[::-1])
-        return torch.as_tensor(np.ascontiguousarray(x))
-    return torch.as_tensor(x)  # python lists/numbers: floats become float32, ints int64, bools bool
-
-
-def _as_float(x):
-    """`x` as a float tensor: float64 stays float64 (gradchecks, numpy callers), anything else -> float32.
-    Example: tensor([1, 2]) -> tensor([1., 2.]);  bf16 logits -> float32 (log_softmax wants the precision)"""
-    t = _as_tensor(x)
-    return t if t.dtype == torch.float64 else t.float()
-
-
-def _as_mask(mask):
-    """A binary mask (bool, or int/float holding only 0 and 1) as a bool tensor; asserts it is binary.
-    Example: tensor([1., 0., 1.]) -> tensor([True, False, True])"""
-    m = _as_tensor(mask)
-    if m.dtype != torch.bool:
-        assert bool(((m == 0) | (m == 1)).all()), "mask must be binary: values in {0, 1}"
-        m = m != 0
-    return m
-
-
-def _check_step_shapes(per_token, in_step, name):
-    """Assert per_token is (B,T) and in_step is the matching (B,S,T) step mask."""
-    assert per_token.dim() == 2, f"{name}: per-token input must be (B,T), got {tuple(per_token.shape)}"
-    assert in_step.dim() == 3, f"{name}: step_mask must be (B,S,T), got {tuple(in_step.shape)}"
-    assert in_step.shape[0] == per_token.shape[0] and in_step.shape[2] == per_token.shape[1], (
-        f"{name}: step_mask {tuple(in_step.shape)} does not match per-token input {tuple(per_token.shape)}")
-
-
-# Σ_{l in s} x_l   for every step s
-def _step_sum(per_token, in_step):
-    """Sum a (B,T) per-token quantity over each step's tokens: (B,T), (B,S,T) bool -> (B,S).
-    Example: x = [[1, 2, 4]], in_step = [[[1, 1, 0], [0, 0, 1]]] -> [[3, 4]]"""
-    # subtle: where, not multiply: positions outside the step may hold -inf or nan (padding) and 0 * -inf = nan
-    inside = torch.where(in_step, per_token[:, None, :], 0.0)  # (B,S,T)
-    return inside.sum(-1)  # (B,S)
-
-
-# ---------------------------------------------------------------------------- #
-# 5.1 Four confidence signals per step
-# ---------------------------------------------------------------------------- #
-# A response has steps s = 1..S; step s owns tokens l = 1..L_s (its statement excluded). step_mask[b, s, t] = 1
-# when token t of response b belongs to step s. Responses with fewer steps pad with empty step slots (all-zero
-# rows): every u_* returns 0 for such a slot, never nan, so callers mask them out by n_tokens == 0.
-
-# log p(y_t | y_<t, x) = log_softmax(logits_t)[y_t]
-def token_logprobs(logits, targets):
-    """Log-probability of each target token: logits (B,T,V), targets (B,T) long -> (B,T).
-    Example: logits [[[0, 0, 0, 0]]] (uniform over V=4), target [[1]] -> [[ln 0.25]] = [[-1.3863]]"""
-    logits = _as_float(logits)
-    targets = _as_tensor(targets).long()
-    assert logits.dim() == 3 and targets.shape == logits.shape[:2], (
-        f"token_logprobs: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must be (B,T,V), (B,T)")
-    logp_all = torch.log_softmax(logits, dim=-1)  # (B,T,V)
-    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B,T)
-
-
-# H_t = -Σ_v p(v | y_<t, x) log p(v | y_<t, x)      (nats, full vocabulary)
-def token_entropy(logits):
-    """Entropy of each next-token distribution in nats: logits (B,T,V) -> (B,T).
-    Example: uniform logits over V=4 -> ln 4 = 1.3863;  logits [0, 0, ln 2, -inf] -> 1.5 ln 2 = 1.0397"""
-    logits = _as_float(logits)
-    assert logits.dim() == 3, f"token_entropy: logits must be (B,T,V), got {tuple(logits.shape)}"
-    logp_all = torch.log_softmax(logits, dim=-1)  # (B,T,V)
-    probs = torch.exp(logp_all)  # (B,T,V)
-    # subtle: a -inf logit (masked word) gives p = 0 and log p = -inf, and 0 * -inf = nan. Clamping log p to the
-    # most negative finite float makes that term 0 * (-3.4e38) = 0, in the forward and in the backward pass.
-    logp_finite = logp_all.clamp(min=torch.finfo(logp_all.dtype).min)
-    return -(probs * logp_finite).sum(-1)  # (B,T)
-
-
-# U_LNLP(s) = exp( -(1/L_s) Σ_{l in s} log p(y_l | y_<l, x) )       uncertainty: perplexity of the step
-def u_lnlp(logprobs, step_mask):
-    """Per-step perplexity: logprobs (B,T), step_mask (B,S,T) -> (B,S); an empty step slot gives 0.
-    Example: step log p = [ln .5, ln .25, ln 1] -> exp(-(ln .125)/3) = exp(ln 2) = 2.0"""
-    logprobs = _as_float(logprobs)
-    in_step = _as_mask(step_mask)
-    _check_step_shapes(logprobs, in_step, "u_lnlp")
-    n_tokens = in_step.sum(-1)  # (B,S)  L_s
-    mean_logprob = _step_sum(logprobs, in_step) / n_tokens.clamp(min=1)  # (B,S)
-    return torch.where(n_tokens > 0, torch.exp(-mean_logprob), 0.0)  # (B,S)
-
-
-# U_MTE(s) = (1/L_s) Σ_{l in s} H_l                                  uncertainty: mean token entropy (nats)
-def u_mte(entropy, step_mask):
-    """Mean token entropy of each step: entropy (B,T), step_mask (B,S,T) -> (B,S); an empty step slot gives 0.
-    Example: step entropies [0.3, 0.6, 0.9] -> 0.6"""
-    entropy = _as_float(entropy)
-    in_step = _as_mask(step_mask)
-    _check_step_shapes(entropy, in_step, "u_mte")
-    n_tokens = in_step.sum(-1)  # (B,S)
-    # an empty slot: 0 / 1 = 0, which is what we want, so no where is needed here
-    return _step_sum(entropy, in_step) / n_tokens.clamp(min=1)  # (B,S)
-
-
-# U_TokenSAR(s) = Σ_{l in s} R̃_l · ( -log p(y_l | y_<l, x) )
-#        R_l    = 1 - g(x ∪ y, x ∪ y \ y_l)          (relevance of token l: how much removing it changes the text)
-#        R̃_l    = R_l / Σ_{l' in s} R_l'              (uniform 1/L_s when Σ_{l' in s} R_l' = 0)
-def u_tokensar(logprobs, relevance, step_mask):
-    """Relevance-weighted NLL of each step: logprobs (B,T), relevance R_l (B,T), step_mask (B,S,T) -> (B,S).
-    Example: log p = [ln .5, ln .25, ln 1], R = [1, 3, 0] -> R̃ = [.25, .75, 0]
-             -> .25 ln 2 + .75 ln 4 = 1.75 ln 2 = 1.2130;   R = [0, 0, 0] -> mean NLL = ln 2"""
-    logprobs = _as_float(logprobs)
-    relevance = _as_float(relevance).to(logprobs.dtype)
-    in_step = _as_mask(step_mask)
-    _check_step_shapes(logprobs, in_step, "u_tokensar")
-    assert relevance.shape == logprobs.shape, "u_tokensar: relevance must have the shape of logprobs (B,T)"
-    # g is a cosine similarity, so R = 1 - g lies in [0, 2]; a negative R only comes from rounding (g = 1 + ulp).
-    # We clamp it to 0 so that no weight is ever negative.
-    relevance = relevance.clamp(min=0.0)
-    n_tokens = in_step.sum(-1, keepdim=True)  # (B,S,1)  L_s
-    relevance_sum = _step_sum(relevance, in_step).unsqueeze(-1)  # (B,S,1)  Σ_{l' in s} R_l'
-    relevance_in_step = torch.where(in_step, relevance[:, None, :], 0.0)  # (B,S,T)
-    # subtle: divide by a safe denominator (1 where the sum is 0) so the unused branch of where holds no 0/0 = nan
-    safe_sum = torch.where(relevance_sum > 0, relevance_sum, 1.0)  # (B,S,1)
-    uniform = in_step.to(logprobs.dtype) / n_tokens.clamp(min=1)  # (B,S,T)  1/L_s on the step's tokens
-    weights = torch.where(relevance_sum > 0, relevance_in_step / safe_sum, uniform)  # (B,S,T)  R̃
-    nll_in_step = torch.where(in_step, -logprobs[:, None, :], 0.0)  # (B,S,T)
-    return (weights * nll_in_step).sum(-1)  # (B,S); an empty slot has all-zero weights -> 0
-
-
-# U_CLIPS(s) = max( cos(v, e_s), 0 ),   cos(a, b) = a·b / (|a| |b|)    confidence: image-step agreement
-def u_clipscore(image_emb, text_emb):
-    """Clipped cosine of the image embedding with each step's text embedding: (B,D), (B,S,D) -> (B,S) in [0, 1].
-    Example: v = [1, 0], e = [[0, 1], [-1, 0], [2, 0], [0, 0]] -> [0, 0, 1, 0]"""
-    image = _as_float(image_emb)
-    text = _as_float(text_emb).to(image.dtype)
-    assert image.dim() == 2 and text.dim() == 3 and text.shape[::2] == image.shape, (
-        f"u_clipscore: need image_emb (B,D) and text_emb (B,S,D), got {tuple(image.shape)}, {tuple(text.shape)}")
-    # subtle: dividing by max(|a|, 1e-12) turns a zero vector's cosine into 0 rather than 0/0 = nan
-    image_unit = image / image.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # (B,D)
-    text_unit = text / text.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # (B,S,D)
-    cosine = torch.matmul(text_unit, image_unit.unsqueeze(-1)).squeeze(-1)  # (B,S,D) @ (B,D,1) -> (B,S)
-    # the max(., 0) is the paper's; the upper clamp only removes rounding (cos = 1 + ulp for parallel vectors)
-    return cosine.clamp(min=0.0, max=1.0)
-
-
-# ---------------------------------------------------------------------------- #
-# 5.2 Normalise, fuse, level
-# ---------------------------------------------------------------------------- #
-
-SIGNALS = ("lnlp", "mte", "tokensar", "clipscore")  # keys of every per-signal dict, in paper order
-UNCERTAINTY_SIGNALS = ("lnlp", "mte", "tokensar")  # higher = less sure; clipscore is the one confidence signal
-
-
-def fit_minmax(values):
-    """Min and max of each signal over the scored pool: {name: (N,)} -> {name: (lo, hi)} as python floats.
-    Example: {"lnlp": [1., 2., 3.]} -> {"lnlp": (1.0, 3.0)}"""
-    stats = {}
-    for name, pool in values.items():
-        pool = _as_float(pool)
-        if pool.numel() == 0:
-            raise ValueError(f"fit_minmax: signal {name!r} has no values to fit")
-        stats[name] = (float(pool.min()), float(pool.max()))
-    return stats
-
-
-# c = 1 - clip( (U - lo) / (hi - lo), 0, 1 )    for U_LNLP, U_MTE, U_TokenSAR     (uncertainty -> confidence)
-# c =     clip( (U - lo) / (hi - lo), 0, 1 )    for U_CLIPS                       (already a confidence)
-# c = 0.5                                        when hi == lo (the signal carried no information on the pool)
-def to_confidence(values, stats):
-    """Map each raw signal to a confidence in [0, 1] with the pool's (lo, hi): {name: (N,)} -> {name: (N,)}.
-    Example: lnlp [1, 2, 3] with (1, 3) -> [1, .5, 0];  clipscore [0, .25, .5] with (0, .5) -> [0, .5, 1]"""
-    confidences = {}
-    for name, raw in values.items():
-        if name not in SIGNALS:
-            raise ValueError(f"to_confidence: unknown signal {name!r}; expected one of {SIGNALS}")
-        if name not in stats:
-            raise ValueError(f"to_confidence: no (lo, hi) stats for signal {name!r}")
-        raw = _as_float(raw)
-        lo, hi = (float(bound) for bound in stats[name])  # stats may come from JSON as a list
-        assert hi >= lo, f"to_confidence: stats for {name!r} have hi < lo ({hi} < {lo})"
-        if hi == lo:
-            confidences[name] = torch.full_like(raw, 0.5)
-            continue
-        scaled = ((raw - lo) / (hi - lo)).clamp(0.0, 1.0)  # (N,) in [0, 1]; values outside the pool's range clip
-        confidences[name] = 1.0 - scaled if name in UNCERTAINTY_SIGNALS else scaled
-    return confidences
-
-
-# mode "mean":  c_final = Σ_i w_i c_i / Σ_i w_i     over the signals present in conf (default w_i = 1)
-# mode "max":   c_final = max_i c_i                  (the paper's "w U_Max" ablation)
-def fuse_confidence(conf, weights=None, mode="mean"):
-    """Fuse per-signal confidences into one: {name: (N,)} -> (N,) in [0, 1].
-    Only signals present in conf count, so "w/o U_X" = leave X out of conf (the weights renormalise).
-    Example: lnlp [1, 0], tokensar [.5, 1] -> mean [.75, .5];  max [1, 1];
-             weights {lnlp: 3, tokensar: 1} -> [(3 + .5)/4, (0 + 1)/4] = [.875, .25]"""
-    if len(conf) == 0:
-        raise ValueError("fuse_confidence: conf is empty; give at least one signal")
-    for name in conf:
-        if name not in SIGNALS:
-            raise ValueError(f"fuse_confidence: unknown signal {name!r}; expected one of {SIGNALS}")
-    names = [name for name in SIGNALS if name in conf]  # fixed paper order: the sum is the same for any dict order
-    stacked = torch.stack([_as_float(conf[name]) for name in names])  # (n_signals, N)
-    assert bool(((stacked >= 0) & (stacked <= 1)).all()), "fuse_confidence: per-signal confidences must be in [0, 1]"
-    if mode == "max":
-        fused = stacked.max(dim=0).values  # (N,)
-    elif mode == "mean":
-        if weights is None:
-            weights = {name: 1.0 for name in names}
-        missing = [name for name in names if name not in weights]
-        if missing:
-            raise ValueError(f"fuse_confidence: no weight for signal(s) {missing}")
-        # weights of signals absent from conf are ignored on purpose: that is how an ablation drops a signal
-        w = torch.tensor([float(weights[name]) for name in names], dtype=stacked.dtype, device=stacked.device)
-        if bool((w < 0).any()) or float(w.sum()) <= 0:
-            used = dict(zip(names, w.tolist()))
-            raise ValueError(f"fuse_confidence: weights must be >= 0 with a positive sum, got {used}")
-        fused = (w[:, None] * stacked).sum(0) / w.sum()  # (N,)
-    else:
-        raise ValueError(f"fuse_confidence: unknown mode {mode!r}; expected 'mean' or 'max'")
-    assert bool(((fused >= 0) & (fused <= 1)).all()), "fuse_confidence: fused confidence left [0, 1]"
-    return fused
-
-
-LEVEL_CUTS = (-1.5, -0.5, 0.5, 1.5)  # cut points in units of σ around μ (this project's choice; the paper gives none)
-
-
-# cut_k = μ + k σ for k in LEVEL_CUTS;   level(c) = 1 + #{ k : cut_k <= c }        (1 = least sure, 5 = most)
-def confidence_levels(c, mu, sigma):
-    """Five confidence levels from the pool's mean and std of c_final: c (N,) -> (N,) long in 1..5.
-    Example: mu = .5, sigma = .25 -> cuts .125 .375 .625 .875;  c = [0, .125, .5, .9] -> [1, 2, 3, 5]"""
-    c = _as_float(c)
-    assert sigma >= 0, f"confidence_levels: sigma must be >= 0, got {sigma}"
-    assert bool(((c >= 0) & (c <= 1)).all()), "confidence_levels: c must be in [0, 1]"
-    # subtle: cuts are computed in python float64 and then rounded to c's dtype, so a c equal to a cut (both from
-    # the same python float) lands on the upper level also when c is float32
-    cuts = torch.tensor([mu + k * sigma for k in LEVEL_CUTS], dtype=c.dtype, device=c.device)  # (4,)
-    n_cuts_below = (c.unsqueeze(-1) >= cuts).sum(-1)  # (N,)  number of cuts <= c
-    return 1 + n_cuts_below  # (N,) long
-
-
-# confidence(k) = (k - 1) / 4       levels 1..5 -> 0, .25, .5, .75, 1
-def level_to_confidence(level):
-    """A level's numeric confidence: int -> python float, tensor/array (long) -> float tensor.
-    Example: 5 -> 1.0;  tensor([1, 3]) -> tensor([0., .5])"""
-    if isinstance(level, (int, np.integer)) and not isinstance(level, bool):
-        assert 1 <= level <= 5, f"level_to_confidence: level must be in 1..5, got {level}"
-        return (int(level) - 1) / 4
-    levels = _as_tensor(level)
-    assert bool(((levels >= 1) & (levels <= 5)).all()), "level_to_confidence: levels must be in 1..5"
-    return (levels.float() - 1.0) / 4.0
-
-
-
-# The warm-up's whole recipe in two calls (section 3.2): fit once on the pool of scored training steps,
-#   stats = fit_confidence_stats(pool, ...)          min/max per signal, then μ and σ of c_final on the pool
-# then apply it to any steps, the pool itself (stage 1) or the policy's own tokens (R_CS in stage 2, evaluate.py):
-#   fused, levels = signals_to_levels(values, stats)    U -> c_i -> c_final -> level
-def fit_confidence_stats(pool, signals=SIGNALS, weights=None, fusion="mean"):
-    """Fit normalisation and level cuts on a pool {name: (N,)} of raw signals -> the stats dict stored as
-    confidence_stats.json: {"minmax", "mu", "sigma", "signals", "weights", "fusion"}.
-    Example: lnlp [1, 2, 3] alone -> minmax (1, 3), c_final [1, .5, 0], mu .5, sigma sqrt(1/6) = .408"""
-    signals = list(signals)
-    minmax = fit_minmax(pool)
-    fused = fuse_confidence(to_confidence({k: pool[k] for k in signals}, minmax), weights, fusion)
-    # σ is the population std (divide by N): the cuts describe this pool, not an estimate of a larger one
-    return {"minmax": minmax, "mu": fused.mean().item(), "sigma": fused.std(unbiased=False).item(),
-            "signals": signals, "weights": weights, "fusion": fusion}
-
-
-def signals_to_levels(values, stats):
-    """Apply fitted stats to raw signals {name: (N,)}: -> (c_final (N,) in [0, 1], level (N,) long in 1..5).
-    Only stats["signals"] are used, so an ablation's stats drop a signal everywhere they are applied."""
-    conf = to_confidence({k: values[k] for k in stats["signals"]}, stats["minmax"])
-    fused = fuse_confidence(conf, stats["weights"], stats["fusion"])
-    return fused, confidence_levels(fused, stats["mu"], stats["sigma"])
-
-# ---------------------------------------------------------------------------- #
-# 5.3 Statements: level -> words -> level
-# ---------------------------------------------------------------------------- #
-# A step with its statement reads "<step without final period>, <clause>." Clauses are lower-case, at most 7 words,
-# with no punctuation except an apostrophe, so they survive the word tokenizer (which splits "can't" into
-# "can ' t"; normalize_statement glues it back). The paper used 40 clauses per level; we use 10. No two clauses
-# of different levels are more alike than difflib ratio 0.72, well under the 0.85 match threshold, so a typo
-# cannot move a clause to another level (a test checks both).
-STATEMENTS = {
-    5: ["with total certainty", "and i am completely sure of this", "and i am absolutely certain",
-        "without any doubt at all", "and there is no doubt about it", "and i know this for a fact",
-        "and i would bet anything on it", "and this is definitely correct", "and i am one hundred percent sure",
-        "beyond any doubt"],
-    4: ["and i believe this is right", "and i am fairly confident", "and it is likely accurate",
-        "and i think this holds", "and i'm quite sure of it", "and i'm reasonably confident",
-        "and this is most likely true", "and i largely trust this", "and i am pretty confident here",
-        "and it seems right to me"],
-    3: ["but i can't be entirely sure", "though i am only moderately confident", "but i could be wrong",
-        "and this is a reasonable guess", "but there is some doubt", "though it might be otherwise",
-        "and this is only somewhat likely", "though i would not swear to it", "but i have mixed feelings",
-        "though i am on the fence"],
-    2: ["but i'm not sure", "but i have serious doubts", "though this is quite uncertain",
-        "but i doubt this is right", "but my confidence is low", "but this is a shaky guess",
-        "though i am rather unsure", "but i would not rely on it", "but this is hard to tell",
-        "but i lack confidence here"],
-    1: ["and this needs checking", "but this is probably wrong", "but i have almost no confidence",
-        "and i am almost certainly mistaken", "though this looks incorrect", "but i am only guessing",
-        "and it should not be trusted", "but i really have no idea", "and this is very doubtful",
-        "and i suspect it is an error"],
-}
-STATEMENT_MATCH_THRESHOLD = 0.85  # min difflib ratio for a fuzzy clause match (this project's choice)
-_LEVEL_OF_CLAUSE = {clause: level for level, clauses in STATEMENTS.items() for clause in clauses}  # exact lookup
-
-
-def statement_for(level, rng: random.Random):
-    """Draw a clause for a level (score -> statement) with a random.Random: (int, rng) -> str.
-    Example: statement_for(5, random.Random(0)) -> "and i would bet anything on it" (one of STATEMENTS[5])"""
-    if isinstance(level, (torch.Tensor, np.integer)):
-        level = int(level)
-    if isinstance(level, bool) or level not in STATEMENTS:
-        raise ValueError(f"statement_for: level must be an int in 1..5, got {level!r}")
-    return rng.choice(STATEMENTS[level])
-
-
-def normalize_statement(text):
-    """Canonical form of a clause: lower-case, punctuation dropped (apostrophes kept and glued), spaces collapsed.
-    Example: "  But I ' M  not SURE. " -> "but i'm not sure";  "can ' t" -> "can't" """
-    text = text.lower().replace("\u2019", "'").replace("\u2018", "'")  # curly apostrophes -> '
-    text = re.sub(r"[^a-z0-9'\s]+", " ", text)  # drop punctuation (as a space, so "sure,really" stays two words)
-    text = re.sub(r"\s*'\s*", "'", text)  # "can ' t" -> "can't": the word tokenizer detokenises like that
-    text = re.sub(r"\s+", " ", text)  # collapse runs of whitespace
-    return text.strip(" '")  # also drop quote-like apostrophes at the ends
-
-
-# level(text) = level of the clause equal to normalise(text), else of argmax_clause ratio(clause, text)
-#               when that ratio >= STATEMENT_MATCH_THRESHOLD, else None
-def level_of_statement(text):
-    """Read a clause back into its level (statement -> score): str -> int in 1..5, or None when nothing matches.
-    Example: "But I'm NOT sure." -> 2;  "with totl certainty" -> 5 (ratio 38/39 = .974);  "the sky is green" -> None"""
-    if text is None:
-        return None
-    if not isinstance(text, str):
-        raise TypeError(f"level_of_statement: text must be a str, got {type(text).__name__}")
-    clause = normalize_statement(text)
-    if not clause:
-        return None
-    if clause in _LEVEL_OF_CLAUSE:
-        return _LEVEL_OF_CLAUSE[clause]
-    # fuzzy match. ratio = 2 M / (len(a) + len(b)), M = matched characters (Ratcliff-Obershelp, as difflib does).
-    # autojunk off: long inputs are not given special treatment. seq2 is the text: difflib caches it across clauses.
-    matcher = difflib.SequenceMatcher(None, autojunk=False)
-    matcher.set_seq2(clause)
-    best_level, best_ratio = None, STATEMENT_MATCH_THRESHOLD
-    for level, clauses in STATEMENTS.items():
-        for candidate in clauses:
-            matcher.set_seq1(candidate)
-            # cheap upper bounds first: skip a clause that cannot reach the threshold or beat the best so far
-            if matcher.real_quick_ratio() < best_ratio or matcher.quick_ratio() < best_ratio:
-                continue
-            ratio = matcher.ratio()
-            # ties keep the first clause found (level 5 first); with clauses this far apart ties do not arise
-            if ratio > best_ratio or (best_level is None and ratio >= best_ratio):
-                best_level, best_ratio = level, ratio
-    return best_level
-
-
-_NUMBER_STATEMENT = re.compile(r"\(\s*confidence\s*([1-5])\s*/\s*5\s*\)")  # "(confidence 4/5)", spaces tolerated
-
-
-def confidence_number_statement(level):
-    """The "w/o S-S mapping" ablation's statement: a number instead of words. Example: 4 -> "(confidence 4/5)" """
-    if isinstance(level, (torch.Tensor, np.integer)):
-        level = int(level)
-    if isinstance(level, bool) or level not in STATEMENTS:
-        raise ValueError(f"confidence_number_statement: level must be an int in 1..5, got {level!r}")
-    return f"(confidence {level}/5)"
-
-
-def level_of_number_statement(text):
-    """Parse "(confidence k/5)" back to k (the last one in text wins); None when absent.
-    Example: "the circle is red ( confidence 4 / 5 ) ." -> 4;  "(confidence 7/5)" -> None"""
-    if text is None:
-        return None
-    if not isinstance(text, str):
-        raise TypeError(f"level_of_number_statement: text must be a str, got {type(text).__name__}")
-    found = _NUMBER_STATEMENT.findall(text.lower())
-    return int(found[-1]) if found else None
-
-
-# ---------------------------------------------------------------------------- #
-# 5.5 Rewards per step
-# ---------------------------------------------------------------------------- #
-# e_s = expressed confidence (stated level -> level_to_confidence), a_s = step correctness in {0, 1},
-# u_s = internal confidence (5.1 to 5.2 on the policy's own tokens -> level -> value). All shapes (..., S).
-
-def _as_binary_float(x, name):
-    """A 0/1 (or bool) tensor as float; asserts it is binary."""
-    t = _as_tensor(x)
-    assert bool(((t == 0) | (t == 1)).all()), f"{name} must be binary (0/1 or bool)"
-    return _as_float(t)
-
-
-def _as_confidence(x, name):
-    """A float tensor of confidences; asserts the values are in [0, 1]."""
-    t = _as_float(x)
-    assert bool(((t >= 0) & (t <= 1)).all()), f"{name} must be in [0, 1]"
-    return t
-
-
-# R_KA(s) = a_s                                knowledge accuracy (the last step carries the final answer)
-def r_ka(correct):
-    """Knowledge-accuracy reward: correct (..., S) in {0, 1} -> (..., S) float.  Example: [1, 0] -> [1., 0.]"""
-    return _as_binary_float(correct, "r_ka: correct")
-
-
-# R_EC(s) = 1 - (e_s - a_s)^2                  expected calibration (Brier: a proper scoring rule)
-def r_ec(expressed, correct):
-    """Expected-calibration reward: expressed (..., S) in [0, 1], correct (..., S) in {0, 1} -> (..., S).
-    Example: e = [1, .75, 0], a = [1, 0, 0] -> [1, 1 - .5625, 1] = [1, .4375, 1]"""
-    expressed = _as_confidence(expressed, "r_ec: expressed")
-    correct = _as_binary_float(correct, "r_ec: correct").to(expressed.dtype)
-    assert expressed.shape == correct.shape, f"r_ec: shapes differ {tuple(expressed.shape)} vs {tuple(correct.shape)}"
-    return 1.0 - (expressed - correct) ** 2
-
-
-# R_CS(s) = 1 - (e_s - u_s)^2                  confidence self-calibration: say what you internally believe
-def r_cs(expressed, internal):
-    """Self-calibration reward: expressed (..., S), internal (..., S), both in [0, 1] -> (..., S).
-    Example: e = [1, .5], u = [.25, .5] -> [1 - .5625, 1] = [.4375, 1]"""
-    expressed = _as_confidence(expressed, "r_cs: expressed")
-    internal = _as_confidence(internal, "r_cs: internal").to(expressed.dtype)
-    assert expressed.shape == internal.shape, f"r_cs: shapes differ {tuple(expressed.shape)} vs {tuple(internal.shape)}"
-    return 1.0 - (expressed - internal) ** 2
-
-
-# ---------------------------------------------------------------------------- #
-# PPO maths: masked statistics, GAE, clipped losses, diagnostics
-# ---------------------------------------------------------------------------- #
-# mask is the response mask (B,T): 1 on generated tokens, 0 on prompt/padding. The same mask is used everywhere.
-
-# masked_mean(x) = Σ_t x_t m_t / Σ_t m_t       (0 when the mask is empty)
-def masked_mean(x, mask):
-    """Mean of x over the mask's ones: x (...), mask (...) binary -> 0-dim tensor; 0 for an empty mask.
-    Example: x = [1, 2, 9], mask = [1, 1, 0] -> 1.5"""
-    x = _as_float(x)
-    valid = _as_mask(mask)
-    assert valid.shape == x.shape, f"masked_mean: mask {tuple(valid.shape)} must have x's shape {tuple(x.shape)}"
-    # where, not x * m: entries outside the mask may be inf/nan (padding) and must not leak into the sum
-    total = torch.where(valid, x, 0.0).sum()
-    # an empty mask has total = 0, so clamping the count to 1 returns 0 instead of 0/0 = nan
-    return total / valid.sum().clamp(min=1)
-
-
-# whiten(x) = (x - mean) / sqrt(var + 1e-8),   mean, var over the mask (biased var: divide by Σ m)
-def masked_whiten(x, mask, shift_mean=True):
-    """Whiten x over the valid entries: x (...), mask (...) -> (...); entries outside the mask are returned as 0.
-    shift_mean=False adds the mean back (scale only). Example: x = [1, 3, 7], mask = [1, 1, 0] -> [-1, 1, 0]"""
-    x = _as_float(x)
-    valid = _as_mask(mask)
-    mean = masked_mean(x, valid)
-    var = masked_mean((x - mean) ** 2, valid)  # biased: Σ m (x - mean)^2 / Σ m
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(valid, whitened, 0.0)
-
-
-# δ_t = r_t + γ V_{t+1} m_{t+1} - V_t
-# A_t = δ_t + γ λ m_{t+1} A_{t+1}          (m_{T} = 0: nothing is bootstrapped past the last valid token, EOS)
-# R_t = A_t + V_t                           (the value target, "returns")
-def gae(rewards, values, mask, gamma, lam):
-    """Generalised advantage estimation, vectorised over the batch: (B,T) x3 -> advantages (B,T), returns (B,T).
-    Both outputs are 0 outside the mask. Call with detached values (they are rollout constants).
-    Example: r = [0, 0, 1], V = [.2, .4, .6], γ = 1, λ = .95 -> A = [.751, .58, .4], R = [.951, .98, 1.0]"""
-    rewards = _as_float(rewards)
-    values = _as_float(values).to(rewards.dtype)
-    valid = _as_mask(mask)
-    assert rewards.dim() == 2 and rewards.shape == values.shape == valid.shape, "gae: rewards, values, mask: all (B,T)"
-    m = valid.to(rewards.dtype)  # (B,T)
-    # padding may hold garbage (even nan); zero it so that m_{t+1} * V_{t+1} is a clean 0 there
-    rewards = torch.where(valid, rewards, 0.0)
-    values = torch.where(valid, values, 0.0)
-    B, T = rewards.shape
-    next_value = rewards.new_zeros(B)  # V_{t+1}
-    next_valid = rewards.new_zeros(B)  # m_{t+1}; 0 past the end: no bootstrap after the last token
-    next_advantage = rewards.new_zeros(B)  # A_{t+1}
-    advantages_reversed = []
-    for t in reversed(range(T)):
-        delta = rewards[:, t] + gamma * next_value * next_valid - values[:, t]  # (B,)
-        advantage = delta + gamma * lam * next_valid * next_advantage  # (B,)
-        advantage = advantage * m[:, t]  # 0 outside the mask (finite here, so multiply is safe)
-        advantages_reversed.append(advantage)
-        next_value, next_valid, next_advantage = values[:, t], m[:, t], advantage
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)  # (B,T)
-    returns = (advantages + values) * m  # (B,T)
-    return advantages, returns
-
-
-def gae_loop(rewards, values, mask, gamma, lam):
-    """Reference GAE: the same equations as gae() as a plain python double loop over floats (for tests/ports).
-    (B,T) x3 -> advantages (B,T), returns (B,T) as float64 tensors, 0 outside the mask."""
-    rewards = _as_float(rewards).double().tolist()
-    values = _as_float(values).double().tolist()
-    valid = _as_mask(mask).tolist()
-    advantages = [[0.0] * len(row) for row in rewards]
-    returns = [[0.0] * len(row) for row in rewards]
-    for b in range(len(rewards)):
-        T = len(rewards[b])
-        for t in reversed(range(T)):
-            if not valid[b][t]:
-                continue
-            has_next = t + 1 < T and valid[b][t + 1]  # m_{t+1}
-            next_value = values[b][t + 1] if has_next else 0.0
-            next_advantage = advantages[b][t + 1] if has_next else 0.0
-            delta = rewards[b][t] + gamma * next_value - values[b][t]
-            advantages[b][t] = delta + gamma * lam * next_advantage
-            returns[b][t] = advantages[b][t] + values[b][t]
-    return torch.tensor(advantages, dtype=torch.float64), torch.tensor(returns, dtype=torch.float64)
-
-
-# ratio_t   = exp( log π(y_t) - log π_old(y_t) )
-# pg_loss   = masked_mean( max( -A_t ratio_t, -A_t clip(ratio_t, 1 - ε, 1 + ε) ) )
-# clipfrac  = masked_mean( |ratio_t - 1| > ε )
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
-    """Clipped PPO policy loss: (B,T) x4, ε -> (pg_loss 0-dim tensor with grad, clipfrac 0-dim detached tensor).
-    clipfrac stays a tensor (no GPU sync); call .item() to log it. old_logprobs, advantages: pass detached.
-    Example: log-ratio [0, ln 1.5, ln .5], A = [1, 1, -1], ε = .2 -> (-1 - 1.2 + .8)/3 = -.4667, clipfrac 2/3"""
-    logprobs = _as_float(logprobs)
-    old_logprobs = _as_float(old_logprobs).to(logprobs.dtype)
-    advantages = _as_float(advantages).to(logprobs.dtype)
-    valid = _as_mask(mask)
-    assert logprobs.shape == old_logprobs.shape == advantages.shape == valid.shape, "ppo_policy_loss: shapes differ"
-    ratio = torch.exp(logprobs - old_logprobs)
-    pg_losses = -advantages * ratio
-    pg_losses_clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    pg_loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), valid)  # the pessimistic of the two
-    clipfrac = masked_mean(((ratio - 1.0).abs() > clip_eps).to(logprobs.dtype), valid).detach()
-    return pg_loss, clipfrac
-
-
-# V_clip_t = V_old_t + clip(V_t - V_old_t, -ε, ε)
-# v_loss   = 0.5 * masked_mean( max( (V_t - R_t)^2, (V_clip_t - R_t)^2 ) )
-def ppo_value_loss(values, old_values, returns, mask, clip_eps):
-    """Clipped value loss: values, old_values, returns, mask (B,T), ε -> 0-dim tensor.
-    Example: V = [1, .5], V_old = [.5, .5], R = [1, 0], ε = .2 -> 0.5 * mean(max(0, .09), max(.25, .25)) = .085"""
-    values = _as_float(values)
-    old_values = _as_float(old_values).to(values.dtype)
-    returns = _as_float(returns).to(values.dtype)
-    valid = _as_mask(mask)
-    assert values.shape == old_values.shape == returns.shape == valid.shape, "ppo_value_loss: shapes differ"
-    values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
-    v_losses = (values - returns) ** 2
-    v_losses_clipped = (values_clipped - returns) ** 2
-    return 0.5 * masked_mean(torch.maximum(v_losses, v_losses_clipped), valid)
-
-
-# log r_t = log π(y_t) - log π_old(y_t);   approx_kl = masked_mean( (r_t - 1) - log r_t )
-def approx_kl_k3(logprobs, old_logprobs, mask):
-    """The "k3" estimator of KL(π_old || π) on tokens sampled from π_old: (B,T) x3 -> 0-dim tensor, always >= 0.
-    Example: log r = [ln 2, 0] -> mean(1 - ln 2, 0) = .1534"""
-    logprobs = _as_float(logprobs)
-    log_ratio = logprobs - _as_float(old_logprobs).to(logprobs.dtype)
-    return masked_mean((torch.exp(log_ratio) - 1.0) - log_ratio, mask)
-
-
-# KL(π || π_ref) at a position = Σ_v π(v) · (log π(v) - log π_ref(v))     exact, over the whole vocabulary
-def exact_kl(logits, ref_logprobs):
-    """KL of the policy's next-token distribution from the reference's at every position, summed over the
-    vocabulary (not estimated from the sampled token): logits (B,T,V) of π, log-softmax (B,T,V) of π_ref -> (B,T).
-    Example: π = (1/2, 1/2), π_ref = (1/4, 3/4) -> 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3) = .1438"""
-    logp = torch.log_softmax(_as_float(logits), dim=-1)
-    ref = _as_float(ref_logprobs).to(logp.dtype)
-    assert logp.shape == ref.shape and logp.dim() == 3, f"exact_kl: shapes {tuple(logp.shape)} and {tuple(ref.shape)}"
-    lo = torch.finfo(logp.dtype).min  # subtle: clamp -inf (a masked word) so that its p = 0 term is 0, not nan
-    return (logp.exp() * (logp.clamp(min=lo) - ref.clamp(min=lo))).sum(-1)  # (B,T)
-
-
-# explained_variance = 1 - Var[R - V] / Var[R]       over the mask (nan when Var[R] = 0)
-def explained_variance(values, returns, mask):
-    """How much of the returns' variance the value head explains: (B,T) x3 -> python float (1 = perfect).
-    Example: V = [0, 2], R = [1, 3] -> Var[R - V] = 0 -> 1.0;  V = [0, 0] -> 1 - 1/1 = 0.0"""
-    values = _as_float(values)
-    returns = _as_float(returns).to(values.dtype)
-    valid = _as_mask(mask)
-    residual = returns - values
-    var_returns = masked_mean((returns - masked_mean(returns, valid)) ** 2, valid)  # biased, like masked_whiten
-    var_residual = masked_mean((residual - masked_mean(residual, valid)) ** 2, valid)
-    if float(var_returns) == 0.0:
-        return math.nan
-    return float(1.0 - var_residual / var_returns)
-
-
-# ---------------------------------------------------------------------------- #
-# 6 Metrics: ECE (and MECE = ECE over steps), reliability bins, AUROC, Brier
-# ---------------------------------------------------------------------------- #
-# These return python floats (they are logged and written to results.json). conf in [0, 1], correct in {0, 1}.
-
-def _as_numpy(x):
-    """`x` as a numpy array: tensors are detached and moved to the cpu, lists become float64/int/bool arrays."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def _metric_inputs(conf, correct, name):
-    """conf and correct as flat numpy arrays (conf keeps its float dtype, correct bool); checks ranges and shapes."""
-    conf = _as_numpy(conf).reshape(-1)
-    correct = _as_numpy(correct).reshape(-1)
-    if not np.issubdtype(conf.dtype, np.floating):
-        conf = conf.astype(np.float64)  # ints/bools as confidences (0 or 1)
-    assert conf.shape == correct.shape, f"{name}: conf has {conf.size} items, correct has {correct.size}"
-    assert bool(np.all((conf >= 0) & (conf <= 1))), f"{name}: conf must be in [0, 1]"
-    assert bool(np.all((correct == 0) | (correct == 1))), f"{name}: correct must be binary (0/1 or bool)"
-    return conf, correct.astype(bool)
-
-
-# bin(c) = #{ k in 1..n_bins-1 : k / n_bins < c }       bins [0, 1/n], (1/n, 2/n], ..., ((n-1)/n, 1]
-def _confidence_bins(conf, n_bins):
-    """Equal-width bin index of each confidence: (N,) -> (N,) int in 0..n_bins-1; first bin [0, 1/n], others (lo, hi].
-    Example (n_bins=10): [0.0, 0.1, 0.15, 0.3, 1.0] -> [0, 0, 1, 2, 9]"""
-    # subtle: ceil(c * 10) - 1 is wrong at edges, 0.3 * 10 = 3.0000000000000004 would land in (0.3, 0.4].
-    # Counting the edges strictly below c has no such problem. The edges are computed in float64 and rounded to
-    # conf's dtype, so float32(0.3) also lands in (0.2, 0.3] (in float64 it is 0.30000001 > 0.3).
-    edges = (np.arange(1, n_bins, dtype=np.float64) / n_bins).astype(conf.dtype)  # (n_bins - 1,)
-    return (conf[:, None] > edges[None, :]).sum(axis=1)  # (N,)
-
-
-def reliability_bins(conf, correct, n_bins=10):
-    """Per-bin statistics for reliability diagrams: (N,), (N,) -> list of n_bins dicts
-    {lo, hi, count, accuracy, confidence}; accuracy and confidence are nan for an empty bin."""
-    conf, correct = _metric_inputs(conf, correct, "reliability_bins")
-    bin_of = _confidence_bins(conf, n_bins)
-    bins = []
-    for b in range(n_bins):
-        in_bin = bin_of == b
-        count = int(in_bin.sum())
-        bins.append({
-            "lo": b / n_bins,
-            "hi": (b + 1) / n_bins,
-            "count": count,
-            "accuracy": float(correct[in_bin].mean()) if count else math.nan,  # acc_b
-            "confidence": float(conf[in_bin].astype(np.float64).mean()) if count else math.nan,  # conf_b
-        })
-    return bins
-
-
-# ECE = Σ_b (n_b / N) | acc_b - conf_b |          (empty bins contribute 0)
-def ece(conf, correct, n_bins=10):
-    """Expected calibration error with equal-width bins: conf (N,) in [0, 1], correct (N,) -> float; nan if N = 0.
-    Example: conf [.0, .1, .15, .25, .3, 1.], correct [0, 0, 1, 0, 1, 1] -> (2*.05 + .85 + 2*.225 + 0)/6 = .2333"""
-    bins = reliability_bins(conf, correct, n_bins)
-    n_items = sum(b["count"] for b in bins)
-    if n_items == 0:
-        return math.nan
-    return float(sum(b["count"] / n_items * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]))
-
-
-# AUROC = P(c_i > c_j) + 0.5 P(c_i = c_j),  i correct, j wrong
-#       = (Σ_{i correct} rank_i - n_pos (n_pos + 1) / 2) / (n_pos n_neg)        (Mann-Whitney, average ranks)
-def auroc(conf, correct):
-    """Area under the ROC curve of conf for separating correct from wrong: (N,), (N,) -> float.
-    Ties count 1/2; nan when all items are correct or all wrong.
-    Example: conf [.9, .5, .5, .1], correct [1, 1, 0, 0] -> pairs (.9>.5, .9>.1, .5=.5, .5>.1) = 3.5/4 = .875"""
-    conf, correct = _metric_inputs(conf, correct, "auroc")
-    n_pos = int(correct.sum())
-    n_neg = correct.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    # 1-based ranks of the sorted confidences; a tie group spanning ranks (end - size + 1)..end shares their mean
-    _, group_of, group_size = np.unique(conf, return_inverse=True, return_counts=True)
-    group_end = np.cumsum(group_size)  # rank of each tie group's last member
-    group_rank = group_end - (group_size - 1) / 2.0  # mean rank inside the group
-    ranks = group_rank[group_of.reshape(-1)]  # (N,)
-    u_statistic = ranks[correct].sum() - n_pos * (n_pos + 1) / 2.0  # Σ over (correct, wrong) pairs of [>] + ½[=]
-    return float(u_statistic / (n_pos * n_neg))
-
-
-# Brier = (1/N) Σ_i (c_i - a_i)^2
-def brier(conf, correct):
-    """Brier score (lower is better): conf (N,), correct (N,) -> float; nan if N = 0.
-    Example: conf [1, .75, 0], correct [1, 0, 1] -> (0 + .5625 + 1)/3 = .5208"""
-    conf, correct = _metric_inputs(conf, correct, "brier")
-    if conf.size == 0:
-        return math.nan
-    return float(np.mean((conf.astype(np.float64) - correct) ** 2))
-
-
-# ---------------------------------------------------------------------------- #
 # Text: prompts, responses with statements, and splitting a response back into steps
 # ---------------------------------------------------------------------------- #
 
@@ -2472,7 +1557,155 @@ def judge_steps(record, steps, threshold=SIMILARITY_THRESHOLD):
 
 
 # ---------------------------------------------------------------------------- #
-# 5.1 on a batch: the four signals for every step of generated responses
+# Tensor helpers for the maths below (inputs: torch tensors, numpy arrays or lists)
+# ---------------------------------------------------------------------------- #
+
+def _as_tensor(x):
+    """`x` as a torch tensor: a tensor is returned as is (never written to), numpy/lists are converted.
+    Example: np.array([1., 2.]) -> tensor([1., 2.], dtype=torch.float64)"""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        # ascontiguousarray: torch cannot wrap numpy views with negative strides (x[::-1])
+        return torch.as_tensor(np.ascontiguousarray(x))
+    return torch.as_tensor(x)  # python lists/numbers: floats become float32, ints int64, bools bool
+
+
+def _as_float(x):
+    """`x` as a float tensor: float64 stays float64 (gradchecks, numpy callers), anything else -> float32.
+    Example: tensor([1, 2]) -> tensor([1., 2.]);  bf16 logits -> float32 (log_softmax wants the precision)"""
+    t = _as_tensor(x)
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _as_mask(mask):
+    """A binary mask (bool, or int/float holding only 0 and 1) as a bool tensor; asserts it is binary.
+    Example: tensor([1., 0., 1.]) -> tensor([True, False, True])"""
+    m = _as_tensor(mask)
+    if m.dtype != torch.bool:
+        assert bool(((m == 0) | (m == 1)).all()), "mask must be binary: values in {0, 1}"
+        m = m != 0
+    return m
+
+
+def _check_step_shapes(per_token, in_step, name):
+    """Assert per_token is (B,T) and in_step is the matching (B,S,T) step mask."""
+    assert per_token.dim() == 2, f"{name}: per-token input must be (B,T), got {tuple(per_token.shape)}"
+    assert in_step.dim() == 3, f"{name}: step_mask must be (B,S,T), got {tuple(in_step.shape)}"
+    assert in_step.shape[0] == per_token.shape[0] and in_step.shape[2] == per_token.shape[1], (
+        f"{name}: step_mask {tuple(in_step.shape)} does not match per-token input {tuple(per_token.shape)}")
+
+
+# Σ_{l in s} x_l   for every step s
+def _step_sum(per_token, in_step):
+    """Sum a (B,T) per-token quantity over each step's tokens: (B,T), (B,S,T) bool -> (B,S).
+    Example: x = [[1, 2, 4]], in_step = [[[1, 1, 0], [0, 0, 1]]] -> [[3, 4]]"""
+    # subtle: where, not multiply: positions outside the step may hold -inf or nan (padding) and 0 * -inf = nan
+    inside = torch.where(in_step, per_token[:, None, :], 0.0)  # (B,S,T)
+    return inside.sum(-1)  # (B,S)
+
+
+# ---------------------------------------------------------------------------- #
+# Paper §3.2 (i): four confidence signals per step, the equations
+# ---------------------------------------------------------------------------- #
+# A response has steps s = 1..S; step s owns tokens l = 1..L_s (its statement excluded). step_mask[b, s, t] = 1
+# when token t of response b belongs to step s. Responses with fewer steps pad with empty step slots (all-zero
+# rows): every u_* returns 0 for such a slot, never nan, so callers mask them out by n_tokens == 0.
+
+# log p(y_t | y_<t, x) = log_softmax(logits_t)[y_t]
+def token_logprobs(logits, targets):
+    """Log-probability of each target token: logits (B,T,V), targets (B,T) long -> (B,T).
+    Example: logits [[[0, 0, 0, 0]]] (uniform over V=4), target [[1]] -> [[ln 0.25]] = [[-1.3863]]"""
+    logits = _as_float(logits)
+    targets = _as_tensor(targets).long()
+    assert logits.dim() == 3 and targets.shape == logits.shape[:2], (
+        f"token_logprobs: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must be (B,T,V), (B,T)")
+    logp_all = torch.log_softmax(logits, dim=-1)  # (B,T,V)
+    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B,T)
+
+
+# H_t = -Σ_v p(v | y_<t, x) log p(v | y_<t, x)      (nats, full vocabulary)
+def token_entropy(logits):
+    """Entropy of each next-token distribution in nats: logits (B,T,V) -> (B,T).
+    Example: uniform logits over V=4 -> ln 4 = 1.3863;  logits [0, 0, ln 2, -inf] -> 1.5 ln 2 = 1.0397"""
+    logits = _as_float(logits)
+    assert logits.dim() == 3, f"token_entropy: logits must be (B,T,V), got {tuple(logits.shape)}"
+    logp_all = torch.log_softmax(logits, dim=-1)  # (B,T,V)
+    probs = torch.exp(logp_all)  # (B,T,V)
+    # subtle: a -inf logit (masked word) gives p = 0 and log p = -inf, and 0 * -inf = nan. Clamping log p to the
+    # most negative finite float makes that term 0 * (-3.4e38) = 0, in the forward and in the backward pass.
+    logp_finite = logp_all.clamp(min=torch.finfo(logp_all.dtype).min)
+    return -(probs * logp_finite).sum(-1)  # (B,T)
+
+
+# U_LNLP(s) = exp( -(1/L_s) Σ_{l in s} log p(y_l | y_<l, x) )       uncertainty: perplexity of the step
+def u_lnlp(logprobs, step_mask):
+    """Per-step perplexity: logprobs (B,T), step_mask (B,S,T) -> (B,S); an empty step slot gives 0.
+    Example: step log p = [ln .5, ln .25, ln 1] -> exp(-(ln .125)/3) = exp(ln 2) = 2.0"""
+    logprobs = _as_float(logprobs)
+    in_step = _as_mask(step_mask)
+    _check_step_shapes(logprobs, in_step, "u_lnlp")
+    n_tokens = in_step.sum(-1)  # (B,S)  L_s
+    mean_logprob = _step_sum(logprobs, in_step) / n_tokens.clamp(min=1)  # (B,S)
+    return torch.where(n_tokens > 0, torch.exp(-mean_logprob), 0.0)  # (B,S)
+
+
+# U_MTE(s) = (1/L_s) Σ_{l in s} H_l                                  uncertainty: mean token entropy (nats)
+def u_mte(entropy, step_mask):
+    """Mean token entropy of each step: entropy (B,T), step_mask (B,S,T) -> (B,S); an empty step slot gives 0.
+    Example: step entropies [0.3, 0.6, 0.9] -> 0.6"""
+    entropy = _as_float(entropy)
+    in_step = _as_mask(step_mask)
+    _check_step_shapes(entropy, in_step, "u_mte")
+    n_tokens = in_step.sum(-1)  # (B,S)
+    # an empty slot: 0 / 1 = 0, which is what we want, so no where is needed here
+    return _step_sum(entropy, in_step) / n_tokens.clamp(min=1)  # (B,S)
+
+
+# U_TokenSAR(s) = Σ_{l in s} R̃_l · ( -log p(y_l | y_<l, x) )
+#        R_l    = 1 - g(x ∪ y, x ∪ y \ y_l)          (relevance of token l: how much removing it changes the text)
+#        R̃_l    = R_l / Σ_{l' in s} R_l'              (uniform 1/L_s when Σ_{l' in s} R_l' = 0)
+def u_tokensar(logprobs, relevance, step_mask):
+    """Relevance-weighted NLL of each step: logprobs (B,T), relevance R_l (B,T), step_mask (B,S,T) -> (B,S).
+    Example: log p = [ln .5, ln .25, ln 1], R = [1, 3, 0] -> R̃ = [.25, .75, 0]
+             -> .25 ln 2 + .75 ln 4 = 1.75 ln 2 = 1.2130;   R = [0, 0, 0] -> mean NLL = ln 2"""
+    logprobs = _as_float(logprobs)
+    relevance = _as_float(relevance).to(logprobs.dtype)
+    in_step = _as_mask(step_mask)
+    _check_step_shapes(logprobs, in_step, "u_tokensar")
+    assert relevance.shape == logprobs.shape, "u_tokensar: relevance must have the shape of logprobs (B,T)"
+    # g is a cosine similarity, so R = 1 - g lies in [0, 2]; a negative R only comes from rounding (g = 1 + ulp).
+    # We clamp it to 0 so that no weight is ever negative.
+    relevance = relevance.clamp(min=0.0)
+    n_tokens = in_step.sum(-1, keepdim=True)  # (B,S,1)  L_s
+    relevance_sum = _step_sum(relevance, in_step).unsqueeze(-1)  # (B,S,1)  Σ_{l' in s} R_l'
+    relevance_in_step = torch.where(in_step, relevance[:, None, :], 0.0)  # (B,S,T)
+    # subtle: divide by a safe denominator (1 where the sum is 0) so the unused branch of where holds no 0/0 = nan
+    safe_sum = torch.where(relevance_sum > 0, relevance_sum, 1.0)  # (B,S,1)
+    uniform = in_step.to(logprobs.dtype) / n_tokens.clamp(min=1)  # (B,S,T)  1/L_s on the step's tokens
+    weights = torch.where(relevance_sum > 0, relevance_in_step / safe_sum, uniform)  # (B,S,T)  R̃
+    nll_in_step = torch.where(in_step, -logprobs[:, None, :], 0.0)  # (B,S,T)
+    return (weights * nll_in_step).sum(-1)  # (B,S); an empty slot has all-zero weights -> 0
+
+
+# U_CLIPS(s) = max( cos(v, e_s), 0 ),   cos(a, b) = a·b / (|a| |b|)    confidence: image-step agreement
+def u_clipscore(image_emb, text_emb):
+    """Clipped cosine of the image embedding with each step's text embedding: (B,D), (B,S,D) -> (B,S) in [0, 1].
+    Example: v = [1, 0], e = [[0, 1], [-1, 0], [2, 0], [0, 0]] -> [0, 0, 1, 0]"""
+    image = _as_float(image_emb)
+    text = _as_float(text_emb).to(image.dtype)
+    assert image.dim() == 2 and text.dim() == 3 and text.shape[::2] == image.shape, (
+        f"u_clipscore: need image_emb (B,D) and text_emb (B,S,D), got {tuple(image.shape)}, {tuple(text.shape)}")
+    # subtle: dividing by max(|a|, 1e-12) turns a zero vector's cosine into 0 rather than 0/0 = nan
+    image_unit = image / image.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # (B,D)
+    text_unit = text / text.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # (B,S,D)
+    cosine = torch.matmul(text_unit, image_unit.unsqueeze(-1)).squeeze(-1)  # (B,S,D) @ (B,D,1) -> (B,S)
+    # the max(., 0) is the paper's; the upper clamp only removes rounding (cos = 1 + ulp for parallel vectors)
+    return cosine.clamp(min=0.0, max=1.0)
+
+
+# ---------------------------------------------------------------------------- #
+# Paper §3.2 (i) on a batch: the four signals for every step of generated responses
 # ---------------------------------------------------------------------------- #
 
 def response_batch(tokenizer, records, responses, device="cpu"):
@@ -2524,7 +1757,7 @@ def tokensar_relevance(clip, tokenizer, records, responses, steps, T, offsets):
 
 @torch.no_grad()
 def score_responses(model, clip, tokenizer, records, responses, steps, device="cpu", batch_size=64):
-    """The four raw signals of DESIGN 5.1 for every step: {"lnlp","mte","tokensar","clipscore"} -> (B, S_max).
+    """The four raw signals of §3.2 for every step: {"lnlp","mte","tokensar","clipscore"} -> (B, S_max).
     Uncertainties come from the model's own distribution (temperature 1) on its own tokens (teacher forcing);
     CLIPScore compares the image with the step's text. Empty step slots hold 0."""
     model.eval()
@@ -2565,6 +1798,829 @@ def internal_confidence(model, clip, tokenizer, records, responses, steps, stats
         _, levels = signals_to_levels({k: raw[k][i, :len(st)] for k in stats["signals"]}, stats)  # (S,)
         out.append(level_to_confidence(levels).tolist())
     return out
+
+
+# ---------------------------------------------------------------------------- #
+# Paper §3.2 (ii): normalise, fuse, cut into five levels
+# ---------------------------------------------------------------------------- #
+
+SIGNALS = ("lnlp", "mte", "tokensar", "clipscore")  # keys of every per-signal dict, in paper order
+UNCERTAINTY_SIGNALS = ("lnlp", "mte", "tokensar")  # higher = less sure; clipscore is the one confidence signal
+
+
+def fit_minmax(values):
+    """Min and max of each signal over the scored pool: {name: (N,)} -> {name: (lo, hi)} as python floats.
+    Example: {"lnlp": [1., 2., 3.]} -> {"lnlp": (1.0, 3.0)}"""
+    stats = {}
+    for name, pool in values.items():
+        pool = _as_float(pool)
+        if pool.numel() == 0:
+            raise ValueError(f"fit_minmax: signal {name!r} has no values to fit")
+        stats[name] = (float(pool.min()), float(pool.max()))
+    return stats
+
+
+# c = 1 - clip( (U - lo) / (hi - lo), 0, 1 )    for U_LNLP, U_MTE, U_TokenSAR     (uncertainty -> confidence)
+# c =     clip( (U - lo) / (hi - lo), 0, 1 )    for U_CLIPS                       (already a confidence)
+# c = 0.5                                        when hi == lo (the signal carried no information on the pool)
+def to_confidence(values, stats):
+    """Map each raw signal to a confidence in [0, 1] with the pool's (lo, hi): {name: (N,)} -> {name: (N,)}.
+    Example: lnlp [1, 2, 3] with (1, 3) -> [1, .5, 0];  clipscore [0, .25, .5] with (0, .5) -> [0, .5, 1]"""
+    confidences = {}
+    for name, raw in values.items():
+        if name not in SIGNALS:
+            raise ValueError(f"to_confidence: unknown signal {name!r}; expected one of {SIGNALS}")
+        if name not in stats:
+            raise ValueError(f"to_confidence: no (lo, hi) stats for signal {name!r}")
+        raw = _as_float(raw)
+        lo, hi = (float(bound) for bound in stats[name])  # stats may come from JSON as a list
+        assert hi >= lo, f"to_confidence: stats for {name!r} have hi < lo ({hi} < {lo})"
+        if hi == lo:
+            confidences[name] = torch.full_like(raw, 0.5)
+            continue
+        scaled = ((raw - lo) / (hi - lo)).clamp(0.0, 1.0)  # (N,) in [0, 1]; values outside the pool's range clip
+        confidences[name] = 1.0 - scaled if name in UNCERTAINTY_SIGNALS else scaled
+    return confidences
+
+
+# mode "mean":  c_final = Σ_i w_i c_i / Σ_i w_i     over the signals present in conf (default w_i = 1)
+# mode "max":   c_final = max_i c_i                  (the paper's "w U_Max" ablation)
+def fuse_confidence(conf, weights=None, mode="mean"):
+    """Fuse per-signal confidences into one: {name: (N,)} -> (N,) in [0, 1].
+    Only signals present in conf count, so "w/o U_X" = leave X out of conf (the weights renormalise).
+    Example: lnlp [1, 0], tokensar [.5, 1] -> mean [.75, .5];  max [1, 1];
+             weights {lnlp: 3, tokensar: 1} -> [(3 + .5)/4, (0 + 1)/4] = [.875, .25]"""
+    if len(conf) == 0:
+        raise ValueError("fuse_confidence: conf is empty; give at least one signal")
+    for name in conf:
+        if name not in SIGNALS:
+            raise ValueError(f"fuse_confidence: unknown signal {name!r}; expected one of {SIGNALS}")
+    names = [name for name in SIGNALS if name in conf]  # fixed paper order: the sum is the same for any dict order
+    stacked = torch.stack([_as_float(conf[name]) for name in names])  # (n_signals, N)
+    assert bool(((stacked >= 0) & (stacked <= 1)).all()), "fuse_confidence: per-signal confidences must be in [0, 1]"
+    if mode == "max":
+        fused = stacked.max(dim=0).values  # (N,)
+    elif mode == "mean":
+        if weights is None:
+            weights = {name: 1.0 for name in names}
+        missing = [name for name in names if name not in weights]
+        if missing:
+            raise ValueError(f"fuse_confidence: no weight for signal(s) {missing}")
+        # weights of signals absent from conf are ignored on purpose: that is how an ablation drops a signal
+        w = torch.tensor([float(weights[name]) for name in names], dtype=stacked.dtype, device=stacked.device)
+        if bool((w < 0).any()) or float(w.sum()) <= 0:
+            used = dict(zip(names, w.tolist()))
+            raise ValueError(f"fuse_confidence: weights must be >= 0 with a positive sum, got {used}")
+        fused = (w[:, None] * stacked).sum(0) / w.sum()  # (N,)
+    else:
+        raise ValueError(f"fuse_confidence: unknown mode {mode!r}; expected 'mean' or 'max'")
+    assert bool(((fused >= 0) & (fused <= 1)).all()), "fuse_confidence: fused confidence left [0, 1]"
+    return fused
+
+
+LEVEL_CUTS = (-1.5, -0.5, 0.5, 1.5)  # cut points in units of σ around μ (this project's choice; the paper gives none)
+
+
+# cut_k = μ + k σ for k in LEVEL_CUTS;   level(c) = 1 + #{ k : cut_k <= c }        (1 = least sure, 5 = most)
+def confidence_levels(c, mu, sigma):
+    """Five confidence levels from the pool's mean and std of c_final: c (N,) -> (N,) long in 1..5.
+    Example: mu = .5, sigma = .25 -> cuts .125 .375 .625 .875;  c = [0, .125, .5, .9] -> [1, 2, 3, 5]"""
+    c = _as_float(c)
+    assert sigma >= 0, f"confidence_levels: sigma must be >= 0, got {sigma}"
+    assert bool(((c >= 0) & (c <= 1)).all()), "confidence_levels: c must be in [0, 1]"
+    # subtle: cuts are computed in python float64 and then rounded to c's dtype, so a c equal to a cut (both from
+    # the same python float) lands on the upper level also when c is float32
+    cuts = torch.tensor([mu + k * sigma for k in LEVEL_CUTS], dtype=c.dtype, device=c.device)  # (4,)
+    n_cuts_below = (c.unsqueeze(-1) >= cuts).sum(-1)  # (N,)  number of cuts <= c
+    return 1 + n_cuts_below  # (N,) long
+
+
+# confidence(k) = (k - 1) / 4       levels 1..5 -> 0, .25, .5, .75, 1
+def level_to_confidence(level):
+    """A level's numeric confidence: int -> python float, tensor/array (long) -> float tensor.
+    Example: 5 -> 1.0;  tensor([1, 3]) -> tensor([0., .5])"""
+    if isinstance(level, (int, np.integer)) and not isinstance(level, bool):
+        assert 1 <= level <= 5, f"level_to_confidence: level must be in 1..5, got {level}"
+        return (int(level) - 1) / 4
+    levels = _as_tensor(level)
+    assert bool(((levels >= 1) & (levels <= 5)).all()), "level_to_confidence: levels must be in 1..5"
+    return (levels.float() - 1.0) / 4.0
+
+
+
+# The warm-up's whole recipe in two calls (section 3.2): fit once on the pool of scored training steps,
+#   stats = fit_confidence_stats(pool, ...)          min/max per signal, then μ and σ of c_final on the pool
+# then apply it to any steps, the pool itself (stage 1) or the policy's own tokens (R_CS in stage 2, evaluate.py):
+#   fused, levels = signals_to_levels(values, stats)    U -> c_i -> c_final -> level
+def fit_confidence_stats(pool, signals=SIGNALS, weights=None, fusion="mean"):
+    """Fit normalisation and level cuts on a pool {name: (N,)} of raw signals -> the stats dict stored as
+    confidence_stats.json: {"minmax", "mu", "sigma", "signals", "weights", "fusion"}.
+    Example: lnlp [1, 2, 3] alone -> minmax (1, 3), c_final [1, .5, 0], mu .5, sigma sqrt(1/6) = .408"""
+    signals = list(signals)
+    minmax = fit_minmax(pool)
+    fused = fuse_confidence(to_confidence({k: pool[k] for k in signals}, minmax), weights, fusion)
+    # σ is the population std (divide by N): the cuts describe this pool, not an estimate of a larger one
+    return {"minmax": minmax, "mu": fused.mean().item(), "sigma": fused.std(unbiased=False).item(),
+            "signals": signals, "weights": weights, "fusion": fusion}
+
+
+def signals_to_levels(values, stats):
+    """Apply fitted stats to raw signals {name: (N,)}: -> (c_final (N,) in [0, 1], level (N,) long in 1..5).
+    Only stats["signals"] are used, so an ablation's stats drop a signal everywhere they are applied."""
+    conf = to_confidence({k: values[k] for k in stats["signals"]}, stats["minmax"])
+    fused = fuse_confidence(conf, stats["weights"], stats["fusion"])
+    return fused, confidence_levels(fused, stats["mu"], stats["sigma"])
+
+
+# ---------------------------------------------------------------------------- #
+# Paper §3.2 (iii): statements, level -> words -> level (the warm-up data is built from these)
+# ---------------------------------------------------------------------------- #
+# A step with its statement reads "<step without final period>, <clause>." Clauses are lower-case, at most 7 words,
+# with no punctuation except an apostrophe, so they survive the word tokenizer (which splits "can't" into
+# "can ' t"; normalize_statement glues it back). The paper used 40 clauses per level; we use 10. No two clauses
+# of different levels are more alike than difflib ratio 0.72, well under the 0.85 match threshold, so a typo
+# cannot move a clause to another level (a test checks both).
+STATEMENTS = {
+    5: ["with total certainty", "and i am completely sure of this", "and i am absolutely certain",
+        "without any doubt at all", "and there is no doubt about it", "and i know this for a fact",
+        "and i would bet anything on it", "and this is definitely correct", "and i am one hundred percent sure",
+        "beyond any doubt"],
+    4: ["and i believe this is right", "and i am fairly confident", "and it is likely accurate",
+        "and i think this holds", "and i'm quite sure of it", "and i'm reasonably confident",
+        "and this is most likely true", "and i largely trust this", "and i am pretty confident here",
+        "and it seems right to me"],
+    3: ["but i can't be entirely sure", "though i am only moderately confident", "but i could be wrong",
+        "and this is a reasonable guess", "but there is some doubt", "though it might be otherwise",
+        "and this is only somewhat likely", "though i would not swear to it", "but i have mixed feelings",
+        "though i am on the fence"],
+    2: ["but i'm not sure", "but i have serious doubts", "though this is quite uncertain",
+        "but i doubt this is right", "but my confidence is low", "but this is a shaky guess",
+        "though i am rather unsure", "but i would not rely on it", "but this is hard to tell",
+        "but i lack confidence here"],
+    1: ["and this needs checking", "but this is probably wrong", "but i have almost no confidence",
+        "and i am almost certainly mistaken", "though this looks incorrect", "but i am only guessing",
+        "and it should not be trusted", "but i really have no idea", "and this is very doubtful",
+        "and i suspect it is an error"],
+}
+STATEMENT_MATCH_THRESHOLD = 0.85  # min difflib ratio for a fuzzy clause match (this project's choice)
+_LEVEL_OF_CLAUSE = {clause: level for level, clauses in STATEMENTS.items() for clause in clauses}  # exact lookup
+
+
+def statement_for(level, rng: random.Random):
+    """Draw a clause for a level (score -> statement) with a random.Random: (int, rng) -> str.
+    Example: statement_for(5, random.Random(0)) -> "and i would bet anything on it" (one of STATEMENTS[5])"""
+    if isinstance(level, (torch.Tensor, np.integer)):
+        level = int(level)
+    if isinstance(level, bool) or level not in STATEMENTS:
+        raise ValueError(f"statement_for: level must be an int in 1..5, got {level!r}")
+    return rng.choice(STATEMENTS[level])
+
+
+def normalize_statement(text):
+    """Canonical form of a clause: lower-case, punctuation dropped (apostrophes kept and glued), spaces collapsed.
+    Example: "  But I ' M  not SURE. " -> "but i'm not sure";  "can ' t" -> "can't" """
+    text = text.lower().replace("\u2019", "'").replace("\u2018", "'")  # curly apostrophes -> '
+    text = re.sub(r"[^a-z0-9'\s]+", " ", text)  # drop punctuation (as a space, so "sure,really" stays two words)
+    text = re.sub(r"\s*'\s*", "'", text)  # "can ' t" -> "can't": the word tokenizer detokenises like that
+    text = re.sub(r"\s+", " ", text)  # collapse runs of whitespace
+    return text.strip(" '")  # also drop quote-like apostrophes at the ends
+
+
+# level(text) = level of the clause equal to normalise(text), else of argmax_clause ratio(clause, text)
+#               when that ratio >= STATEMENT_MATCH_THRESHOLD, else None
+def level_of_statement(text):
+    """Read a clause back into its level (statement -> score): str -> int in 1..5, or None when nothing matches.
+    Example: "But I'm NOT sure." -> 2;  "with totl certainty" -> 5 (ratio 38/39 = .974);  "the sky is green" -> None"""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise TypeError(f"level_of_statement: text must be a str, got {type(text).__name__}")
+    clause = normalize_statement(text)
+    if not clause:
+        return None
+    if clause in _LEVEL_OF_CLAUSE:
+        return _LEVEL_OF_CLAUSE[clause]
+    # fuzzy match. ratio = 2 M / (len(a) + len(b)), M = matched characters (Ratcliff-Obershelp, as difflib does).
+    # autojunk off: long inputs are not given special treatment. seq2 is the text: difflib caches it across clauses.
+    matcher = difflib.SequenceMatcher(None, autojunk=False)
+    matcher.set_seq2(clause)
+    best_level, best_ratio = None, STATEMENT_MATCH_THRESHOLD
+    for level, clauses in STATEMENTS.items():
+        for candidate in clauses:
+            matcher.set_seq1(candidate)
+            # cheap upper bounds first: skip a clause that cannot reach the threshold or beat the best so far
+            if matcher.real_quick_ratio() < best_ratio or matcher.quick_ratio() < best_ratio:
+                continue
+            ratio = matcher.ratio()
+            # ties keep the first clause found (level 5 first); with clauses this far apart ties do not arise
+            if ratio > best_ratio or (best_level is None and ratio >= best_ratio):
+                best_level, best_ratio = level, ratio
+    return best_level
+
+
+_NUMBER_STATEMENT = re.compile(r"\(\s*confidence\s*([1-5])\s*/\s*5\s*\)")  # "(confidence 4/5)", spaces tolerated
+
+
+def confidence_number_statement(level):
+    """The "w/o S-S mapping" ablation's statement: a number instead of words. Example: 4 -> "(confidence 4/5)" """
+    if isinstance(level, (torch.Tensor, np.integer)):
+        level = int(level)
+    if isinstance(level, bool) or level not in STATEMENTS:
+        raise ValueError(f"confidence_number_statement: level must be an int in 1..5, got {level!r}")
+    return f"(confidence {level}/5)"
+
+
+def level_of_number_statement(text):
+    """Parse "(confidence k/5)" back to k (the last one in text wins); None when absent.
+    Example: "the circle is red ( confidence 4 / 5 ) ." -> 4;  "(confidence 7/5)" -> None"""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise TypeError(f"level_of_number_statement: text must be a str, got {type(text).__name__}")
+    found = _NUMBER_STATEMENT.findall(text.lower())
+    return int(found[-1]) if found else None
+
+
+# ---------------------------------------------------------------------------- #
+# Paper §3.3 (i): the three rewards per step
+# ---------------------------------------------------------------------------- #
+# e_s = expressed confidence (stated level -> level_to_confidence), a_s = step correctness in {0, 1},
+# u_s = internal confidence (the §3.2 signals and levels on the policy's own tokens -> value). All shapes (..., S).
+
+def _as_binary_float(x, name):
+    """A 0/1 (or bool) tensor as float; asserts it is binary."""
+    t = _as_tensor(x)
+    assert bool(((t == 0) | (t == 1)).all()), f"{name} must be binary (0/1 or bool)"
+    return _as_float(t)
+
+
+def _as_confidence(x, name):
+    """A float tensor of confidences; asserts the values are in [0, 1]."""
+    t = _as_float(x)
+    assert bool(((t >= 0) & (t <= 1)).all()), f"{name} must be in [0, 1]"
+    return t
+
+
+# R_KA(s) = a_s                                knowledge accuracy (the last step carries the final answer)
+def r_ka(correct):
+    """Knowledge-accuracy reward: correct (..., S) in {0, 1} -> (..., S) float.  Example: [1, 0] -> [1., 0.]"""
+    return _as_binary_float(correct, "r_ka: correct")
+
+
+# R_EC(s) = 1 - (e_s - a_s)^2                  expected calibration (Brier: a proper scoring rule)
+def r_ec(expressed, correct):
+    """Expected-calibration reward: expressed (..., S) in [0, 1], correct (..., S) in {0, 1} -> (..., S).
+    Example: e = [1, .75, 0], a = [1, 0, 0] -> [1, 1 - .5625, 1] = [1, .4375, 1]"""
+    expressed = _as_confidence(expressed, "r_ec: expressed")
+    correct = _as_binary_float(correct, "r_ec: correct").to(expressed.dtype)
+    assert expressed.shape == correct.shape, f"r_ec: shapes differ {tuple(expressed.shape)} vs {tuple(correct.shape)}"
+    return 1.0 - (expressed - correct) ** 2
+
+
+# R_CS(s) = 1 - (e_s - u_s)^2                  confidence self-calibration: say what you internally believe
+def r_cs(expressed, internal):
+    """Self-calibration reward: expressed (..., S), internal (..., S), both in [0, 1] -> (..., S).
+    Example: e = [1, .5], u = [.25, .5] -> [1 - .5625, 1] = [.4375, 1]"""
+    expressed = _as_confidence(expressed, "r_cs: expressed")
+    internal = _as_confidence(internal, "r_cs: internal").to(expressed.dtype)
+    assert expressed.shape == internal.shape, f"r_cs: shapes differ {tuple(expressed.shape)} vs {tuple(internal.shape)}"
+    return 1.0 - (expressed - internal) ** 2
+
+
+# ---------------------------------------------------------------------------- #
+# Paper §3.3 (ii): PPO maths: masked statistics, GAE, clipped losses, diagnostics
+# ---------------------------------------------------------------------------- #
+# mask is the response mask (B,T): 1 on generated tokens, 0 on prompt/padding. The same mask is used everywhere.
+
+# masked_mean(x) = Σ_t x_t m_t / Σ_t m_t       (0 when the mask is empty)
+def masked_mean(x, mask):
+    """Mean of x over the mask's ones: x (...), mask (...) binary -> 0-dim tensor; 0 for an empty mask.
+    Example: x = [1, 2, 9], mask = [1, 1, 0] -> 1.5"""
+    x = _as_float(x)
+    valid = _as_mask(mask)
+    assert valid.shape == x.shape, f"masked_mean: mask {tuple(valid.shape)} must have x's shape {tuple(x.shape)}"
+    # where, not x * m: entries outside the mask may be inf/nan (padding) and must not leak into the sum
+    total = torch.where(valid, x, 0.0).sum()
+    # an empty mask has total = 0, so clamping the count to 1 returns 0 instead of 0/0 = nan
+    return total / valid.sum().clamp(min=1)
+
+
+# whiten(x) = (x - mean) / sqrt(var + 1e-8),   mean, var over the mask (biased var: divide by Σ m)
+def masked_whiten(x, mask, shift_mean=True):
+    """Whiten x over the valid entries: x (...), mask (...) -> (...); entries outside the mask are returned as 0.
+    shift_mean=False adds the mean back (scale only). Example: x = [1, 3, 7], mask = [1, 1, 0] -> [-1, 1, 0]"""
+    x = _as_float(x)
+    valid = _as_mask(mask)
+    mean = masked_mean(x, valid)
+    var = masked_mean((x - mean) ** 2, valid)  # biased: Σ m (x - mean)^2 / Σ m
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(valid, whitened, 0.0)
+
+
+# δ_t = r_t + γ V_{t+1} m_{t+1} - V_t
+# A_t = δ_t + γ λ m_{t+1} A_{t+1}          (m_{T} = 0: nothing is bootstrapped past the last valid token, EOS)
+# R_t = A_t + V_t                           (the value target, "returns")
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation, vectorised over the batch: (B,T) x3 -> advantages (B,T), returns (B,T).
+    Both outputs are 0 outside the mask. Call with detached values (they are rollout constants).
+    Example: r = [0, 0, 1], V = [.2, .4, .6], γ = 1, λ = .95 -> A = [.751, .58, .4], R = [.951, .98, 1.0]"""
+    rewards = _as_float(rewards)
+    values = _as_float(values).to(rewards.dtype)
+    valid = _as_mask(mask)
+    assert rewards.dim() == 2 and rewards.shape == values.shape == valid.shape, "gae: rewards, values, mask: all (B,T)"
+    m = valid.to(rewards.dtype)  # (B,T)
+    # padding may hold garbage (even nan); zero it so that m_{t+1} * V_{t+1} is a clean 0 there
+    rewards = torch.where(valid, rewards, 0.0)
+    values = torch.where(valid, values, 0.0)
+    B, T = rewards.shape
+    next_value = rewards.new_zeros(B)  # V_{t+1}
+    next_valid = rewards.new_zeros(B)  # m_{t+1}; 0 past the end: no bootstrap after the last token
+    next_advantage = rewards.new_zeros(B)  # A_{t+1}
+    advantages_reversed = []
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value * next_valid - values[:, t]  # (B,)
+        advantage = delta + gamma * lam * next_valid * next_advantage  # (B,)
+        advantage = advantage * m[:, t]  # 0 outside the mask (finite here, so multiply is safe)
+        advantages_reversed.append(advantage)
+        next_value, next_valid, next_advantage = values[:, t], m[:, t], advantage
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)  # (B,T)
+    returns = (advantages + values) * m  # (B,T)
+    return advantages, returns
+
+
+def gae_loop(rewards, values, mask, gamma, lam):
+    """Reference GAE: the same equations as gae() as a plain python double loop over floats (for tests/ports).
+    (B,T) x3 -> advantages (B,T), returns (B,T) as float64 tensors, 0 outside the mask."""
+    rewards = _as_float(rewards).double().tolist()
+    values = _as_float(values).double().tolist()
+    valid = _as_mask(mask).tolist()
+    advantages = [[0.0] * len(row) for row in rewards]
+    returns = [[0.0] * len(row) for row in rewards]
+    for b in range(len(rewards)):
+        T = len(rewards[b])
+        for t in reversed(range(T)):
+            if not valid[b][t]:
+                continue
+            has_next = t + 1 < T and valid[b][t + 1]  # m_{t+1}
+            next_value = values[b][t + 1] if has_next else 0.0
+            next_advantage = advantages[b][t + 1] if has_next else 0.0
+            delta = rewards[b][t] + gamma * next_value - values[b][t]
+            advantages[b][t] = delta + gamma * lam * next_advantage
+            returns[b][t] = advantages[b][t] + values[b][t]
+    return torch.tensor(advantages, dtype=torch.float64), torch.tensor(returns, dtype=torch.float64)
+
+
+# ratio_t   = exp( log π(y_t) - log π_old(y_t) )
+# pg_loss   = masked_mean( max( -A_t ratio_t, -A_t clip(ratio_t, 1 - ε, 1 + ε) ) )
+# clipfrac  = masked_mean( |ratio_t - 1| > ε )
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
+    """Clipped PPO policy loss: (B,T) x4, ε -> (pg_loss 0-dim tensor with grad, clipfrac 0-dim detached tensor).
+    clipfrac stays a tensor (no GPU sync); call .item() to log it. old_logprobs, advantages: pass detached.
+    Example: log-ratio [0, ln 1.5, ln .5], A = [1, 1, -1], ε = .2 -> (-1 - 1.2 + .8)/3 = -.4667, clipfrac 2/3"""
+    logprobs = _as_float(logprobs)
+    old_logprobs = _as_float(old_logprobs).to(logprobs.dtype)
+    advantages = _as_float(advantages).to(logprobs.dtype)
+    valid = _as_mask(mask)
+    assert logprobs.shape == old_logprobs.shape == advantages.shape == valid.shape, "ppo_policy_loss: shapes differ"
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    pg_loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), valid)  # the pessimistic of the two
+    clipfrac = masked_mean(((ratio - 1.0).abs() > clip_eps).to(logprobs.dtype), valid).detach()
+    return pg_loss, clipfrac
+
+
+# V_clip_t = V_old_t + clip(V_t - V_old_t, -ε, ε)
+# v_loss   = 0.5 * masked_mean( max( (V_t - R_t)^2, (V_clip_t - R_t)^2 ) )
+def ppo_value_loss(values, old_values, returns, mask, clip_eps):
+    """Clipped value loss: values, old_values, returns, mask (B,T), ε -> 0-dim tensor.
+    Example: V = [1, .5], V_old = [.5, .5], R = [1, 0], ε = .2 -> 0.5 * mean(max(0, .09), max(.25, .25)) = .085"""
+    values = _as_float(values)
+    old_values = _as_float(old_values).to(values.dtype)
+    returns = _as_float(returns).to(values.dtype)
+    valid = _as_mask(mask)
+    assert values.shape == old_values.shape == returns.shape == valid.shape, "ppo_value_loss: shapes differ"
+    values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    v_losses = (values - returns) ** 2
+    v_losses_clipped = (values_clipped - returns) ** 2
+    return 0.5 * masked_mean(torch.maximum(v_losses, v_losses_clipped), valid)
+
+
+# log r_t = log π(y_t) - log π_old(y_t);   approx_kl = masked_mean( (r_t - 1) - log r_t )
+def approx_kl_k3(logprobs, old_logprobs, mask):
+    """The "k3" estimator of KL(π_old || π) on tokens sampled from π_old: (B,T) x3 -> 0-dim tensor, always >= 0.
+    Example: log r = [ln 2, 0] -> mean(1 - ln 2, 0) = .1534"""
+    logprobs = _as_float(logprobs)
+    log_ratio = logprobs - _as_float(old_logprobs).to(logprobs.dtype)
+    return masked_mean((torch.exp(log_ratio) - 1.0) - log_ratio, mask)
+
+
+# KL(π || π_ref) at a position = Σ_v π(v) · (log π(v) - log π_ref(v))     exact, over the whole vocabulary
+def exact_kl(logits, ref_logprobs):
+    """KL of the policy's next-token distribution from the reference's at every position, summed over the
+    vocabulary (not estimated from the sampled token): logits (B,T,V) of π, log-softmax (B,T,V) of π_ref -> (B,T).
+    Example: π = (1/2, 1/2), π_ref = (1/4, 3/4) -> 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3) = .1438"""
+    logp = torch.log_softmax(_as_float(logits), dim=-1)
+    ref = _as_float(ref_logprobs).to(logp.dtype)
+    assert logp.shape == ref.shape and logp.dim() == 3, f"exact_kl: shapes {tuple(logp.shape)} and {tuple(ref.shape)}"
+    lo = torch.finfo(logp.dtype).min  # subtle: clamp -inf (a masked word) so that its p = 0 term is 0, not nan
+    return (logp.exp() * (logp.clamp(min=lo) - ref.clamp(min=lo))).sum(-1)  # (B,T)
+
+
+# explained_variance = 1 - Var[R - V] / Var[R]       over the mask (nan when Var[R] = 0)
+def explained_variance(values, returns, mask):
+    """How much of the returns' variance the value head explains: (B,T) x3 -> python float (1 = perfect).
+    Example: V = [0, 2], R = [1, 3] -> Var[R - V] = 0 -> 1.0;  V = [0, 0] -> 1 - 1/1 = 0.0"""
+    values = _as_float(values)
+    returns = _as_float(returns).to(values.dtype)
+    valid = _as_mask(mask)
+    residual = returns - values
+    var_returns = masked_mean((returns - masked_mean(returns, valid)) ** 2, valid)  # biased, like masked_whiten
+    var_residual = masked_mean((residual - masked_mean(residual, valid)) ** 2, valid)
+    if float(var_returns) == 0.0:
+        return math.nan
+    return float(1.0 - var_residual / var_returns)
+
+
+# ---------------------------------------------------------------------------- #
+# Paper §4 (evaluation): ECE (and MECE = ECE over steps), reliability bins, AUROC, Brier
+# ---------------------------------------------------------------------------- #
+# These return python floats (they are logged and written to results.json). conf in [0, 1], correct in {0, 1}.
+
+def _as_numpy(x):
+    """`x` as a numpy array: tensors are detached and moved to the cpu, lists become float64/int/bool arrays."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _metric_inputs(conf, correct, name):
+    """conf and correct as flat numpy arrays (conf keeps its float dtype, correct bool); checks ranges and shapes."""
+    conf = _as_numpy(conf).reshape(-1)
+    correct = _as_numpy(correct).reshape(-1)
+    if not np.issubdtype(conf.dtype, np.floating):
+        conf = conf.astype(np.float64)  # ints/bools as confidences (0 or 1)
+    assert conf.shape == correct.shape, f"{name}: conf has {conf.size} items, correct has {correct.size}"
+    assert bool(np.all((conf >= 0) & (conf <= 1))), f"{name}: conf must be in [0, 1]"
+    assert bool(np.all((correct == 0) | (correct == 1))), f"{name}: correct must be binary (0/1 or bool)"
+    return conf, correct.astype(bool)
+
+
+# bin(c) = #{ k in 1..n_bins-1 : k / n_bins < c }       bins [0, 1/n], (1/n, 2/n], ..., ((n-1)/n, 1]
+def _confidence_bins(conf, n_bins):
+    """Equal-width bin index of each confidence: (N,) -> (N,) int in 0..n_bins-1; first bin [0, 1/n], others (lo, hi].
+    Example (n_bins=10): [0.0, 0.1, 0.15, 0.3, 1.0] -> [0, 0, 1, 2, 9]"""
+    # subtle: ceil(c * 10) - 1 is wrong at edges, 0.3 * 10 = 3.0000000000000004 would land in (0.3, 0.4].
+    # Counting the edges strictly below c has no such problem. The edges are computed in float64 and rounded to
+    # conf's dtype, so float32(0.3) also lands in (0.2, 0.3] (in float64 it is 0.30000001 > 0.3).
+    edges = (np.arange(1, n_bins, dtype=np.float64) / n_bins).astype(conf.dtype)  # (n_bins - 1,)
+    return (conf[:, None] > edges[None, :]).sum(axis=1)  # (N,)
+
+
+def reliability_bins(conf, correct, n_bins=10):
+    """Per-bin statistics for reliability diagrams: (N,), (N,) -> list of n_bins dicts
+    {lo, hi, count, accuracy, confidence}; accuracy and confidence are nan for an empty bin."""
+    conf, correct = _metric_inputs(conf, correct, "reliability_bins")
+    bin_of = _confidence_bins(conf, n_bins)
+    bins = []
+    for b in range(n_bins):
+        in_bin = bin_of == b
+        count = int(in_bin.sum())
+        bins.append({
+            "lo": b / n_bins,
+            "hi": (b + 1) / n_bins,
+            "count": count,
+            "accuracy": float(correct[in_bin].mean()) if count else math.nan,  # acc_b
+            "confidence": float(conf[in_bin].astype(np.float64).mean()) if count else math.nan,  # conf_b
+        })
+    return bins
+
+
+# ECE = Σ_b (n_b / N) | acc_b - conf_b |          (empty bins contribute 0)
+def ece(conf, correct, n_bins=10):
+    """Expected calibration error with equal-width bins: conf (N,) in [0, 1], correct (N,) -> float; nan if N = 0.
+    Example: conf [.0, .1, .15, .25, .3, 1.], correct [0, 0, 1, 0, 1, 1] -> (2*.05 + .85 + 2*.225 + 0)/6 = .2333"""
+    bins = reliability_bins(conf, correct, n_bins)
+    n_items = sum(b["count"] for b in bins)
+    if n_items == 0:
+        return math.nan
+    return float(sum(b["count"] / n_items * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]))
+
+
+# AUROC = P(c_i > c_j) + 0.5 P(c_i = c_j),  i correct, j wrong
+#       = (Σ_{i correct} rank_i - n_pos (n_pos + 1) / 2) / (n_pos n_neg)        (Mann-Whitney, average ranks)
+def auroc(conf, correct):
+    """Area under the ROC curve of conf for separating correct from wrong: (N,), (N,) -> float.
+    Ties count 1/2; nan when all items are correct or all wrong.
+    Example: conf [.9, .5, .5, .1], correct [1, 1, 0, 0] -> pairs (.9>.5, .9>.1, .5=.5, .5>.1) = 3.5/4 = .875"""
+    conf, correct = _metric_inputs(conf, correct, "auroc")
+    n_pos = int(correct.sum())
+    n_neg = correct.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    # 1-based ranks of the sorted confidences; a tie group spanning ranks (end - size + 1)..end shares their mean
+    _, group_of, group_size = np.unique(conf, return_inverse=True, return_counts=True)
+    group_end = np.cumsum(group_size)  # rank of each tie group's last member
+    group_rank = group_end - (group_size - 1) / 2.0  # mean rank inside the group
+    ranks = group_rank[group_of.reshape(-1)]  # (N,)
+    u_statistic = ranks[correct].sum() - n_pos * (n_pos + 1) / 2.0  # Σ over (correct, wrong) pairs of [>] + ½[=]
+    return float(u_statistic / (n_pos * n_neg))
+
+
+# Brier = (1/N) Σ_i (c_i - a_i)^2
+def brier(conf, correct):
+    """Brier score (lower is better): conf (N,), correct (N,) -> float; nan if N = 0.
+    Example: conf [1, .75, 0], correct [1, 0, 1] -> (0 + .5625 + 1)/3 = .5208"""
+    conf, correct = _metric_inputs(conf, correct, "brier")
+    if conf.size == 0:
+        return math.nan
+    return float(np.mean((conf.astype(np.float64) - correct) ** 2))
+
+
+# ============================================================================ #
+# Infrastructure: skip on a first read.
+# Everything above is the method; below is what every real project needs around it: the command line,
+# checkpoint files, distributed training and resume, the benchmark and the porting vectors.
+# ============================================================================ #
+
+
+# ---------------------------------------------------------------------------- #
+# Errors, configuration and the command line
+# ---------------------------------------------------------------------------- #
+
+class UserError(Exception):
+    """A bad input from the user (file, flag, checkpoint). Scripts print its message as one line, exit 2."""
+
+
+def run_cli(main, argv=None):
+    """Run a script's main(argv); a UserError (or Ctrl-C) ends in one clear line instead of a traceback."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a UserError (one line, exit 2) instead of usage text."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def parse_configs(argv, description, classes, quick=None):
+    """Flags for every field of every dataclass in `classes`; `quick` ({field: value}) replaces defaults when
+    --quick is given (explicit flags still win). Returns one instance per class, each checked."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--quick", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    parser = ArgParser(description=description)
+    for cls in classes:
+        add_config_args(parser, cls, quick if known.quick else None)
+    args = parser.parse_args(argv)
+    return [config_from_args(cls, args) for cls in classes]
+
+
+def add_config_args(parser, cls, defaults=None):
+    """Turn every field of dataclass `cls` into a --flag (underscores become dashes; bools become
+    --flag / --no-flag). `defaults` (a dict) overrides the dataclass defaults, e.g. for a --quick preset."""
+    defaults = defaults or {}
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata or {}
+        default = defaults.get(f.name, f.default)
+        help_text = meta.get("help", "")
+        if f.type in (bool, "bool") and f.name.startswith("no_"):
+            # subtle: BooleanOptionalAction reads any --no-X as False, so --no-r-ka would switch itself off
+            parser.add_argument(flag, dest=f.name, action="store_true", default=default, help=help_text)
+        elif f.type in (bool, "bool"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            # an empty-string default means "derived from other flags": the note says how, so print no "(default: )"
+            shown = f"{help_text} (default: {default})" if default != "" else help_text
+            parser.add_argument(flag, dest=f.name, type=typ, default=default, metavar=f.name.upper(), help=shown)
+
+
+def config_from_args(cls, args):
+    """Build the dataclass from parsed args and check every field's constraint; a bad value is a UserError
+    naming the flag, e.g. 'error: --lr must be > 0 (got -0.1)'."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return check_config(cls(**values))
+
+
+def check_config(cfg):
+    for f in dataclasses.fields(cfg):
+        meta = f.metadata or {}
+        value = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            raise UserError(f"{flag} must be one of {', '.join(map(str, meta['choices']))} (got {value!r})")
+        if meta.get("check") is not None:
+            predicate, meaning = meta["check"]
+            if not predicate(value):
+                raise UserError(f"{flag} must be {meaning} (got {value!r})")
+    return cfg
+
+
+def seed_everything(seed):
+    """One seed for python's random, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name="auto"):
+    """'auto' picks cuda, then mps, then cpu; anything else is passed to torch.device after a check."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise UserError(f"--device must be auto, cpu, cuda[:N] or mps (got {name!r})")
+    return torch.device(name)
+
+
+def print_config(*cfgs):
+    """Print each resolved config as one JSON line, so a log says exactly what ran."""
+    for cfg in cfgs:
+        print(f"{type(cfg).__name__} {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
+
+
+class Progress:
+    """One progress line per log interval: step/total, the given metrics, it/s and ETA."""
+
+    def __init__(self, total, name="", start=0):
+        self.total, self.name, self.t0, self.start = total, name, time.time(), start  # start: a resumed run's first step
+
+    def line(self, step, **metrics):
+        elapsed = time.time() - self.t0
+        rate = (step - self.start) / max(elapsed, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        parts = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        print(f"{self.name} {step}/{self.total} {parts} | {rate:.2f} it/s | eta {eta:.0f}s", flush=True)
+
+
+# ---------------------------------------------------------------------------- #
+# Checkpoints: a folder of safetensors + JSON, written atomically, loaded with exact checks
+# ---------------------------------------------------------------------------- #
+
+def atomic_write_text(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    """Read a JSON file; a missing or malformed file is a UserError naming the file (and line)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: file not found")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+
+
+CHECKPOINT_FORMAT = 1  # bump when the folder layout or a file's meaning changes
+
+
+def unique_state_dict(module):
+    """state_dict without tied duplicates (lm_head.weight is tok_embed.weight): safetensors stores each tensor once."""
+    seen, out = set(), {}
+    for k, v in module.state_dict().items():
+        if v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v.detach().cpu().contiguous()
+    return out
+
+
+def save_checkpoint(path, model, tokenizer, config, clip=None, extra_json=None, extra_tensors=None):
+    """Write a checkpoint folder atomically: everything goes to PATH.tmp, then PATH.tmp replaces PATH.
+    The previous PATH lives on as PATH.old until the new one is complete, so a run killed mid-write always
+    leaves a loadable checkpoint (load_checkpoint falls back to PATH.old).
+    config: a JSON-able dict (model config, training config, stage); extra_json: {filename: JSON-able};
+    extra_tensors: {filename: {name: tensor}} (e.g. optimizer state for --resume)."""
+    from safetensors.torch import save_file
+    path = os.path.normpath(path)
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    meta = {"format_version": str(CHECKPOINT_FORMAT)}
+    save_file(unique_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata=meta)
+    if clip is not None:
+        save_file(unique_state_dict(clip), os.path.join(tmp, "clip.safetensors"), metadata=meta)
+    for name, tensors in (extra_tensors or {}).items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(tmp, name), metadata=meta)
+    config = dict(config, format_version=CHECKPOINT_FORMAT)
+    atomic_write_text(os.path.join(tmp, "config.json"), json.dumps(config, indent=1, sort_keys=True))
+    tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+    for name, obj in (extra_json or {}).items():
+        atomic_write_text(os.path.join(tmp, name), json.dumps(obj, indent=1, sort_keys=True))
+    # the swap: PATH -> PATH.old, PATH.tmp -> PATH, drop PATH.old. At every instant one complete copy exists.
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_tensors(path):
+    """Load a safetensors file; a missing, truncated or foreign file is a UserError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not os.path.exists(path):
+        raise UserError(f"{path}: file not found")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: truncated or not a safetensors file ({str(e).splitlines()[0][:120]})") from None
+
+
+def load_weights(module, path):
+    """Load weights into module, checking every key and shape; the error names each mismatch."""
+    tensors = load_tensors(path)
+    expected = unique_state_dict(module)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        if wrong:
+            parts.append(f"shape {'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
+        raise UserError(f"{path}: weights do not match config.json ({'; '.join(parts)})")
+    module.load_state_dict(tensors, strict=False)  # strict=False only for the tied lm_head.weight
+    return module
+
+
+@dataclass
+class Checkpoint:
+    """What load_checkpoint returns: the models, the tokenizer, config.json, and the folder's other files."""
+    path: str
+    model: "TinyVLM"
+    tokenizer: Tokenizer
+    config: dict
+    clip: "TinyCLIP | None" = None
+    stats: "dict | None" = None  # confidence_stats.json, once the warm-up has written it
+
+
+def dataclass_from_dict(cls, d, where):
+    names = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(d, dict) or set(d) - names:
+        raise UserError(f"{where}: unknown fields {sorted(set(d) - names) if isinstance(d, dict) else d!r}")
+    return check_config(cls(**d))
+
+
+def load_checkpoint(path, device="cpu", need_clip=False):
+    """Load a checkpoint folder written by save_checkpoint; everything wrong is a one-line UserError."""
+    path = os.path.normpath(path)
+    if not os.path.isdir(path):
+        if os.path.isdir(path + ".old"):  # a run died between the two renames of save_checkpoint
+            print(f"note: {path} missing, loading the previous complete copy {path}.old", file=sys.stderr)
+            path = path + ".old"
+        else:
+            raise UserError(f"checkpoint folder {path} not found")
+    config = read_json(os.path.join(path, "config.json"))
+    if not isinstance(config, dict) or "model" not in config:
+        raise UserError(f"{path}/config.json: no 'model' section")
+    if config.get("format_version") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}/config.json: format_version {config.get('format_version')} != {CHECKPOINT_FORMAT}")
+    tokenizer = Tokenizer.load(os.path.join(path, "tokenizer.json"))
+    mcfg = dataclass_from_dict(VLMConfig, config["model"], f"{path}/config.json model")
+    if mcfg.vocab_size != len(tokenizer):
+        raise UserError(f"{path}: config vocab_size {mcfg.vocab_size} != tokenizer size {len(tokenizer)}")
+    model = load_weights(TinyVLM(mcfg), os.path.join(path, "model.safetensors")).to(device)
+    clip = None
+    if config.get("clip") is not None:
+        ccfg = dataclass_from_dict(CLIPConfig, config["clip"], f"{path}/config.json clip")
+        clip = load_weights(TinyCLIP(ccfg), os.path.join(path, "clip.safetensors")).to(device).eval()
+    elif need_clip:
+        raise UserError(f"{path}: no TinyCLIP in this checkpoint (train_sft.py --stage base writes one)")
+    stats_path = os.path.join(path, "confidence_stats.json")
+    stats = read_json(stats_path) if os.path.exists(stats_path) else None
+    return Checkpoint(path, model, tokenizer, config, clip, stats)
+
 
 # ---------------------------------------------------------------------------- #
 # Distributed training and fault tolerance
@@ -3012,14 +3068,14 @@ def bench(device="cpu", batch_size=32, text_len=100, new_tokens=100, repeats=5):
 
 
 # ---------------------------------------------------------------------------- #
-# Porting vectors (DESIGN 8): python mmboundary.py --golden golden.safetensors
+# Porting vectors: python mmboundary.py --golden golden.safetensors
 # ---------------------------------------------------------------------------- #
 
 GOLDEN_FORMAT = "1"
 
 
 def golden_tensors(seed=0):
-    """Inputs and outputs of every section-7 function and of one tiny TinyVLM forward, for a fixed seed.
+    """Inputs and outputs of every porting-contract function (module docstring) and of one tiny TinyVLM forward, for a fixed seed.
     A port loads the file, feeds the inputs to its own functions, and compares with the outputs."""
     g = torch.Generator().manual_seed(seed)
     B, T, V, S, D, N = 2, 6, 7, 3, 4, 12
@@ -3111,7 +3167,7 @@ def write_golden(path, seed=0):
 def _main(argv=None):
     parser = ArgParser(description="MMBoundary library: --bench or --golden PATH (the scripts train and evaluate)")
     parser.add_argument("--bench", action="store_true", help="training and decoding throughput on this machine")
-    parser.add_argument("--golden", metavar="PATH", help="write the porting vectors (DESIGN section 8) to PATH")
+    parser.add_argument("--golden", metavar="PATH", help="write the porting vectors (inputs and outputs of every porting-contract function, see the module docstring) to PATH")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     parser.add_argument("--repeats", type=int, default=5, help="bench: timed repeats (the median is reported)")
     args = parser.parse_args(argv)

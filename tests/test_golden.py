@@ -1,4 +1,4 @@
-"""Porting vectors (DESIGN 8): the committed tests/golden.safetensors is what `python mmboundary.py --golden`
+"""Porting vectors: the committed tests/golden.safetensors is what `python mmboundary.py --golden`
 writes. A port loads that file and checks its own functions against it; this test checks that the readable
 implementation still produces it (so a change to any contract function shows up here)."""
 import os
