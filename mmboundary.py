@@ -7,8 +7,9 @@ a confidence warm-up SFT whose statements come from four internal signals (paper
 with three step-level rewards (§3.3, train_rl.py). evaluate.py measures calibration (§4). This file holds
 everything they share; importing it has no side effects.
 
-It is NOT a wrapper around a large model: TinyVLM (a few million parameters) and TinyCLIP are trained from
-scratch on an embedded shapes world whose step truth is known exactly, so the whole method runs on a laptop CPU.
+It is NOT a wrapper around a large model: TinyVLM (about a million parameters) and TinyCLIP (about 0.3 million)
+are trained from scratch on an embedded shapes world whose step truth is known exactly, so the whole method runs
+on a laptop CPU.
 
 Reading order (sections under # ---- rulers, in this order):
   the shapes world                 make_dataset, render_scene, verify_step (exact step truth), describe_step
@@ -339,6 +340,12 @@ def answer_step(answer):
 # and returns
 #     (question, answer, distractors (3 strings), image_steps, reasoning_steps)
 # reasoning_steps always ends with answer_step(answer).
+# Why multiple choice with hard distractors: the paper's A-OKVQA records carry four choices, and a choice list
+# that already rules out the look-alike colour or the neighbouring count would answer the perception question for
+# the model. So the hardest wrong answers (the look-alike colour or its fact's name, counts +-1, the other object
+# of a comparison) are always among the choices when they exist.
+# The five types split the two sides of the knowledge boundary: color, count, spatial and compare need perception
+# (and a little reasoning), knowledge needs a remembered fact about a perceived object.
 QTYPES = ["color", "count", "spatial", "compare", "knowledge"]
 
 
@@ -434,6 +441,11 @@ def _ask_knowledge(objects, pair, rng):
 # ---------------------------------------------------------------------------- #
 # Scenes and the dataset
 # ---------------------------------------------------------------------------- #
+# A record is one question about one freshly sampled scene, shaped like the paper's annotated A-OKVQA records
+# (question, four choices, correct_choice_idx, keys_filtered with Image_level and Reasoning_level steps), plus the
+# scene graph that makes every step checkable and the rendered image. Two generators per dataset keep the discrete
+# draws apart from the pixels: random.Random picks question types, objects and distractors, numpy's Generator
+# the jitter and noise, so a change to the renderer never changes which questions are asked.
 
 def sample_objects(rng, n_objects, first_pair=None):
     """n_objects objects in distinct cells with unique (color, shape) pairs, sorted row-major.
@@ -448,6 +460,7 @@ def sample_objects(rng, n_objects, first_pair=None):
     else:
         pairs = [first_pair] + rng.sample([p for p in all_pairs if p != first_pair], n_objects - 1)
     cells = rng.sample(range(9), n_objects)  # distinct cells, so a position names at most one object
+    # sizes are uniform per object: about half the perception steps are about small, hard-to-see objects
     objects = [
         {"shape": shape, "color": color, "size": rng.choice(SIZES), "row": cell // 3, "col": cell % 3}
         for (color, shape), cell in zip(pairs, cells)
@@ -520,6 +533,10 @@ def make_dataset(n, seed, split="train"):
 # A step is parsed against the templates above with regexes built from the vocabulary lists, then checked
 # against the scene graph. This gives exact per-step truth (the paper used a text cross-encoder instead).
 # Returns True / False for a parseable step, None for text that matches no template (counts as wrong).
+# Why exactness matters: a_s feeds R_KA and R_EC (§3.3) and every step-level metric (§4), so a noisy judge would
+# make the calibration target itself noisy; with an exact verifier any miscalibration we measure is the model's.
+# The regexes accept only the template sentences (plus "an" and digits); anything freer is None, i.e. wrong, which
+# also rewards the model for keeping to the step language it was taught.
 
 def _alternation(words):
     """Regex group matching exactly one of the words, longest first so "middle left" wins over a prefix.
@@ -625,6 +642,7 @@ def verify_step(scene, sentence):
         return obj is not None and (obj.get("size"), obj.get("color"), obj.get("shape")) == (size, color, shape)
     if kind == "count":
         color, number = fields
+        # digits are a tolerance (see _NUMBER); the templates write number words
         stated = int(number) if number.isdigit() else NUMBER_WORDS.index(number)
         return stated == sum(o.get("color") == color for o in objects)
     if kind == "relation":
@@ -706,10 +724,12 @@ def _record_where(path, index, record, line=None):
 
 
 def _is_str_list(value):
+    """True for a list whose items are all str (an empty list too). Example: ["a", "b"] -> True; ["a", 1] -> False."""
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _is_int(value):
+    """True for a real int: bools are rejected, so "correct_choice_idx": true is a schema error, not index 1."""
     return isinstance(value, int) and not isinstance(value, bool)  # subtle: True is an int in Python
 
 
@@ -899,6 +919,11 @@ def judge_steps_by_reference(steps_texts, reference_texts, threshold=SIMILARITY_
 # ---------------------------------------------------------------------------- #
 # Config fields: every dataclass field carries a --help note and an optional check
 # ---------------------------------------------------------------------------- #
+# Every configuration (VLMConfig and CLIPConfig below, the scripts' training configs) is a dataclass whose fields
+# carry metadata=note(...): the one place where a flag's --help text and its validity check are written, so
+# add_config_args can turn each field into a flag and check_config can refuse a bad value in one line before any
+# training starts. A check is a (predicate, meaning) pair; the meaning is what the error message prints. This sits
+# before the models, not with the command line, only because the model configs use it.
 def note(help_text, check=None, choices=None):
     """Field metadata: the --help text, an optional validity check (a predicate + what it means) and choices.
     e.g. lr: float = field(default=1e-3, metadata=note("learning rate", POSITIVE))"""
@@ -916,7 +941,14 @@ LEARNING_RATE = (lambda v: 0 < v <= 1, "in (0, 1]")
 # ---------------------------------------------------------------------------- #
 # Tokenizer: word level, one word one token (keeps TokenSAR's "remove token l" readable)
 # ---------------------------------------------------------------------------- #
+# The paper's models use subword tokenizers; a word-level one is this project's choice. The shapes world has a
+# closed vocabulary of about 200 words, so no word ever needs splitting, and one word = one token makes two §3.2
+# quantities readable: a step's length L_s in U_LNLP and U_MTE is its number of words (and punctuation marks),
+# and TokenSAR's "remove token l" removes one whole word. On real data (load_annotated) the vocabulary is that
+# of the training text: a word seen only at test time becomes <unk>.
 
+# <pad> fills batches; <bos> opens every prompt; <eos> ends a response; <unk> is any out-of-vocabulary word;
+# <sep> separates prompt and response: encode_example writes [<bos>] prompt [<sep>] response [<eos>].
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<sep>"]
 PAD, BOS, EOS, UNK, SEP = range(5)  # ids of the special tokens, fixed by their order above
 TOKEN_RE = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")  # a word, or any single non-space symbol
@@ -934,6 +966,8 @@ class Tokenizer:
 
     @staticmethod
     def split(text):
+        """text -> word strings, lower case. subtle: lower-casing here makes "Red" and "red" one token, so decoded
+        text is lower case; the verifier and the statement parser both lower-case before matching."""
         return TOKEN_RE.findall(text.lower())
 
     @classmethod
@@ -946,25 +980,30 @@ class Tokenizer:
         return len(self.vocab)
 
     def encode(self, text):
+        """text -> token ids; a word outside the vocabulary is UNK (never an error)."""
         return [self.index.get(w, UNK) for w in self.split(text)]
 
     def decode(self, ids, skip_special=True):
         """Join words with spaces, then glue punctuation back: "so , the answer is red ." -> "so, the answer is
         red."; "can ' t" -> "can't"; "( confidence 4 / 5 )" -> "(confidence 4/5)"."""
-        words = [self.vocab[i] if 0 <= i < len(self.vocab) else "<unk>" for i in ids]
+        words = [self.vocab[i] if 0 <= i < len(self.vocab) else "<unk>" for i in ids]  # a bad id reads as <unk>
         if skip_special:
             words = [w for w in words if w not in SPECIAL_TOKENS]
         text = " ".join(words)
+        # split() loses the spacing, so decode restores the conventional one: no space before closing punctuation,
+        # none after "(", none around "/" and "'". subtle: the statements' apostrophes ("i'm") rely on the last rule
         text = re.sub(r" ([.,;:?!)])", r"\1", text)
         text = re.sub(r"\( ", "(", text)
         text = re.sub(r" ?([/']) ?", r"\1", text)
         return text
 
     def save(self, path):
+        """Write {"format_version": 1, "vocab": [...]} as JSON; the vocabulary list is the whole tokenizer."""
         atomic_write_text(path, json.dumps({"format_version": 1, "vocab": self.vocab}, indent=0))
 
     @classmethod
     def load(cls, path):
+        """Read a file written by save; a file that is not a tokenizer is a UserError naming it."""
         data = read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("vocab"), list):
             raise UserError(f"{path}: not a tokenizer file (no 'vocab' list)")
@@ -976,9 +1015,18 @@ class Tokenizer:
 # ---------------------------------------------------------------------------- #
 # TinyVLM: ViT patch encoder -> projector -> image tokens prefixed to a GPT decoder (LLaVA-style)
 # ---------------------------------------------------------------------------- #
+# The paper fine-tunes LLaVA-style MLLMs: a CLIP vision encoder, an MLP projector, and an LLM that reads the
+# projected image features as a prefix of its input. TinyVLM is that architecture at about a million parameters:
+#     image (B, 3, 36, 36) -> ViT -> (B, 9, 64) patch features -> projector -> (B, 9, 128) image tokens
+#     [9 image tokens][T text tokens] -> GPT decoder (pre-LN, causal) -> logits (B, T, V), values (B, T)
+# With the default 12 px patches each image token is exactly one cell of the 3x3 grid, so "the object at the top
+# left" is one token to attend to. train_sft.py starts the ViT from TinyCLIP's trained image tower (LLaVA's
+# recipe, --vit-from-clip), which is why the two share width and depth. The value head (PPO's critic, §3.3) shares
+# the trunk with the policy, as the usual RLHF implementations do: one forward gives logits and values.
 
 @dataclass
 class VLMConfig:
+    """TinyVLM's shape; every field is also a train_sft.py flag (via note). The defaults give 9 image tokens."""
     image_size: int = field(default=36, metadata=note("input images are resized to image_size x image_size RGB", POSITIVE))
     patch_size: int = field(default=12, metadata=note("ViT patch side in pixels; (image_size/patch_size)^2 image tokens (12: one per grid cell)", POSITIVE))
     vit_layers: int = field(default=2, metadata=note("transformer blocks in the image encoder (= TinyCLIP's image tower)", NON_NEGATIVE))
@@ -992,6 +1040,7 @@ class VLMConfig:
 
     @property
     def n_image_tokens(self):
+        """P = (image_size / patch_size)^2, the image tokens before the text: 9 with the defaults."""
         return (self.image_size // self.patch_size) ** 2
 
 
@@ -1002,19 +1051,21 @@ class SelfAttention(nn.Module):
         super().__init__()
         assert n_embd % n_head == 0, f"n_head {n_head} must divide the width {n_embd}"
         self.n_head = n_head
-        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)  # q, k and v in one matmul, split in forward
         self.proj = nn.Linear(n_embd, n_embd)
         self.use_sdpa = True
 
     def forward(self, x, mask=None, cache=None):
         # x (B, T, C); mask (B, 1, T, T_all) bool, True = may attend; cache = dict with "k","v" of earlier tokens
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
-            # KV cache: preallocated buffers (B, nh, capacity, hs); the new keys/values go after the n already seen
+            # KV cache: preallocated buffers (B, nh, capacity, hs); the new keys/values go after the n already seen.
+            # Why preallocated: torch.cat onto the cache would copy all earlier keys at every new token, O(N^2) copies
+            # over a decode; writing into a fixed buffer copies only the new ones.
             if "k" not in cache:
                 shape = (B, self.n_head, cache["capacity"], C // self.n_head)
                 cache["k"], cache["v"], cache["n"] = k.new_zeros(shape), v.new_zeros(shape), 0
@@ -1023,6 +1074,7 @@ class SelfAttention(nn.Module):
             cache["v"][:, :, n:n + T] = v
             cache["n"] = n + T
             k, v = cache["k"][:, :, :n + T], cache["v"][:, :, :n + T]  # (B, nh, T_all, hs)
+        # y = softmax(q k^T / sqrt(hs), masked) v; a boolean attn_mask means True = may attend, in both paths
         if self.use_sdpa:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
@@ -1036,13 +1088,18 @@ def manual_attention(q, k, v, mask=None):
     q (B,nh,T,hs), k and v (B,nh,T_all,hs), mask (B,1,T,T_all) bool or None -> (B,nh,T,hs)"""
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T_all)
     if mask is not None:
+        # a forbidden key gets exp(-inf) = 0 weight. subtle: a query row with no allowed key at all would be
+        # softmax(all -inf) = nan; TinyVLM and TinyCLIP always let a query see itself to rule that out
         att = att.masked_fill(~mask, float("-inf"))
-    att = torch.softmax(att, dim=-1)
-    return att @ v
+    att = torch.softmax(att, dim=-1)  # (B, nh, T, T_all), each row sums to 1
+    return att @ v  # (B, nh, T, hs)
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)) with a GELU MLP."""
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)) with a GELU MLP.
+    Pre-LN (GPT-2, nanoGPT) keeps the residual stream un-normalised, which trains stably without a careful learning
+    rate warm-up (Xiong et al. 2020); the MLP is 4x wide as in GPT-2. The same block serves the ViT, TinyVLM's
+    decoder and both TinyCLIP towers: only the mask differs (none, causal, padding)."""
 
     def __init__(self, n_embd, n_head):
         super().__init__()
@@ -1068,12 +1125,16 @@ def images_to_tensor(images, image_size, device="cpu"):
         x = torch.as_tensor(np.asarray(images))
     x = x.to(device=device, dtype=torch.float32).permute(0, 3, 1, 2) / 255.0  # (B, 3, H, W) in [0, 1]
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        # only foreign sizes get here: the shapes world renders at image_size and load_annotated resizes on load
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    # [0, 1] -> [-2, 2]: fixed constants rather than dataset statistics, so a port needs no stored mean and std
     return (x - 0.5) / 0.25
 
 
 class ViT(nn.Module):
-    """Patch encoder: split the image into p x p patches, a linear map each, + learned positions, blocks."""
+    """Patch encoder: split the image into p x p patches, a linear map each, + learned positions, blocks.
+    No [CLS] token: TinyVLM keeps all N patch features as image tokens (as LLaVA passes CLIP's patch grid) and
+    TinyCLIP projects the flattened grid, so neither needs a pooled summary."""
 
     def __init__(self, image_size, patch_size, width, n_layer, n_head):
         super().__init__()
@@ -1092,7 +1153,9 @@ class ViT(nn.Module):
         B = x.size(0)
         patches = x.unfold(2, p, p).unfold(3, p, p)  # (B, 3, S/p, S/p, p, p)
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(B, -1, 3 * p * p)  # (B, N, 3*p*p)
-        h = self.patch_embed(patches) + self.pos_embed
+        # subtle: each patch vector is flattened in (channel, row, col) order; a port must use the same order or
+        # trained patch_embed weights read the pixels scrambled
+        h = self.patch_embed(patches) + self.pos_embed  # (B, N, width)
         for block in self.blocks:
             h = block(h)  # no mask: every patch sees every patch
         return self.ln(h)
@@ -1111,6 +1174,7 @@ class TinyVLM(nn.Module):
         # the projector: LLaVA-1.5's two-layer MLP from image features to the decoder's width
         self.projector = nn.Sequential(nn.Linear(cfg.vit_embd, cfg.n_embd), nn.GELU(), nn.Linear(cfg.n_embd, cfg.n_embd))
         self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        # one learned position for every image token and every text slot: positions 0..P-1, then P..P+block_size-1
         self.pos_embed = nn.Embedding(cfg.n_image_tokens + cfg.block_size, cfg.n_embd)
         self.blocks = nn.ModuleList([Block(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
@@ -1125,6 +1189,7 @@ class TinyVLM(nn.Module):
 
     @staticmethod
     def _init_weights(m):
+        """GPT-2's initialisation: N(0, 0.02) weights for linear and embedding layers, zero biases (TinyCLIP too)."""
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
             if m.bias is not None:
@@ -1133,6 +1198,7 @@ class TinyVLM(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def set_sdpa(self, flag):
+        """Switch every attention layer between F.scaled_dot_product_attention (True) and manual_attention."""
         for m in self.modules():
             if isinstance(m, SelfAttention):
                 m.use_sdpa = flag
@@ -1142,7 +1208,11 @@ class TinyVLM(nn.Module):
         return self.projector(self.vit(images))
 
     def _positions_and_mask(self, text_mask, P):
-        # text_mask (B, T) 1 = real token. Positions: image tokens 0..P-1, then real text tokens P, P+1, ...
+        """text_mask (B, T) 1 = real token -> pos (B, P+T) long, mask (B, 1, P+T, P+T) bool, valid (B, P+T) bool.
+        Positions: image tokens 0..P-1, then real text tokens P, P+1, ... counting real tokens only, so a left-padded
+        prompt gets exactly the positions it would have alone and padding changes no real logit.
+        Example: P = 9, text_mask [[0, 0, 1, 1]] -> text positions [[9, 9, 9, 10]]
+        (the pads borrow position P; their outputs are masked out downstream)."""
         B, T = text_mask.shape
         device = text_mask.device
         text_pos = P + (text_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
@@ -1163,7 +1233,7 @@ class TinyVLM(nn.Module):
         assert T <= self.cfg.block_size, f"text of {T} tokens > block_size {self.cfg.block_size}"
         P = self.cfg.n_image_tokens
         if text_mask is None:
-            text_mask = torch.ones_like(input_ids)
+            text_mask = torch.ones_like(input_ids)  # no padding, or right padding only (causal: never attended to)
         pos, mask, _ = self._positions_and_mask(text_mask, P)
         x = torch.cat([self.encode_images(images), self.tok_embed(input_ids)], dim=1)  # (B, P+T, C)
         x = x + self.pos_embed(pos)
@@ -1173,6 +1243,7 @@ class TinyVLM(nn.Module):
         logits = self.lm_head(h)  # (B, T, V)
         loss = None
         if targets is not None:
+            # loss = Σ_t m_t · (-log p(targets_t)) / Σ_t m_t over the response; logits flattened to (B*T, V)
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(B, T)
             m = torch.ones_like(nll) if loss_mask is None else loss_mask.float()
             loss = (nll * m).sum() / m.sum().clamp(min=1)  # mean over response tokens
@@ -1200,8 +1271,8 @@ class TinyVLM(nn.Module):
         P = self.cfg.n_image_tokens
         if prompt_mask is None:
             prompt_mask = torch.ones_like(prompt_ids)
-        ids, text_mask = prompt_ids, prompt_mask.long()
-        finished = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+        ids, text_mask = prompt_ids, prompt_mask.long()  # grow by one column per step: (B, T0 + step)
+        finished = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)  # (B,) has the row stopped?
         stop_ids = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=prompt_ids.device)
         out = []
         caches = None
@@ -1227,6 +1298,7 @@ class TinyVLM(nn.Module):
                 # one new token per row: attend to every cached real key and to itself
                 x = self.tok_embed(ids[:, -1:]) + self.pos_embed(next_pos)[:, None]  # (B, 1, C)
                 valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=ids.device)], 1)  # (B, T_all)
+                # no causal part needed: every cached key is in the new token's past; only pads are excluded
                 mask = valid[:, None, None, :]  # (B, 1, 1, T_all)
                 for block, cache in zip(self.blocks, caches):
                     x = block(x, mask, cache)
@@ -1237,11 +1309,14 @@ class TinyVLM(nn.Module):
             # response and the re-scored text would differ from the sampled one (PPO's ratio then compares two
             # different sequences). Their probability under a trained model is ~0, so this changes nothing else.
             logits = logits.masked_fill(self._never_generated(logits.size(-1), logits.device), float("-inf"))
+            # subtle: PPO re-scores these tokens with logits / temperature (train_rl.py); the two temperatures must be
+            # the same or the ratio π/π_old compares the sampling distribution with another one
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
             else:
                 nxt = logits.argmax(-1)
+            # a finished row keeps emitting PAD, so all rows stay one tensor of equal length (callers strip it)
             nxt = torch.where(finished, torch.full_like(nxt, PAD), nxt)
             out.append(nxt)
             finished = finished | torch.isin(nxt, stop_ids)
@@ -1259,9 +1334,21 @@ class TinyVLM(nn.Module):
 # ---------------------------------------------------------------------------- #
 # TinyCLIP: image and text encoders trained with the symmetric InfoNCE loss
 # ---------------------------------------------------------------------------- #
+# §3.2's fourth signal, U_CLIPS, needs an image-text similarity; the paper takes a pretrained CLIP. Ours is trained
+# from scratch (train_sft.py --stage base, before TinyVLM) on (image, one reference step of that image) pairs, so
+# cos(image, step) learns what this world's steps claim about a picture: a true perception step scores high, the
+# same step with the look-alike colour or another cell lower. Its text tower doubles as g, the sentence similarity
+# behind TokenSAR's relevance (tokensar_relevance). On a batch of B pairs (CLIP's loss):
+#     s_ij = exp(t) · cos(img_i, txt_j)           t = logit_scale, learned; exp(t) capped at 100 as in CLIP
+#     L    = ( CE(s, diag) + CE(s^T, diag) ) / 2  each image must pick its own step among B, each step its image
+# subtle: the negatives are the batch's other pairs, and many steps fit several images ("So, the answer is left.",
+# "The number of red objects is one."); InfoNCE pushes those apart anyway, so for such steps cos is a noisy score.
+# Steps that name a cell and its object are nearly unique to their image and carry the signal.
 
 @dataclass
 class CLIPConfig:
+    """TinyCLIP's shape. train_sft.py copies image_size, patch_size, n_layer, n_embd and n_head from VLMConfig
+    (vit_layers, vit_embd) so the trained image tower fits TinyVLM's ViT; n_layer is also the text tower's depth."""
     image_size: int = field(default=36, metadata=note("input image side (resized)", POSITIVE))
     patch_size: int = field(default=12, metadata=note("ViT patch side", POSITIVE))
     n_layer: int = field(default=2, metadata=note("blocks in each encoder", NON_NEGATIVE))
@@ -1289,24 +1376,28 @@ class TinyCLIP(nn.Module):
         self.text_blocks = nn.ModuleList([Block(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer)])
         self.text_ln = nn.LayerNorm(cfg.n_embd)
         self.text_proj = nn.Linear(cfg.n_embd, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's learned temperature
+        # CLIP's learned temperature, stored as a log so exp keeps it positive; starts at 1/0.07 as in CLIP
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.apply(TinyVLM._init_weights)
 
     def embed_image(self, images):
         """images -> (B, D) unit vectors (the projected grid of patch features)."""
         x = images_to_tensor(images, self.cfg.image_size, self.image_proj.weight.device)
         h = self.vit(x).flatten(1)  # (B, N * n_embd): the patch features side by side, in grid order
-        return F.normalize(self.image_proj(h), dim=-1)
+        return F.normalize(self.image_proj(h), dim=-1)  # (B, D), unit length: a dot product is then the cosine
 
     def embed_text(self, ids, mask):
         """ids (B,T) right-padded, mask (B,T) 1 = real token -> (B, D) unit vectors (masked mean pool)."""
         T = ids.size(1)
         assert T <= self.cfg.block_size, f"text of {T} tokens > CLIP block_size {self.cfg.block_size}"
-        x = self.tok_embed(ids) + self.pos_embed[:, :T]
+        x = self.tok_embed(ids) + self.pos_embed[:, :T]  # (B, T, n_embd)
+        # (B, 1, T, T): every query sees every real key (no causal mask: an encoder), and a pad query sees itself so
+        # its softmax row is never all -inf (its output is dropped by the pooling below anyway)
         key_mask = mask.bool()[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=ids.device)[None, None]
         for block in self.text_blocks:
             x = block(x, key_mask)  # bidirectional, pads never attended to
         x = self.text_ln(x)
+        # h = Σ_t m_t x_t / Σ_t m_t: mean over real tokens (clamp: an empty text pools to 0, not 0/0)
         m = mask.float()[..., None]  # (B, T, 1)
         h = (x * m).sum(1) / m.sum(1).clamp(min=1)  # (B, n_embd)
         return F.normalize(self.text_proj(h), dim=-1)
@@ -1315,13 +1406,15 @@ class TinyCLIP(nn.Module):
         """Symmetric InfoNCE: L = (CE(s, I) + CE(s^T, I)) / 2 with s_ij = exp(t) cos(img_i, txt_j)."""
         img, txt = self.embed_image(images), self.embed_text(ids, mask)  # (B, D) each
         logits = self.logit_scale.exp().clamp(max=100) * img @ txt.t()  # (B, B)
-        labels = torch.arange(len(logits), device=logits.device)
+        labels = torch.arange(len(logits), device=logits.device)  # pair i matches pair i: the diagonal is the target
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
 def pad_right(seqs, pad=PAD, max_len=None):
-    """list of id lists -> (ids (B,T) long, mask (B,T) long), padded on the right."""
-    T = max(1, max(len(s) for s in seqs)) if max_len is None else max_len
+    """list of id lists -> (ids (B,T) long, mask (B,T) long), padded on the right.
+    max_len (optional) fixes T and cuts longer sequences to their first max_len ids. Right padding is what teacher
+    forcing wants: causal attention never lets a real token see a pad after it."""
+    T = max(1, max(len(s) for s in seqs)) if max_len is None else max_len  # at least one column, even if all empty
     ids = torch.full((len(seqs), T), pad, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -1332,7 +1425,10 @@ def pad_right(seqs, pad=PAD, max_len=None):
 
 
 def pad_left(seqs, pad=PAD):
-    """list of id lists -> (ids (B,T) long, mask (B,T) long), padded on the left (prompts for generation)."""
+    """list of id lists -> (ids (B,T) long, mask (B,T) long), padded on the left (prompts for generation).
+    Why left: every prompt then ends in the last column, so each decoding step appends all rows' next tokens at
+    the same index; TinyVLM's positions and mask make the pads invisible.
+    Example: [[7, 8], [9]] -> ids [[7, 8], [0, 9]], mask [[1, 1], [0, 1]]."""
     T = max(1, max(len(s) for s in seqs))
     ids = torch.full((len(seqs), T), pad, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -1351,7 +1447,8 @@ def clip_embed_image(clip, images):
 
 @torch.no_grad()
 def clip_embed_text(clip, tokenizer, texts):
-    """list of B strings -> (B, D) unit text embeddings e."""
+    """list of B strings -> (B, D) unit text embeddings e.
+    subtle: a text longer than TinyCLIP's block_size keeps its first block_size tokens."""
     ids, mask = pad_right([tokenizer.encode(t)[:clip.cfg.block_size] for t in texts])
     device = clip.image_proj.weight.device
     return clip.embed_text(ids.to(device), mask.to(device))
