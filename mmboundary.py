@@ -1457,6 +1457,12 @@ def clip_embed_text(clip, tokenizer, texts):
 # ---------------------------------------------------------------------------- #
 # Text: prompts, responses with statements, and splitting a response back into steps
 # ---------------------------------------------------------------------------- #
+# The text format ties the method together. Every training or sampled sequence reads
+#     [<bos>] question: ... choices: a; b; c; d [<sep>] step 1, clause 1. step 2, clause 2. ... [<eos>]
+# where each clause is a §3.2 statement (STATEMENTS). split_steps reads a response back: cut at every "." into
+# steps, each step into its content and its statement. That gives the three things the method needs per step:
+# the content tokens (step_mask, where the §3.2 signals are measured), the stated level (e_s of §3.3's rewards)
+# and the step's last token (where PPO puts the step's reward). Step truth a_s comes from judge_steps.
 
 def format_prompt(record):
     """The question and its choices as the model sees them.
@@ -1517,6 +1523,7 @@ def statement_reading_example(tokenizer, record, rng, block_size):
 
 
 def prompt_ids(tokenizer, record):
+    """[<bos>] prompt [<sep>]: the ids decoding starts from, the same prefix encode_example trains on."""
     return [BOS] + tokenizer.encode(format_prompt(record)) + [SEP]
 
 
@@ -1527,7 +1534,7 @@ def collate_sft(examples, device="cpu"):
     but never learned: statement_reading_example, for train_sft.py --base-statements and train_rl.py --ptx-coef)."""
     seqs = [e[1] for e in examples]
     ids, _ = pad_right(seqs)  # subtle: no text mask needed, pads sit after every real token and attention is causal
-    inputs, targets = ids[:, :-1], ids[:, 1:]
+    inputs, targets = ids[:, :-1], ids[:, 1:]  # (B, T-1) each: position t reads ids[:t+1] and predicts ids[t+1]
     loss_mask = torch.zeros_like(targets)
     for i, (_, s, start, *hidden) in enumerate(examples):
         loss_mask[i, start - 1:len(s) - 1] = 1  # target positions start-1 .. len-2 predict ids[start .. len-1]
@@ -1556,6 +1563,7 @@ def split_steps(response, tokenizer):
     subtle: "so , the answer is red" has a comma of its own; "the answer is red" is no clause, so it stays content."""
     period, comma, lparen = tokenizer.index.get("."), tokenizer.index.get(","), tokenizer.index.get("(")
     ids = []
+    # the response ends at its first <eos> or <pad>: generate pads finished rows, and nothing after is ever scored
     for t in list(response):
         if t in (EOS, PAD):
             break
@@ -1567,18 +1575,21 @@ def split_steps(response, tokenizer):
             stop += 1
         last = min(stop, len(ids) - 1)  # the period, or the final token of a truncated step
         body = ids[start:stop]  # without the period
-        end, level = start + len(body), None
+        end, level = start + len(body), None  # until a statement is found, the whole body is content
         if lparen in body:  # "(confidence k/5)"
-            j = len(body) - 1 - body[::-1].index(lparen)
+            j = len(body) - 1 - body[::-1].index(lparen)  # the LAST "(": a number statement closes its step
             lvl = level_of_number_statement(tokenizer.decode(body[j:]))
             if lvl is not None:
                 end, level = start + j, lvl
         if level is None and comma in body:
+            # the LAST comma: content may hold commas of its own ("so , the answer is ..."), a clause never does
             j = len(body) - 1 - body[::-1].index(comma)
             lvl = level_of_statement(tokenizer.decode(body[j + 1:]))
             if lvl is not None:
                 end, level = start + j, lvl
-        if end > start:  # an empty step ("." alone) is skipped
+        # subtle: an empty step ("." alone) is skipped, and so is a step that is only a statement (", but i'm not
+        # sure ."): with no content there is nothing for the signals to measure or the verifier to judge
+        if end > start:
             steps.append(Step(start, end, last, tokenizer.decode(ids[start:end]) + ".", level))
         start = stop + 1
     return steps
@@ -1588,10 +1599,12 @@ def step_mask_from_steps(steps_per_row, offsets, T):
     """steps_per_row: B lists of Step; offsets (B,) = where each response starts in the token axis of length T.
     -> step_mask (B, S, T) float, S = the most steps in any row; empty slots are all zero."""
     B = len(steps_per_row)
-    S = max(1, max(len(s) for s in steps_per_row))
+    S = max(1, max(len(s) for s in steps_per_row))  # >= 1 slot: a batch of step-less responses is still (B, 1, T)
     mask = torch.zeros(B, S, T)
     for b, steps in enumerate(steps_per_row):
         for s, st in enumerate(steps):
+            # content only, [start, end): the statement is left out, so the §3.2 signals measure what the step
+            # claims and never the words that say how sure it is (otherwise the statement would score itself)
             mask[b, s, offsets[b] + st.start: offsets[b] + st.end] = 1.0
     return mask
 
@@ -1647,7 +1660,8 @@ def answer_is_correct(record, steps):
 
 def judge_steps(record, steps, threshold=SIMILARITY_THRESHOLD):
     """a_s for every step: the exact verifier on the shapes world (None = unparseable = wrong); on real data
-    (no scene) similarity >= threshold to some reference step (judge_steps_by_reference)."""
+    (no scene) similarity >= threshold to some reference step (judge_steps_by_reference). -> list of bool.
+    subtle: `is True` maps None to False, so a step the verifier cannot read earns no R_KA."""
     if record.get("scene") is None:
         return judge_steps_by_reference([st.text for st in steps], reference_steps(record), threshold)
     return [verify_step(record["scene"], st.text) is True for st in steps]
@@ -1656,6 +1670,10 @@ def judge_steps(record, steps, threshold=SIMILARITY_THRESHOLD):
 # ---------------------------------------------------------------------------- #
 # Tensor helpers for the maths below (inputs: torch tensors, numpy arrays or lists)
 # ---------------------------------------------------------------------------- #
+# The §3.2, §3.3 and §4 functions below form the porting contract (module docstring). They take torch tensors,
+# numpy arrays or lists, never write to their inputs, and compute in float32, or in float64 when given float64
+# (gradchecks and numpy callers keep their precision). Masks may be bool or 0/1 numbers; inside they become
+# bool and select with torch.where, never by multiplying (_step_sum says why).
 
 def _as_tensor(x):
     """`x` as a torch tensor: a tensor is returned as is (never written to), numpy/lists are converted.
@@ -1708,6 +1726,11 @@ def _step_sum(per_token, in_step):
 # A response has steps s = 1..S; step s owns tokens l = 1..L_s (its statement excluded). step_mask[b, s, t] = 1
 # when token t of response b belongs to step s. Responses with fewer steps pad with empty step slots (all-zero
 # rows): every u_* returns 0 for such a slot, never nan, so callers mask them out by n_tokens == 0.
+# Three signals are uncertainties read from the model's own next-token distributions (higher = less sure):
+# U_LNLP and U_TokenSAR from the probability of the tokens it wrote, U_MTE from how spread out each distribution
+# was. U_CLIPS is a confidence from a second model that looks at the image, the one signal that can notice a
+# fluent perception step that does not match the picture. All four are computed after generation by re-reading the
+# response (teacher forcing): logits (B, T, V) at the target positions, so token t of the text is y_t in the maths.
 
 # log p(y_t | y_<t, x) = log_softmax(logits_t)[y_t]
 def token_logprobs(logits, targets):
@@ -1717,7 +1740,9 @@ def token_logprobs(logits, targets):
     targets = _as_tensor(targets).long()
     assert logits.dim() == 3 and targets.shape == logits.shape[:2], (
         f"token_logprobs: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must be (B,T,V), (B,T)")
+    # log_softmax rather than log(softmax): one fused, stable pass (no log of an underflowed 0)
     logp_all = torch.log_softmax(logits, dim=-1)  # (B,T,V)
+    # gather picks logp_all[b, t, targets[b, t]]: (B,T,V) with index (B,T,1) -> (B,T,1) -> (B,T)
     return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B,T)
 
 
@@ -1743,7 +1768,9 @@ def u_lnlp(logprobs, step_mask):
     in_step = _as_mask(step_mask)
     _check_step_shapes(logprobs, in_step, "u_lnlp")
     n_tokens = in_step.sum(-1)  # (B,S)  L_s
+    # length-normalised: dividing by L_s keeps a long step from looking uncertain only because it has more tokens
     mean_logprob = _step_sum(logprobs, in_step) / n_tokens.clamp(min=1)  # (B,S)
+    # subtle: an empty slot would give exp(-0) = 1, a perplexity that looks like full certainty; it is 0 instead
     return torch.where(n_tokens > 0, torch.exp(-mean_logprob), 0.0)  # (B,S)
 
 
@@ -1771,6 +1798,9 @@ def u_tokensar(logprobs, relevance, step_mask):
     in_step = _as_mask(step_mask)
     _check_step_shapes(logprobs, in_step, "u_tokensar")
     assert relevance.shape == logprobs.shape, "u_tokensar: relevance must have the shape of logprobs (B,T)"
+    # Why relevance: in "at the center there is a small red circle" the words "the", "there", "is" are near certain
+    # whatever the image, and an unweighted mean would let them dilute the doubt on "red"; TokenSAR weights each
+    # token by how much removing it changes the sentence's meaning.
     # g is a cosine similarity, so R = 1 - g lies in [0, 2]; a negative R only comes from rounding (g = 1 + ulp).
     # We clamp it to 0 so that no weight is ever negative.
     relevance = relevance.clamp(min=0.0)
@@ -1804,6 +1834,15 @@ def u_clipscore(image_emb, text_emb):
 # ---------------------------------------------------------------------------- #
 # Paper §3.2 (i) on a batch: the four signals for every step of generated responses
 # ---------------------------------------------------------------------------- #
+# score_responses computes the four signals for the steps of generated responses, one batch at a time:
+#   1. teacher forcing: TinyVLM re-reads (image, prompt + response + <eos>) -> logits (B, T, V)
+#      -> token_logprobs and token_entropy, (B, T);
+#   2. TokenSAR relevance: TinyCLIP's text tower embeds question + step with and without each token -> (B, T);
+#   3. CLIPScore: TinyCLIP embeds the image (B, D) and every step's text (B, S, D);
+# then the step mask (B, S, T) from split_steps reduces every per-token quantity to (B, S).
+# subtle: always at temperature 1, whatever temperature sampled the tokens. The warm-up fits its min-max and level
+# cuts on these values and R_CS (train_rl.py) scores the policy's steps with the same stats, so both must see the
+# same scale; PPO's own log-probabilities divide by the sampling temperature instead (a separate quantity).
 
 def response_batch(tokenizer, records, responses, device="cpu"):
     """Teacher-forcing batch for (prompt + response + <eos>), right-padded.
@@ -1831,8 +1870,8 @@ def tokensar_relevance(clip, tokenizer, records, responses, steps, T, offsets):
     g = cosine of TinyCLIP text embeddings; x ∪ y is the question followed by the step (our choice: the paper's
     cross-encoder read the question and the generation). All L deletions of all steps are embedded in one batch."""
     device = clip.image_proj.weight.device
-    relevance = torch.zeros(len(records), T)
-    full_texts, deleted_texts, where = [], [], []
+    relevance = torch.zeros(len(records), T)  # (B, T); 0 on the prompt, statements and padding (never read there)
+    full_texts, deleted_texts, where = [], [], []  # one (x ∪ y, x ∪ y \ y_l) pair per content token, and its (b, t)
     for b, (rec, resp, sts) in enumerate(zip(records, responses, steps)):
         question = tokenizer.encode(rec["question"])
         for st in sts:
@@ -1842,13 +1881,15 @@ def tokensar_relevance(clip, tokenizer, records, responses, steps, T, offsets):
                 deleted_texts.append(question + content[:l] + content[l + 1:])
                 where.append((b, offsets[b] + st.start + l))
     limit = clip.cfg.block_size
+    # chunks of 512 pairs bound the memory of one TinyCLIP pass. subtle: t[-limit:] keeps the LAST block_size tokens,
+    # so a long question loses its beginning, never the step being scored
     for i in range(0, len(full_texts), 512):
         a_ids, a_mask = pad_right([t[-limit:] for t in full_texts[i:i + 512]])
         d_ids, d_mask = pad_right([t[-limit:] for t in deleted_texts[i:i + 512]])
         g = (clip.embed_text(a_ids.to(device), a_mask.to(device)) *
              clip.embed_text(d_ids.to(device), d_mask.to(device))).sum(-1)  # cosine of unit vectors
         for (b, t), r in zip(where[i:i + 512], (1 - g).tolist()):
-            relevance[b, t] = r
+            relevance[b, t] = r  # at the token's target index, where token_logprobs puts its log p
     return relevance
 
 
@@ -1858,8 +1899,8 @@ def score_responses(model, clip, tokenizer, records, responses, steps, device="c
     Uncertainties come from the model's own distribution (temperature 1) on its own tokens (teacher forcing);
     CLIPScore compares the image with the step's text. Empty step slots hold 0."""
     model.eval()
-    S = max(1, max((len(s) for s in steps), default=1))
-    out = {k: torch.zeros(len(records), S) for k in SIGNALS}
+    S = max(1, max((len(s) for s in steps), default=1))  # S_max over all responses; a batch's S_b may be smaller
+    out = {k: torch.zeros(len(records), S) for k in SIGNALS}  # {name: (B, S_max)}
     for i in range(0, len(records), batch_size):
         recs, resps, sts = records[i:i + batch_size], responses[i:i + batch_size], steps[i:i + batch_size]
         images, inputs, targets, text_mask, _, offsets = response_batch(tokenizer, recs, resps, device)
@@ -1870,12 +1911,15 @@ def score_responses(model, clip, tokenizer, records, responses, steps, device="c
         entropy = token_entropy(logits)  # (b, T)
         relevance = tokensar_relevance(clip, tokenizer, recs, resps, sts, T, offsets).to(device)
         image_emb = clip_embed_image(clip, images)  # (b, D)
+        # every step's text, padded with "" to S_b slots per row; embedded flat (b * S_b, D), then viewed (b, S_b, D)
         texts = [[st.text for st in s] + [""] * (step_mask.size(1) - len(s)) for s in sts]
         text_emb = clip_embed_text(clip, tokenizer, [t for row in texts for t in row]).view(len(recs), step_mask.size(1), -1)
         S_b = step_mask.size(1)
         out["lnlp"][i:i + len(recs), :S_b] = u_lnlp(logprobs, step_mask).cpu()
         out["mte"][i:i + len(recs), :S_b] = u_mte(entropy, step_mask).cpu()
         out["tokensar"][i:i + len(recs), :S_b] = u_tokensar(logprobs, relevance, step_mask).cpu()
+        # the (slot has tokens) factor makes an empty slot's CLIPScore 0 by construction, like the other three,
+        # rather than relying on the embedding of "" (a zero vector today) to give a zero cosine
         out["clipscore"][i:i + len(recs), :S_b] = u_clipscore(image_emb, text_emb).cpu() * (step_mask.sum(-1) > 0).cpu()
     return out
 
@@ -1889,9 +1933,10 @@ def internal_confidence(model, clip, tokenizer, records, responses, steps, stats
     raw = score_responses(model, clip, tokenizer, records, responses, steps, device=device)  # {name: (B, S_max)}
     out = []
     for i, st in enumerate(steps):
-        if not st:
+        if not st:  # a response without steps has no u_s (and train_rl.py pays it the missing penalty instead)
             out.append([])
             continue
+        # raw[k][i, :len(st)] drops the row's empty slots: (S,) per signal, the response's real steps only
         _, levels = signals_to_levels({k: raw[k][i, :len(st)] for k in stats["signals"]}, stats)  # (S,)
         out.append(level_to_confidence(levels).tolist())
     return out
@@ -1900,6 +1945,14 @@ def internal_confidence(model, clip, tokenizer, records, responses, steps, stats
 # ---------------------------------------------------------------------------- #
 # Paper §3.2 (ii): normalise, fuse, cut into five levels
 # ---------------------------------------------------------------------------- #
+# §3.2 turns the four raw signals of a step into one of five confidence levels, with statistics fitted once on a
+# pool (the base model's own answers to training questions, train_sft.py --stage warmup):
+#   1. min-max normalise each signal over the pool, flipping the uncertainties, so every c_i is in [0, 1], 1 = sure;
+#   2. fuse: c_final = weighted mean of the c_i (equal weights by default; the "w U_Max" ablation takes the max);
+#   3. cut c_final at μ + kσ of the pool into five levels.
+# Cutting around the pool's own mean and spread is this project's choice (the paper gives no thresholds): the
+# levels are then relative to what this model usually feels, whatever the signals' raw scales; for a bell-shaped
+# c_final they hold about 7%, 24%, 38%, 24% and 7% of the pool, so the warm-up text shows every statement level.
 
 SIGNALS = ("lnlp", "mte", "tokensar", "clipscore")  # keys of every per-signal dict, in paper order
 UNCERTAINTY_SIGNALS = ("lnlp", "mte", "tokensar")  # higher = less sure; clipscore is the one confidence signal
@@ -1913,6 +1966,8 @@ def fit_minmax(values):
         pool = _as_float(pool)
         if pool.numel() == 0:
             raise ValueError(f"fit_minmax: signal {name!r} has no values to fit")
+        # subtle: the extremes themselves, not percentiles: one outlier step stretches [lo, hi] and squeezes every
+        # other step's c_i towards one end. Later values outside [lo, hi] are clipped by to_confidence
         stats[name] = (float(pool.min()), float(pool.max()))
     return stats
 
@@ -1933,6 +1988,7 @@ def to_confidence(values, stats):
         lo, hi = (float(bound) for bound in stats[name])  # stats may come from JSON as a list
         assert hi >= lo, f"to_confidence: stats for {name!r} have hi < lo ({hi} < {lo})"
         if hi == lo:
+            # a constant signal says nothing: the neutral middle, not 0/0 = nan (e.g. a pool of one step)
             confidences[name] = torch.full_like(raw, 0.5)
             continue
         scaled = ((raw - lo) / (hi - lo)).clamp(0.0, 1.0)  # (N,) in [0, 1]; values outside the pool's range clip
@@ -1953,6 +2009,8 @@ def fuse_confidence(conf, weights=None, mode="mean"):
         if name not in SIGNALS:
             raise ValueError(f"fuse_confidence: unknown signal {name!r}; expected one of {SIGNALS}")
     names = [name for name in SIGNALS if name in conf]  # fixed paper order: the sum is the same for any dict order
+    # subtle: float addition is not associative, so a different order could change the last bit of c_final, and a
+    # c_final right on a level cut could change level; a fixed order keeps the golden vectors exact
     stacked = torch.stack([_as_float(conf[name]) for name in names])  # (n_signals, N)
     assert bool(((stacked >= 0) & (stacked <= 1)).all()), "fuse_confidence: per-signal confidences must be in [0, 1]"
     if mode == "max":
@@ -1988,6 +2046,8 @@ def confidence_levels(c, mu, sigma):
     # subtle: cuts are computed in python float64 and then rounded to c's dtype, so a c equal to a cut (both from
     # the same python float) lands on the upper level also when c is float32
     cuts = torch.tensor([mu + k * sigma for k in LEVEL_CUTS], dtype=c.dtype, device=c.device)  # (4,)
+    # (N, 1) >= (4,) broadcasts to (N, 4). subtle: sigma = 0 (all steps alike) puts all four cuts on μ, so every
+    # step is level 1 (below μ) or level 5 (at or above μ): no error, but a degenerate pool shows in the level counts
     n_cuts_below = (c.unsqueeze(-1) >= cuts).sum(-1)  # (N,)  number of cuts <= c
     return 1 + n_cuts_below  # (N,) long
 
@@ -1996,6 +2056,8 @@ def confidence_levels(c, mu, sigma):
 def level_to_confidence(level):
     """A level's numeric confidence: int -> python float, tensor/array (long) -> float tensor.
     Example: 5 -> 1.0;  tensor([1, 3]) -> tensor([0., .5])"""
+    # evenly spaced on [0, 1], so e_s can be compared with a_s in {0, 1} (R_EC) and u_s (R_CS) on one scale; the
+    # ends 0 and 1 let level 1 and level 5 earn the full R_EC on a wrong and a right step respectively
     if isinstance(level, (int, np.integer)) and not isinstance(level, bool):
         assert 1 <= level <= 5, f"level_to_confidence: level must be in 1..5, got {level}"
         return (int(level) - 1) / 4
@@ -2014,8 +2076,8 @@ def fit_confidence_stats(pool, signals=SIGNALS, weights=None, fusion="mean"):
     confidence_stats.json: {"minmax", "mu", "sigma", "signals", "weights", "fusion"}.
     Example: lnlp [1, 2, 3] alone -> minmax (1, 3), c_final [1, .5, 0], mu .5, sigma sqrt(1/6) = .408"""
     signals = list(signals)
-    minmax = fit_minmax(pool)
-    fused = fuse_confidence(to_confidence({k: pool[k] for k in signals}, minmax), weights, fusion)
+    minmax = fit_minmax(pool)  # for every signal in the pool, so the stats file also records the ablated ones
+    fused = fuse_confidence(to_confidence({k: pool[k] for k in signals}, minmax), weights, fusion)  # (N,) c_final
     # σ is the population std (divide by N): the cuts describe this pool, not an estimate of a larger one
     return {"minmax": minmax, "mu": fused.mean().item(), "sigma": fused.std(unbiased=False).item(),
             "signals": signals, "weights": weights, "fusion": fusion}
@@ -2037,6 +2099,11 @@ def signals_to_levels(values, stats):
 # "can ' t"; normalize_statement glues it back). The paper used 40 clauses per level; we use 10. No two clauses
 # of different levels are more alike than difflib ratio 0.72, well under the 0.85 match threshold, so a typo
 # cannot move a clause to another level (a test checks both).
+# Why words and not a number: §3.2 maps each level to natural-language statements so that the model states its
+# confidence the way it writes its steps, inside the sentence; the "w/o S-S mapping" ablation writes
+# "(confidence k/5)" instead (confidence_number_statement). Several clauses per level, drawn at random by
+# statement_for, keep a level from becoming one fixed token string. The words run from "certainty" (5) through
+# "believe" (4), "could be wrong" (3), "not sure" (2) to "probably wrong" (1), the order a reader would expect.
 STATEMENTS = {
     5: ["with total certainty", "and i am completely sure of this", "and i am absolutely certain",
         "without any doubt at all", "and there is no doubt about it", "and i know this for a fact",
@@ -2143,6 +2210,12 @@ def level_of_number_statement(text):
 # ---------------------------------------------------------------------------- #
 # e_s = expressed confidence (stated level -> level_to_confidence), a_s = step correctness in {0, 1},
 # u_s = internal confidence (the §3.2 signals and levels on the policy's own tokens -> value). All shapes (..., S).
+# train_rl.py pays r_s = α R_KA + β R_EC + γ R_CS on step s's last token (defaults α = 2, β = 1, γ = 1; a step
+# without a parseable statement gets α R_KA + the missing penalty instead). R_EC asks the statement to match the
+# truth, R_CS to match what the model's own signals say, and R_KA keeps the steps right: R_EC alone pays a wrong
+# step stated at level 1 exactly as much as a right step at level 5. Both calibration rewards are squared errors,
+# the Brier score, a proper scoring rule: the expected R_EC is highest for the level whose e_s is closest to the
+# probability that the step is right, so the policy gains nothing by shading its statements up or down.
 
 def _as_binary_float(x, name):
     """A 0/1 (or bool) tensor as float; asserts it is binary."""
@@ -2187,6 +2260,11 @@ def r_cs(expressed, internal):
 # ---------------------------------------------------------------------------- #
 # Paper §3.3 (ii): PPO maths: masked statistics, GAE, clipped losses, diagnostics
 # ---------------------------------------------------------------------------- #
+# PPO (Schulman et al. 2017) on tokens, as RLHF applies it to language models: every response token is an action,
+# the state is (image, prompt, tokens so far), and the per-token reward is each step's r_s on its last token minus
+# a KL penalty to the frozen warm-up model on every token (train_rl.py token_rewards). The pieces are written here
+# once so a port can test each against the golden vectors, in the order train_rl.py uses them:
+#   masked statistics -> GAE advantages and returns -> whitening -> clipped policy and value losses -> diagnostics.
 # mask is the response mask (B,T): 1 on generated tokens, 0 on prompt/padding. The same mask is used everywhere.
 
 # masked_mean(x) = Σ_t x_t m_t / Σ_t m_t       (0 when the mask is empty)
@@ -2208,8 +2286,11 @@ def masked_whiten(x, mask, shift_mean=True):
     shift_mean=False adds the mean back (scale only). Example: x = [1, 3, 7], mask = [1, 1, 0] -> [-1, 1, 0]"""
     x = _as_float(x)
     valid = _as_mask(mask)
+    # why whiten: PPO normalises the advantages of each rollout batch, so the size of an update does not depend on
+    # the reward scale (α, β, γ, the KL coefficient)
     mean = masked_mean(x, valid)
     var = masked_mean((x - mean) ** 2, valid)  # biased: Σ m (x - mean)^2 / Σ m
+    # subtle: the 1e-8 keeps one valid entry (var = 0) finite: its (x - mean) is 0, so it whitens to 0
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -2231,6 +2312,8 @@ def gae(rewards, values, mask, gamma, lam):
     # padding may hold garbage (even nan); zero it so that m_{t+1} * V_{t+1} is a clean 0 there
     rewards = torch.where(valid, rewards, 0.0)
     values = torch.where(valid, values, 0.0)
+    # the recursion runs backwards in time, so the loop is over T (sequentially) and vectorised over B;
+    # with γ = 1 (train_rl.py's default) one response is one undiscounted episode
     B, T = rewards.shape
     next_value = rewards.new_zeros(B)  # V_{t+1}
     next_valid = rewards.new_zeros(B)  # m_{t+1}; 0 past the end: no bootstrap after the last token
@@ -2281,7 +2364,9 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
     advantages = _as_float(advantages).to(logprobs.dtype)
     valid = _as_mask(mask)
     assert logprobs.shape == old_logprobs.shape == advantages.shape == valid.shape, "ppo_policy_loss: shapes differ"
-    ratio = torch.exp(logprobs - old_logprobs)
+    # why clip: past 1 ± ε, in the direction its advantage favours, the ratio earns nothing more, so several epochs
+    # over one rollout cannot push π far from the π_old that sampled it
+    ratio = torch.exp(logprobs - old_logprobs)  # (B,T); exp of a difference: never a ratio of two tiny numbers
     pg_losses = -advantages * ratio
     pg_losses_clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
     pg_loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), valid)  # the pessimistic of the two
@@ -2299,6 +2384,8 @@ def ppo_value_loss(values, old_values, returns, mask, clip_eps):
     returns = _as_float(returns).to(values.dtype)
     valid = _as_mask(mask)
     assert values.shape == old_values.shape == returns.shape == valid.shape, "ppo_value_loss: shapes differ"
+    # the same pessimistic clipping for the critic (OpenAI baselines' PPO2): once V has moved more than ε from its
+    # rollout value towards the return, the max takes the constant clipped term and the move earns no more gradient
     values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
     v_losses = (values - returns) ** 2
     v_losses_clipped = (values_clipped - returns) ** 2
@@ -2309,6 +2396,8 @@ def ppo_value_loss(values, old_values, returns, mask, clip_eps):
 def approx_kl_k3(logprobs, old_logprobs, mask):
     """The "k3" estimator of KL(π_old || π) on tokens sampled from π_old: (B,T) x3 -> 0-dim tensor, always >= 0.
     Example: log r = [ln 2, 0] -> mean(1 - ln 2, 0) = .1534"""
+    # why k3 (Schulman, "Approximating KL divergence", 2020): unbiased like -log r, but each term (r - 1) - log r
+    # is >= 0 (as e^x >= 1 + x), and its variance is lower when π is close to π_old. Logged only, never optimised
     logprobs = _as_float(logprobs)
     log_ratio = logprobs - _as_float(old_logprobs).to(logprobs.dtype)
     return masked_mean((torch.exp(log_ratio) - 1.0) - log_ratio, mask)
@@ -2319,8 +2408,10 @@ def exact_kl(logits, ref_logprobs):
     """KL of the policy's next-token distribution from the reference's at every position, summed over the
     vocabulary (not estimated from the sampled token): logits (B,T,V) of π, log-softmax (B,T,V) of π_ref -> (B,T).
     Example: π = (1/2, 1/2), π_ref = (1/4, 3/4) -> 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3) = .1438"""
-    logp = torch.log_softmax(_as_float(logits), dim=-1)
-    ref = _as_float(ref_logprobs).to(logp.dtype)
+    # train_rl.py's anchor term (not in the paper) on content tokens: exact rather than estimated from the one
+    # sampled token, so its gradient reaches the probability of every word, not only of the word that was drawn
+    logp = torch.log_softmax(_as_float(logits), dim=-1)  # (B,T,V)
+    ref = _as_float(ref_logprobs).to(logp.dtype)  # (B,T,V)
     assert logp.shape == ref.shape and logp.dim() == 3, f"exact_kl: shapes {tuple(logp.shape)} and {tuple(ref.shape)}"
     lo = torch.finfo(logp.dtype).min  # subtle: clamp -inf (a masked word) so that its p = 0 term is 0, not nan
     return (logp.exp() * (logp.clamp(min=lo) - ref.clamp(min=lo))).sum(-1)  # (B,T)
@@ -2336,7 +2427,7 @@ def explained_variance(values, returns, mask):
     residual = returns - values
     var_returns = masked_mean((returns - masked_mean(returns, valid)) ** 2, valid)  # biased, like masked_whiten
     var_residual = masked_mean((residual - masked_mean(residual, valid)) ** 2, valid)
-    if float(var_returns) == 0.0:
+    if float(var_returns) == 0.0:  # nothing to explain: a constant return is no evidence either way
         return math.nan
     return float(1.0 - var_residual / var_returns)
 
@@ -2345,6 +2436,10 @@ def explained_variance(values, returns, mask):
 # Paper §4 (evaluation): ECE (and MECE = ECE over steps), reliability bins, AUROC, Brier
 # ---------------------------------------------------------------------------- #
 # These return python floats (they are logged and written to results.json). conf in [0, 1], correct in {0, 1}.
+# §4 reports, per model: ECE on the final answer (the answer step's stated confidence against answer correctness),
+# MECE, the same ECE over every step, AUROC (does confidence rank right steps above wrong ones?) and Brier. ECE
+# alone can be gamed: a constant confidence equal to the accuracy has ECE 0 but AUROC 0.5, which is why the
+# discrimination metric is reported next to it. Brier mixes both and is what R_EC optimises per step.
 
 def _as_numpy(x):
     """`x` as a numpy array: tensors are detached and moved to the cpu, lists become float64/int/bool arrays."""
@@ -2383,7 +2478,7 @@ def reliability_bins(conf, correct, n_bins=10):
     bin_of = _confidence_bins(conf, n_bins)
     bins = []
     for b in range(n_bins):
-        in_bin = bin_of == b
+        in_bin = bin_of == b  # (N,) bool
         count = int(in_bin.sum())
         bins.append({
             "lo": b / n_bins,
@@ -2399,6 +2494,8 @@ def reliability_bins(conf, correct, n_bins=10):
 def ece(conf, correct, n_bins=10):
     """Expected calibration error with equal-width bins: conf (N,) in [0, 1], correct (N,) -> float; nan if N = 0.
     Example: conf [.0, .1, .15, .25, .3, 1.], correct [0, 0, 1, 0, 1, 1] -> (2*.05 + .85 + 2*.225 + 0)/6 = .2333"""
+    # equal-width bins, 10 by default. subtle: confidences stated in words take only the five values
+    # 0, .25, .5, .75, 1, so at most five bins are ever non-empty for the statement-based rows
     bins = reliability_bins(conf, correct, n_bins)
     n_items = sum(b["count"] for b in bins)
     if n_items == 0:
@@ -2430,6 +2527,7 @@ def auroc(conf, correct):
 def brier(conf, correct):
     """Brier score (lower is better): conf (N,), correct (N,) -> float; nan if N = 0.
     Example: conf [1, .75, 0], correct [1, 0, 1] -> (0 + .5625 + 1)/3 = .5208"""
+    # the mean of (1 - R_EC) over the items: R_EC = 1 - (e - a)^2 is the per-step Brier score, turned into a reward
     conf, correct = _metric_inputs(conf, correct, "brier")
     if conf.size == 0:
         return math.nan
