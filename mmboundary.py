@@ -208,6 +208,10 @@ FACT_WEIGHTS = _zipf_fact_weights()
 # ---------------------------------------------------------------------------- #
 # Rendering
 # ---------------------------------------------------------------------------- #
+# A scene graph (objects with shape, colour, size and grid cell) becomes a small RGB image, deliberately imperfect:
+# shapes are drawn at 4x and box-downsampled, so a small object's edge pixels blend into the background; its centre
+# jitters by a pixel; Gaussian noise is added, stronger on the ood split. Together these make a small object's
+# colour uncertain (see COLORS): the perception side of the knowledge boundary.
 IMAGE_SIZE = 36  # px per side; a 3x3 grid of 12 px cells
 CELL_SIZE = IMAGE_SIZE // 3  # 12 px
 RENDER_SCALE = 4  # draw at 4x then box-downsample: cheap anti-aliasing, so small shapes blur into the background
@@ -2544,6 +2548,9 @@ def brier(conf, correct):
 # ---------------------------------------------------------------------------- #
 # Errors, configuration and the command line
 # ---------------------------------------------------------------------------- #
+# One rule for every script: a mistake the user can fix (a bad flag, a missing file, a foreign checkpoint) is a
+# UserError, printed as one line with exit code 2; anything else is a bug and keeps its traceback. The flags are
+# generated from the config dataclasses (note() above), so a new field is a new, checked, documented flag.
 
 class UserError(Exception):
     """A bad input from the user (file, flag, checkpoint). Scripts print its message as one line, exit 2."""
@@ -2565,12 +2572,14 @@ class ArgParser(argparse.ArgumentParser):
     """argparse, but a bad flag is a UserError (one line, exit 2) instead of usage text."""
 
     def error(self, message):
+        """argparse calls this for an unknown flag or a bad value; raise instead of printing usage and exiting."""
         raise UserError(message)
 
 
 def parse_configs(argv, description, classes, quick=None):
     """Flags for every field of every dataclass in `classes`; `quick` ({field: value}) replaces defaults when
     --quick is given (explicit flags still win). Returns one instance per class, each checked."""
+    # two passes: --quick changes the defaults of the real parser, so it must be known before that parser is built
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--quick", action="store_true")
     known, _ = pre.parse_known_args(argv)
@@ -2611,6 +2620,8 @@ def config_from_args(cls, args):
 
 
 def check_config(cfg):
+    """Check every field of a config dataclass against its note(): choices first, then the (predicate, meaning)
+    check. -> cfg itself; a bad value is a UserError naming the flag, e.g. '--clip-eps must be in (0, 1) (got 2.0)'."""
     for f in dataclasses.fields(cfg):
         meta = f.metadata or {}
         value = getattr(cfg, f.name)
@@ -2656,9 +2667,11 @@ class Progress:
     """One progress line per log interval: step/total, the given metrics, it/s and ETA."""
 
     def __init__(self, total, name="", start=0):
+        """total: the last step; name: the line's prefix; start: the first step of this process (a resumed run's)."""
         self.total, self.name, self.t0, self.start = total, name, time.time(), start  # start: a resumed run's first step
 
     def line(self, step, **metrics):
+        """Print e.g. "rl 20/100 pg_loss 0.0123 | 0.50 it/s | eta 160s"; the rate counts this process's steps only."""
         elapsed = time.time() - self.t0
         rate = (step - self.start) / max(elapsed, 1e-9)
         eta = (self.total - step) / max(rate, 1e-9)
@@ -2669,8 +2682,14 @@ class Progress:
 # ---------------------------------------------------------------------------- #
 # Checkpoints: a folder of safetensors + JSON, written atomically, loaded with exact checks
 # ---------------------------------------------------------------------------- #
+# A checkpoint folder holds model.safetensors (+ clip.safetensors), config.json, tokenizer.json and, after the
+# warm-up, confidence_stats.json (the §3.2 min-max, μ and σ that R_CS and evaluate.py reuse). safetensors rather
+# than torch.save: no pickle, so loading a file cannot run code, and a port in another language can read it.
+# Every load checks names and shapes against config.json, so a wrong folder fails in one line, not deep in a matmul.
 
 def atomic_write_text(path, text):
+    """Write text so that path is always either the old file or the complete new one: a temporary file in the
+    same folder, flushed to disk, then os.replace (an atomic rename on POSIX)."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -2781,6 +2800,8 @@ class Checkpoint:
 
 
 def dataclass_from_dict(cls, d, where):
+    """A config dataclass from a config.json section, checked like a command line; an unknown field (a file from
+    another version) is a UserError naming `where` rather than a TypeError."""
     names = {f.name for f in dataclasses.fields(cls)}
     if not isinstance(d, dict) or set(d) - names:
         raise UserError(f"{where}: unknown fields {sorted(set(d) - names) if isinstance(d, dict) else d!r}")
@@ -2874,6 +2895,7 @@ def cleanup_distributed():
 
 
 def is_distributed():
+    """True inside an initialised process group (under torchrun after setup_distributed)."""
     import torch.distributed as dist
     return dist.is_available() and dist.is_initialized()
 
@@ -2973,6 +2995,7 @@ class GracefulStop:
     last check) is re-raised as KeyboardInterrupt when the block ends."""
 
     def __init__(self):
+        """signum: the first signal received (0 = none); _previous: the handlers to restore on exit."""
         self.signum, self._previous = 0, {}
 
     def __enter__(self):
@@ -2984,6 +3007,7 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame):
+        """The signal handler: remember the first signal; a second one means "stop now"."""
         if self.signum:
             raise KeyboardInterrupt
         self.signum = signum
@@ -3034,6 +3058,7 @@ def _python_rng_to_json(state):
 
 
 def _python_rng_from_json(state):
+    """Inverse of _python_rng_to_json: random.setstate needs the tuple back."""
     return (state[0], tuple(state[1]), state[2])
 
 
@@ -3185,6 +3210,9 @@ def check_not_partial(path, script_hint):
 # ---------------------------------------------------------------------------- #
 # Benchmark: python mmboundary.py --bench
 # ---------------------------------------------------------------------------- #
+# Two numbers say whether the implementation wastes the machine: the FLOP/s of a training step as a fraction of
+# what a plain 1024^3 fp32 matmul reaches on the same device (target >= 40%: the model is small, so per-op overhead
+# is the enemy), and the decoding speed-up of the KV cache over recomputing the whole sequence (target >= 5x).
 
 def count_forward_flops(model, *inputs):
     """FLOPs of one forward pass: 2·in·out per token through every nn.Linear (hooks count the tokens), plus
@@ -3192,6 +3220,7 @@ def count_forward_flops(model, *inputs):
     flops = [0]
 
     def linear_hook(m, inp, out):
+        # tokens = numel / in_features (any leading shape); each token costs in·out multiply-adds = 2·in·out FLOPs
         flops[0] += 2 * inp[0].numel() // m.in_features * m.in_features * m.out_features
 
     def attn_hook(m, inp, out):
@@ -3208,6 +3237,7 @@ def count_forward_flops(model, *inputs):
 
 
 def _median_time(fn, repeats):
+    """Median wall time of `repeats` calls of fn, in seconds; the median ignores one slow outlier (a GC pause)."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -3224,7 +3254,7 @@ def bench(device="cpu", batch_size=32, text_len=100, new_tokens=100, repeats=5):
     results = {"device": str(device), "threads": torch.get_num_threads()}
     # 1. the machine's fp32 matmul rate (1024 x 1024 x 1024)
     a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
-    a @ b
+    a @ b  # untimed first call: it pays for kernel selection and allocation
     t = _median_time(lambda: (a @ b, sync()), repeats * 2)
     results["matmul_flops"] = 2 * 1024 ** 3 / t
     # 2. one training step of the default TinyVLM: forward, backward, AdamW
@@ -3236,6 +3266,7 @@ def bench(device="cpu", batch_size=32, text_len=100, new_tokens=100, repeats=5):
     ids = torch.randint(5, 300, (batch_size, text_len), device=device)
 
     def train_step():
+        # random ids as their own targets: the content does not matter, only the shapes (B, T) and the work
         _, loss = model(images, ids, ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -3244,7 +3275,7 @@ def bench(device="cpu", batch_size=32, text_len=100, new_tokens=100, repeats=5):
 
     train_step()
     t = _median_time(train_step, repeats)
-    flops = 3 * count_forward_flops(model, images, ids, ids)
+    flops = 3 * count_forward_flops(model, images, ids, ids)  # forward + backward (about twice the forward)
     results["train_step_s"] = t
     results["image_tokens"] = cfg.n_image_tokens
     results["train_tokens_per_s"] = batch_size * (cfg.n_image_tokens + text_len) / t
@@ -3252,7 +3283,8 @@ def bench(device="cpu", batch_size=32, text_len=100, new_tokens=100, repeats=5):
     results["train_fraction_of_matmul"] = results["train_flops"] / results["matmul_flops"]
     # 3. decoding new_tokens tokens for a batch of 8, with and without the KV cache
     model.eval()
-    prompt = torch.randint(5, 300, (8, 20), device=device)
+    prompt = torch.randint(5, 300, (8, 20), device=device)  # ids from 5: no special token in the prompt
+    # eos_id=-1 never matches a token, so every run decodes exactly new_tokens tokens and the two paths compare
     for use_cache in (True, False):
         model.generate(images[:8], prompt, max_new_tokens=4, use_cache=use_cache, eos_id=-1)
         t = _median_time(lambda: (model.generate(images[:8], prompt, max_new_tokens=new_tokens, use_cache=use_cache,
@@ -3265,6 +3297,10 @@ def bench(device="cpu", batch_size=32, text_len=100, new_tokens=100, repeats=5):
 # ---------------------------------------------------------------------------- #
 # Porting vectors: python mmboundary.py --golden golden.safetensors
 # ---------------------------------------------------------------------------- #
+# A port to another framework or language is checked function by function: load the file, feed each stored input
+# to the port's function, compare with the stored output (tolerances in the module docstring). The inputs are
+# small and random but built to reach the edge cases: a one-token step, an empty step slot, a zero-relevance step,
+# left and right padding, confidences exactly on ECE bin edges. tests/test_golden.py regenerates and compares.
 
 GOLDEN_FORMAT = "1"
 
@@ -3272,8 +3308,8 @@ GOLDEN_FORMAT = "1"
 def golden_tensors(seed=0):
     """Inputs and outputs of every porting-contract function (module docstring) and of one tiny TinyVLM forward, for a fixed seed.
     A port loads the file, feeds the inputs to its own functions, and compares with the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    B, T, V, S, D, N = 2, 6, 7, 3, 4, 12
+    g = torch.Generator().manual_seed(seed)  # a private generator: the draws do not depend on the global seed
+    B, T, V, S, D, N = 2, 6, 7, 3, 4, 12  # tiny on purpose: a porter can print and read every tensor
     t = {}
     t["logits"] = torch.randn(B, T, V, generator=g)
     t["targets"] = torch.randint(0, V, (B, T), generator=g)
@@ -3291,7 +3327,7 @@ def golden_tensors(seed=0):
     t["image_emb"] = torch.randn(B, D, generator=g)
     t["text_emb"] = torch.randn(B, S, D, generator=g)
     t["u_clipscore"] = u_clipscore(t["image_emb"], t["text_emb"])
-    values = {k: torch.rand(N, generator=g) * 3 for k in SIGNALS}
+    values = {k: torch.rand(N, generator=g) * 3 for k in SIGNALS}  # (N,) raw signals in [0, 3)
     stats = fit_minmax(values)
     conf = to_confidence(values, stats)
     weights = {"lnlp": 1.0, "mte": 2.0, "tokensar": 0.5, "clipscore": 1.0}
@@ -3348,6 +3384,7 @@ def golden_tensors(seed=0):
 
 
 def write_golden(path, seed=0):
+    """Write golden_tensors(seed) to path (safetensors, written to a temporary name then renamed) -> the tensors."""
     from safetensors.torch import save_file
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -3360,6 +3397,7 @@ def write_golden(path, seed=0):
 
 
 def _main(argv=None):
+    """python mmboundary.py --bench | --golden PATH: the library's own command line (the scripts train and evaluate)."""
     parser = ArgParser(description="MMBoundary library: --bench or --golden PATH (the scripts train and evaluate)")
     parser.add_argument("--bench", action="store_true", help="training and decoding throughput on this machine")
     parser.add_argument("--golden", metavar="PATH", help="write the porting vectors (inputs and outputs of every porting-contract function, see the module docstring) to PATH")
