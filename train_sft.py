@@ -25,10 +25,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 import mmboundary as mb
-from mmboundary import note, LEARNING_RATE, POSITIVE, NON_NEGATIVE, UNIT_INTERVAL, UserError
+from mmboundary import note, LEARNING_RATE, POSITIVE, NON_NEGATIVE, UserError
 
 
 @dataclass
@@ -51,7 +50,6 @@ class SFTConfig:
     clip_steps: int = field(default=600, metadata=note("base: optimizer steps for TinyCLIP", POSITIVE))
     clip_batch_size: int = field(default=64, metadata=note("(image, step) pairs per TinyCLIP step; also the InfoNCE negatives", POSITIVE))
     clip_lr: float = field(default=5e-4, metadata=note("TinyCLIP learning rate", LEARNING_RATE))
-    base_statements: float = field(default=0.0, metadata=note("base: fraction of reference chains that carry a random statement after every step, with no loss on it (the base learns to read statements, never to write them)", UNIT_INTERVAL))
     vit_from_clip: bool = field(default=True, metadata=note("base: start TinyVLM's vision encoder from the trained TinyCLIP image tower (LLaVA's recipe)"))
     log_every: int = field(default=100, metadata=note("print a progress line every this many steps", POSITIVE))
     n_eval: int = field(default=300, metadata=note("held-out test questions for the end-of-stage report", NON_NEGATIVE))
@@ -63,7 +61,6 @@ class SFTConfig:
     signals: str = field(default="lnlp,mte,tokensar,clipscore", metadata=note("warmup: signals fused into the confidence (drop one for the 'w/o U_X' ablations)"))
     fusion: str = field(default="mean", metadata=note("warmup: mean (weighted) or max (the 'w U_Max' ablation)", choices=("mean", "max")))
     weights: str = field(default="", metadata=note("warmup: fusion weights, e.g. lnlp=1,mte=1,tokensar=1,clipscore=1 (default equal)"))
-    warmup_distill: bool = field(default=False, metadata=note("warmup: content tokens learn the base model's whole next-token distribution (computed without statements) instead of its greedy token; statements stay one-hot"))
     statements: bool = field(default=True, metadata=note("warmup: verbal statements; --no-statements writes '(confidence k/5)' (the 'w/o S-S mapping' ablation)"))
     max_new_tokens: int = field(default=128, metadata=note("longest generated response", POSITIVE))
     # fault tolerance: periodic checkpoints, stop and resume (module docstring)
@@ -123,9 +120,8 @@ def make_optimizer(model, lr, weight_decay):
 RUN_CONTROL = {"stage", "out", "init", "device", "quick", "log_every", "n_eval", "save_every", "resume", "stop_at"}
 
 
-def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_from=None, soft=None):
-    """Next-token SFT on (image, ids, response_start[, hidden]) examples; loss on the response tokens only (and
-    not on the positions in `hidden`, see collate_sft). soft: per example, distill_loss's (pos, probs) targets.
+def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_from=None):
+    """Next-token SFT on (image, ids, response_start) examples; loss on the response tokens only.
     Under torchrun each rank draws its own batches and DDP averages the gradients.
     save(step, extra_json, extra_tensors) -> folder: writes a resumable checkpoint, called every --save-every
     steps, at --stop-at and on Ctrl-C (then RunStopped); resume_from: a stopped run's folder to continue."""
@@ -145,10 +141,7 @@ def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_fr
                 g["lr"] = lr_at(step, steps, lr, cfg.warmup_iters)
             picks = [rng.randrange(len(examples)) for _ in range(cfg.batch_size)]
             images, inputs, targets, loss_mask = mb.collate_sft([examples[i] for i in picks], device)
-            if soft is not None:  # --warmup-distill: some targets are distributions (distill_loss)
-                loss = distill_loss(ddp_model(images, inputs)[0], targets, loss_mask, [soft[i] for i in picks])
-            else:
-                _, loss = ddp_model(images, inputs, targets, loss_mask)
+            _, loss = ddp_model(images, inputs, targets, loss_mask)
             if mb.any_rank(not torch.isfinite(loss)):  # all ranks stop together, or the others hang in backward
                 kept = f"{saved[1]} keeps the last good checkpoint, step {saved[0]}" if saved else "no checkpoint written"
                 raise UserError(f"{name}: loss is {loss.item()} at step {step}; stopping ({kept})")
@@ -173,47 +166,6 @@ def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_fr
                                     f"continue with: {mb.resume_command()}", 0)
     model.eval()
     return model
-
-
-def distill_loss(logits, targets, loss_mask, soft):
-    """Cross-entropy against a target distribution per token: one-hot on `targets`, except where soft[b] = (pos,
-    probs) gives rows probs (n, V) for target positions pos (n,). Masked mean over loss_mask, like the model's
-    own loss: with no soft rows at all it IS that loss.
-        loss = -(1/N) Σ_{b,t: mask} Σ_v q_{b,t}(v) · log p_{b,t}(v)"""
-    q = F.one_hot(targets, logits.size(-1)).float()  # (B, T, V)
-    for b, (pos, probs) in enumerate(soft):
-        q[b, pos] = probs.to(q.device)
-    nll = -(q * F.log_softmax(logits.float(), dim=-1)).sum(-1)  # (B, T)
-    m = loss_mask.float()
-    return (nll * m).sum() / m.sum().clamp(min=1)
-
-
-@torch.no_grad()
-def distill_targets(model, tokenizer, records, responses, steps, examples, cfg, device):
-    """For --warmup-distill: the base model's next-token distributions over its own chain *without* statements,
-    moved to where each content token (and <eos>) sits in the chain *with* statements. -> per example (pos, probs):
-    target positions in that example's ids (as collate_sft lays them out) and the rows to learn there."""
-    out = []
-    for i in range(0, len(records), 64):
-        sl = slice(i, i + 64)
-        images, inputs, _, text_mask, _, offsets = mb.response_batch(tokenizer, records[sl], responses[sl], device)
-        probs = F.softmax(model(images, inputs, text_mask=text_mask)[0].float(), dim=-1).cpu()  # (b, T, V)
-        for b, (resp, st, (_, ids, start)) in enumerate(zip(responses[sl], steps[sl], examples[sl])):
-            new = mb.split_steps(ids[start:], tokenizer)
-            old_pos, new_pos = [], []  # response coordinates: token j of the response
-            for o, n in zip(st, new):
-                if resp[o.start:o.end] != ids[start + n.start:start + n.end]:  # re-encoding changed the words
-                    old_pos, new_pos = [], []
-                    break
-                old_pos += range(o.start, o.end)
-                new_pos += range(n.start, n.end)
-            if old_pos and len(resp) < cfg.max_new_tokens and ids[-1] == mb.EOS:  # <eos> too, when the base said it
-                old_pos.append(len(resp))
-                new_pos.append(len(ids) - 1 - start)
-            # response token j is predicted at target position offsets[b] + j here, start - 1 + j in the example
-            pairs = [(start - 1 + n, offsets[b] + o) for o, n in zip(old_pos, new_pos) if start + n < len(ids)]
-            out.append(([p for p, _ in pairs], probs[b, [q for _, q in pairs]]))
-    return out
 
 
 def train_clip(clip, tokenizer, records, cfg, device):
@@ -313,15 +265,12 @@ def run_base(cfg, mcfg, out, device, resume_from=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"base: {len(records)} training questions, vocab {len(tokenizer)}, TinyVLM {n_params / 1e6:.2f}M params, "
           f"TinyCLIP {sum(p.numel() for p in clip.parameters()) / 1e6:.2f}M params, device {device}")
-    examples, rng = [], random.Random(cfg.seed)
+    examples = []
     for r in records:
         ids, start = mb.encode_example(tokenizer, r, " ".join(mb.reference_steps(r)))
         if len(ids) - 1 > mcfg.block_size:
             raise UserError(f"record {r.get('id')}: {len(ids)} tokens > --block-size {mcfg.block_size}")
-        example = (r["image"], ids, start)
-        if cfg.base_statements and rng.random() < cfg.base_statements:
-            example = mb.statement_reading_example(tokenizer, r, rng, mcfg.block_size) or example
-        examples.append(example)
+        examples.append((r["image"], ids, start))
     # 1. TinyCLIP first: (image, step) pairs, symmetric InfoNCE. A resumed run reloads it from the stopped run.
     if resume_from:
         mb.load_weights(clip, os.path.join(resume_from, "clip.safetensors"))
@@ -376,7 +325,6 @@ def run_warmup(cfg, init, out, device, resume_from=None):
     # 4. attach a statement to every step (5.3) and fine-tune on the model's own chain with its statements (5.4)
     rng = random.Random(cfg.seed + rank)
     examples, k = [], offset
-    kept_records, kept_responses, kept_steps = [], [], []  # the chains behind `examples`, in the same order
     for rec, resp, st in zip(records, responses, steps):
         parts = []
         for s in st:
@@ -387,16 +335,10 @@ def run_warmup(cfg, init, out, device, resume_from=None):
         if parts:
             ids, start = mb.encode_example(tokenizer, rec, " ".join(parts))
             examples.append((rec["image"], ids[:model.cfg.block_size + 1], start))
-            kept_records.append(rec)
-            kept_responses.append(list(resp))
-            kept_steps.append(st)
     print(f"warmup: {sum(mb.all_gather_objects(len(examples)))} self-answered chains, {len(fused)} scored steps, e.g.: "
           f"{tokenizer.decode(examples[0][1][examples[0][2]:]) if examples else ''}")
     if mb.any_rank(not examples):
         raise UserError("warmup: the base model produced no steps to train on")
-    soft = None
-    if cfg.warmup_distill:  # the base model's own distributions as the content targets (before it is trained)
-        soft = distill_targets(model, tokenizer, kept_records, kept_responses, kept_steps, examples, cfg, device)
     config = dict(ck.config, stage="warmup", warmup=dataclasses.asdict(cfg))
     if resume_from:  # the pool above is recomputed (deterministic); the fine-tuning continues from the stopped run
         saved = mb.read_json(os.path.join(resume_from, "config.json"))
@@ -406,7 +348,7 @@ def run_warmup(cfg, init, out, device, resume_from=None):
         out, model, tokenizer, config, clip=clip, extra_json={"confidence_stats.json": stats, **extra_json},
         extra_tensors=extra_tensors)
     model.train()
-    train_lm(model, examples, cfg, device, cfg.warmup_steps, cfg.warmup_lr, "warmup", save, resume_from, soft)
+    train_lm(model, examples, cfg, device, cfg.warmup_steps, cfg.warmup_lr, "warmup", save, resume_from)
     save_on_rank0(out, model, tokenizer, config, clip=clip,
                   extra_json={"confidence_stats.json": stats, "report.json": evidence})
     print(f"warmup: wrote {out} in {time.time() - t0:.0f}s")
