@@ -2284,6 +2284,39 @@ def attach_statement(step, statement):
     return f"{body}, {statement}."
 
 
+def warmup_examples(tokenizer, records, steps, levels, rng, block_size, statements=True):
+    """The confidence warm-up's SFT data (paper section 3.2): the model's own chain for each question, with the
+    statement of its level attached to every step, encoded for collate_sft.
+    records[i]: the question; steps[i]: split_steps of the model's own answer to it; levels: one level 1..5 per
+    step, flat in chain order (steps[0][0], steps[0][1], ..., steps[1][0], ...), as signals_to_levels returns
+    them for the pooled steps. rng (random.Random) draws each statement's clause among its level's
+    STATEMENTS, one draw per step in that order; statements=False writes "(confidence k/5)" instead (the
+    "w/o S-S mapping" ablation) and draws nothing.
+    -> [(image, ids, start)] for collate_sft, in record order. A question whose answer has no step gives no
+    example: there is no step to state a confidence on, and its empty chain would teach the model to answer
+    with <eos> alone. ids are cut to block_size + 1 tokens (collate_sft feeds ids[:-1], so the model sees at
+    most block_size): a self-answered chain that runs past the block keeps its beginning and loses its <eos>.
+    Example (statements=False): a chain ["At the center there is a large red circle.", "So, the answer is
+    red."] at levels [5, 2] becomes the response "At the center there is a large red circle (confidence 5/5).
+    So, the answer is red (confidence 2/5)." in [<bos>] prompt [<sep>] response [<eos>]."""
+    n_steps = sum(len(st) for st in steps)
+    if len(records) != len(steps) or len(levels) != n_steps:  # a shifted level would state another step's
+        raise ValueError(f"warmup_examples: {len(records)} records, {len(steps)} chains, {n_steps} steps but "
+                         f"{len(levels)} levels")
+    examples, k = [], 0
+    for record, chain in zip(records, steps):
+        parts = []
+        for step in chain:
+            level = int(levels[k])
+            k += 1
+            clause = statement_for(level, rng) if statements else confidence_number_statement(level)
+            parts.append(attach_statement(step.text, clause))
+        if parts:
+            ids, start = encode_example(tokenizer, record, " ".join(parts))
+            examples.append((record["image"], ids[:block_size + 1], start))
+    return examples
+
+
 def build_tokenizer(records):
     """Vocabulary from the training text plus every word the method itself writes (statements, numbers), so
     no statement clause is ever <unk>."""

@@ -323,18 +323,9 @@ def run_warmup(cfg, init, out, device, resume_from=None):
     stats.update(statements=cfg.statements, n_steps=len(fused), temperature=cfg.warmup_temperature)
     evidence = signal_evidence(pool, fused, levels, correct)
     # 4. attach a statement to every step (5.3) and fine-tune on the model's own chain with its statements (5.4)
-    rng = random.Random(cfg.seed + rank)
-    examples, k = [], offset
-    for rec, resp, st in zip(records, responses, steps):
-        parts = []
-        for s in st:
-            level = int(levels[k])
-            k += 1
-            clause = mb.statement_for(level, rng) if cfg.statements else mb.confidence_number_statement(level)
-            parts.append(mb.attach_statement(s.text, clause))
-        if parts:
-            ids, start = mb.encode_example(tokenizer, rec, " ".join(parts))
-            examples.append((rec["image"], ids[:model.cfg.block_size + 1], start))
+    n_mine = sum(len(st) for st in steps)  # this rank's steps sit at offset .. offset + n_mine of the pool
+    examples = mb.warmup_examples(tokenizer, records, steps, levels[offset:offset + n_mine],
+                                  random.Random(cfg.seed + rank), model.cfg.block_size, cfg.statements)
     print(f"warmup: {sum(mb.all_gather_objects(len(examples)))} self-answered chains, {len(fused)} scored steps, e.g.: "
           f"{tokenizer.decode(examples[0][1][examples[0][2]:]) if examples else ''}")
     if mb.any_rank(not examples):

@@ -242,3 +242,38 @@ def test_statement_reading_example_hides_exactly_the_statements():
         assert len(clauses) == len(steps) and all(mb.level_of_statement(c.strip(" ,")) for c in clauses)
     assert mb.statement_reading_example(tok, rec, random.Random(0), block_size=20) is None  # too long
     assert mb.statement_reading_example(tok, dict(rec, keys_filtered={}), random.Random(0), block_size=160) is None
+
+
+def step_of(text):
+    """A step with only its text (warmup_examples reads nothing else)."""
+    return mb.Step(start=0, end=0, last=0, text=text, level=None)
+
+
+def test_warmup_examples_hand_computed():
+    """The warm-up's SFT data (paper section 3.2). Three questions answered with chains of 2, 0 and 1 steps and
+    flat levels [5, 2, 3]: the empty chain gives no example, so level 3 belongs to the third question's step.
+    statements=False (hand-written): "At the top left there is a small green diamond (confidence 5/5). So, the
+    answer is zero (confidence 2/5)." and "So, the answer is two (confidence 3/5)."; with words the first clause
+    drawn by random.Random(0) for level 5 is "and i would bet anything on it" (statement_for's docstring), and
+    split_steps reads the levels 5, 2 and 3 back. block_size 10 keeps the first 11 ids; 2 levels for 3 steps is a
+    ValueError (a shifted level would state another step's confidence)."""
+    import random
+    tok = mb.build_tokenizer(mb.make_dataset(30, 3))
+    records = mb.make_dataset(3, 3)
+    chains = [[step_of("At the top left there is a small green diamond."), step_of("So, the answer is zero.")], [],
+              [step_of("So, the answer is two.")]]
+    numbers = mb.warmup_examples(tok, records, chains, [5, 2, 3], random.Random(0), block_size=160, statements=False)
+    first = mb.encode_example(tok, records[0], "At the top left there is a small green diamond (confidence 5/5). "
+                                               "So, the answer is zero (confidence 2/5).")
+    third = mb.encode_example(tok, records[2], "So, the answer is two (confidence 3/5).")
+    assert [(ids, start) for _, ids, start in numbers] == [first, third]
+    assert numbers[0][0] is records[0]["image"] and numbers[1][0] is records[2]["image"]
+    words = mb.warmup_examples(tok, records, chains, torch.tensor([5, 2, 3]), random.Random(0), block_size=160)
+    _, ids, start = words[0]
+    assert tok.decode(ids[start:]).startswith("at the top left there is a small green diamond, and i would bet anything on it.")
+    assert [[st.level for st in mb.split_steps(ids[start:], tok)] for _, ids, start in words] == [[5, 2], [3]]
+    cut = mb.warmup_examples(tok, records, chains, [5, 2, 3], random.Random(0), block_size=10, statements=False)
+    assert cut[0][1] == first[0][:11] and len(cut[1][1]) == 11
+    with pytest.raises(ValueError, match="3 steps but 2 levels"):
+        mb.warmup_examples(tok, records, chains, [5, 2], random.Random(0), block_size=160)
+
