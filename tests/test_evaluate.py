@@ -95,6 +95,24 @@ def test_response_ece_uses_the_answer_step():
     assert ev.answer_step_index([step(CIRCLE)]) is None
 
 
+def test_mece_counts_every_step_not_only_the_answer():
+    """MECE (the paper's step-level ECE) is over every step of every chain, not over answer steps only.
+    The three responses of the ECE test above hold six steps (confidence, truth):
+      CIRCLE (0, right), ANSWER (1, right) | CIRCLE (.25, right), ANSWER (.75, right), "hello." (0, wrong) |
+      CIRCLE (1, right)
+    bins: [0, .1] holds 0 and 0, accuracy 1/2, gap 1/2, weight 2/6;  (.2, .3]: gap .75, weight 1/6;
+          (.7, .8]: gap .25, weight 1/6;  (.9, 1] holds 1 and 1, both right, gap 0
+    MECE = (2 (1/2) + .75 + .25) / 6 = 1/3.  Answer steps only would give (0 + .25) / 2 = 1/8 (or, with the
+    response-level truth and the 0.5 of the unanswered R3, the ECE 1/4); Brier over all six = (1 + .5625 +
+    .0625) / 6 = 1.625 / 6."""
+    steps = [[step(CIRCLE, 1), step(ANSWER, 5)], [step(CIRCLE, 2), step(ANSWER, 4), step("hello.", 1)],
+             [step(CIRCLE, 5)]]
+    m = ev.chain_metrics([record()] * 3, steps, [ev.stated_confidences(s) for s in steps])
+    assert m["n_steps"] == 6
+    assert m["mece"] == pytest.approx(1 / 3)
+    assert m["brier"] == pytest.approx(1.625 / 6)
+
+
 def test_hallucinated_perception_counts_as_perception():
     """A perception claim about an empty cell is a (wrong) perception step, not a reasoning step."""
     assert ev.is_perception("At the top left there is a small blue square.")
