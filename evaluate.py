@@ -1,17 +1,28 @@
-"""Evaluation of MMBoundary checkpoints (He et al., ACL 2025; DESIGN 6 and 5.6).
+"""Evaluation of MMBoundary checkpoints (He et al., ACL 2025): the metrics of the paper's section 4.
 
 For every checkpoint and for the test (in-distribution) and ood splits of the shapes world, the model answers
 greedily; every step of its chain is judged by the exact verifier and carries a stated confidence (its
 statement -> level -> level_to_confidence). From these:
-    Acc               final answer correct
-    F1                chain F1 against the reference chain (precision: correct steps / steps; recall:
-                      reference steps restated by a correct step / reference steps), averaged over questions
-    ECE               response level: the final-answer step's stated confidence vs answer correctness
-    MECE              step level (the paper's multi-granularity ECE): every step's confidence vs its truth,
-                      also split into perception and reasoning steps
-    AUROC, Brier      step level
+    Acc        (higher is better)  final answer correct
+    F1         (higher is better)  chain F1 against the reference chain (precision: correct steps / steps;
+                                   recall: reference steps restated by a correct step / reference steps),
+                                   averaged over questions
+    ECE        (lower is better)   response level: the final-answer step's stated confidence vs answer correctness
+    MECE       (lower is better)   step level (the paper's multi-granularity ECE): every step's confidence vs its
+                                   truth, also split into perception and reasoning steps
+    AUROC      (higher is better)  step level: does the confidence rank right steps above wrong ones (0.5: chance)
+    Brier      (lower is better)   step level: mean squared gap between confidence and truth (0 or 1)
 plus a `<base>-internal` row: the base model's own chains scored post hoc with the four signals and the
 warm-up's levels (no words), so readers see what the statements add.
+
+Why both calibration (ECE, MECE) and ranking (AUROC): a confidence can be calibrated on average and still
+useless. A constant 0.5 is off only by |accuracy - 0.5|, small when about half the steps are right, but it
+cannot tell a right step from a wrong one (AUROC 0.5). MMBoundary's claim is about both: every step's stated
+confidence should match how often such steps are right, and rank the right ones higher.
+Why greedy answers and the exact verifier: greedy is how the model is used, and a confidence is only worth as
+much as the truth it is compared with; the shapes world knows every step's truth exactly.
+Self-correction (--self-correct K) goes beyond the paper's metrics: it asks whether the statements are useful,
+i.e. whether resampling the steps the model says it doubts makes the answers better.
 
     python evaluate.py                                   # out/base out/warmup out/rl -> out/eval (~30 s, 2 CPU cores)
     python evaluate.py --checkpoints out/rl --self-correct 3
@@ -40,6 +51,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CHECKPOINTS = "out/base,out/warmup,out/rl"
 
 
+# Every field is a command-line flag (mb.parse_configs), checked before any work: a bad value is one `error:` line.
 @dataclass
 class EvalConfig:
     checkpoints: str = field(default=DEFAULT_CHECKPOINTS, metadata=note(
@@ -56,8 +68,8 @@ class EvalConfig:
     batch_size: int = field(default=64, metadata=note("questions decoded together", POSITIVE))
     n_bins: int = field(default=10, metadata=note("equal-width confidence bins of ECE/MECE and the diagrams", POSITIVE))
     self_correct: int = field(default=0, metadata=note(
-        "DESIGN 5.6: resample a step that states level <= 2 up to K times and keep the most confident version "
-        "(0 = off)", NON_NEGATIVE))
+        "resample a step that states level <= 2 up to K times and keep the most confident version, an "
+        "inference-time use of the statements beyond the paper (0 = off)", NON_NEGATIVE))
     sc_temperature: float = field(default=1.0, metadata=note("sampling temperature of those resamples", POSITIVE))
     ablations: bool = field(default=False, metadata=note(
         "the paper's Table 1 instead of the main table: train the missing variants (long), then evaluate them"))
@@ -67,19 +79,22 @@ class EvalConfig:
 # --quick: a handful of questions and short answers, so a smoke run of three checkpoints takes seconds
 QUICK = dict(n_test=12, n_ood=12, max_new_tokens=48)
 
-# results.json: every label and split has exactly these keys (and "self_correct" with --self-correct)
+# results.json: every label and split has exactly these keys (and "self_correct" with --self-correct). Outside
+# checks and the README's tables read them by name, so they are fixed here and a test pins the set.
 REQUIRED_KEYS = ("acc", "f1", "ece", "mece", "mece_perception", "mece_reasoning", "auroc", "brier",
                  "n_questions", "n_steps")
 METRIC_KEYS = REQUIRED_KEYS + ("step_acc", "stated_fraction", "acc_by_type", "n_by_type")
 SPLITS = ("test", "ood")
 # seed offsets per split: test = seed + 1 is train_rl.py's held-out set; ood gets its own (seed + 2 is RL's train pool)
 SPLIT_SEED = {"test": 1, "ood": 3}
-UNSTATED_CONFIDENCE = 0.5  # a step without a parseable statement "says nothing": counted as a coin flip
+# A step without a parseable statement "says nothing": counted as a coin flip. 0 or 1 would let a model that stops
+# stating look sure or unsure at will; 0.5 is the middle, and the Stated column shows how often it stood in.
+UNSTATED_CONFIDENCE = 0.5
 LOW_LEVEL = 2  # self-correction resamples a step whose stated level is <= this ("but I'm not sure" and below)
 
 
 # ---------------------------------------------------------------------------- #
-# Metrics of one set of answered questions (DESIGN 6)
+# Metrics of one set of answered questions (the paper's section 4)
 # ---------------------------------------------------------------------------- #
 
 def chain_f1(predicted, correct, reference):
@@ -116,21 +131,25 @@ def is_perception(text):
 
 
 def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10):
-    """Every metric of DESIGN 6 for answered questions.
+    """Every metric of the paper's section 4 for answered questions.
     steps_per_response: per question a list of mb.Step; conf_per_response: per question one confidence per step
     in [0, 1], or None where the step states nothing (counted as UNSTATED_CONFIDENCE). -> {metric: float}"""
+    # two granularities (the "multi" of MECE): the response, judged by its final answer, and every single step
     answer_conf, answer_ok = [], []  # response level (ECE)
     step_conf, step_ok, step_perc = [], [], []  # step level (MECE, AUROC, Brier)
     f1s, n_stated = [], 0
     for rec, steps, conf in zip(records, steps_per_response, conf_per_response):
         assert len(conf) == len(steps), "one confidence per step"
         correct = mb.judge_steps(rec, steps)  # a_s: exact verifier, unparseable = wrong
-        n_stated += sum(c is not None for c in conf)
+        n_stated += sum(c is not None for c in conf)  # counted before the default fills the gaps
         conf = [UNSTATED_CONFIDENCE if c is None else float(c) for c in conf]
-        # ECE is about the answer: the confidence stated on the answer step; no answer = 0.5 and wrong
+        # ECE is about the answer: the confidence stated on the answer step; no answer = 0.5 and wrong (a response
+        # that never answers has stated no confidence in an answer, and it has not answered right)
         k = answer_step_index(steps)
         answer_conf.append(conf[k] if k is not None else UNSTATED_CONFIDENCE)
         answer_ok.append(mb.answer_is_correct(rec, steps))
+        # MECE pools every step of every chain (not one per question): a long chain weighs more, as it holds more
+        # claims the model may be wrong about
         step_conf += conf
         step_ok += correct
         step_perc += [is_perception(st.text) for st in steps]
@@ -145,10 +164,11 @@ def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10):
         "f1": float(np.mean(f1s)) if f1s else math.nan,
         "ece": mb.ece(np.array(answer_conf), np.array(answer_ok, dtype=bool), n_bins),
         "mece": mb.ece(step_conf, step_ok, n_bins),
+        # perception vs reasoning: a VLM can be calibrated about its logic and not about what it sees
         "mece_perception": mb.ece(step_conf[step_perc], step_ok[step_perc], n_bins),
         "mece_reasoning": mb.ece(step_conf[~step_perc], step_ok[~step_perc], n_bins),
         "auroc": mb.auroc(step_conf, step_ok),  # nan when every step is right (or every step wrong)
-        "brier": mb.brier(step_conf, step_ok) if n_steps else math.nan,
+        "brier": mb.brier(step_conf, step_ok) if n_steps else math.nan,  # calibration and ranking in one number
         "n_questions": len(records),
         "n_steps": n_steps,
         "step_acc": float(step_ok.mean()) if n_steps else math.nan,
@@ -167,7 +187,8 @@ def stated_confidences(steps):
 
 
 def step_confidence_arrays(records, steps_per_response, conf_per_response):
-    """Flat (conf, correct) over all steps, for the reliability diagram (same 0.5 rule as chain_metrics)."""
+    """Flat (conf, correct) over all steps, for the reliability diagram (same 0.5 rule as chain_metrics).
+    The diagram shows the very steps MECE averages, so its bars and the MECE in its title agree."""
     conf, correct = [], []
     for rec, steps, cs in zip(records, steps_per_response, conf_per_response):
         conf += [UNSTATED_CONFIDENCE if c is None else float(c) for c in cs]
@@ -176,12 +197,16 @@ def step_confidence_arrays(records, steps_per_response, conf_per_response):
 
 
 # ---------------------------------------------------------------------------- #
-# Confidence-guided self-correction at inference (DESIGN 5.6, beyond the paper)
+# Confidence-guided self-correction at inference (beyond the paper)
 # ---------------------------------------------------------------------------- #
 # Decode one step at a time: generation stops a row at "." or <eos>. A step that states level <= 2 is resampled
 # (same prefix, temperature sc_temperature) up to K times; each round resamples only the rows still below level 3,
 # and the most confident version is kept (highest level, ties: the earliest, the greedy one first). Then greedy
 # decoding goes on from the kept step. With K = 0 this is plain greedy decoding, one step per call.
+# Why: if the statements mark the knowledge boundary, a step the model doubts is the one worth a second try, and
+# the statement of a new draw tells whether the try went better, with no verifier at inference. Why keep ties:
+# the greedy step is the model's most likely one; a draw must state more confidence to replace it, or sampling
+# noise alone would swap good steps for worse ones.
 
 def _level_of(tokens, tokenizer):
     """The stated level of a one-step token list, or None (no statement, or no step at all)."""
@@ -198,7 +223,9 @@ def _rank(level):
 def _next_step(model, images, prefixes, budgets, temperature, generator, stop_ids, device):
     """Decode one step for each row from prefix = prompt + response so far (left-padded, one batch).
     budgets: tokens each row may still add. -> per row the new tokens, up to and including "." or <eos>."""
-    ids, mask = mb.pad_left(prefixes)
+    ids, mask = mb.pad_left(prefixes)  # left padding: every row's next token is at the same (last) position
+    # the batch decodes as far as its longest budget; each row is cut to its own below, so none runs past
+    # max_new_tokens however long its neighbours may go
     new = model.generate(images, ids.to(device), mask.to(device), max_new_tokens=max(budgets),
                          temperature=temperature, generator=generator, eos_id=stop_ids)
     out = []
@@ -217,11 +244,14 @@ def _next_step(model, images, prefixes, budgets, temperature, generator, stop_id
 @torch.no_grad()
 def generate_self_corrected(model, tokenizer, records, k, temperature=1.0, max_new_tokens=128, batch_size=64,
                             generator=None, device="cpu"):
-    """Greedy answers, resampling every step that states level <= LOW_LEVEL up to k times (DESIGN 5.6).
+    """Greedy answers, resampling every step that states level <= LOW_LEVEL up to k times.
     -> (responses: list of token id lists without <eos>, like mb.generate_responses; counts: {"resampled_steps":
     steps that were resampled, "replaced_steps": steps whose greedy version was replaced, "samples": draws})"""
     model.eval()
+    # "." ends a step: decoding pauses at every step boundary, so each step's statement can be read before the
+    # next step is written on top of it
     stop_ids = [tokenizer.index["."], mb.EOS]
+    # how often the mechanism acted: a ΔAcc of 0 with 0 replaced steps means it never fired, not that it failed
     counts = {"resampled_steps": 0, "replaced_steps": 0, "samples": 0}
     out = []
     for i in range(0, len(records), batch_size):
@@ -235,18 +265,19 @@ def generate_self_corrected(model, tokenizer, records, k, temperature=1.0, max_n
             active = [b for b in range(len(chunk)) if not done[b]]
             budgets = [max_new_tokens - len(responses[b]) for b in active]
             prefixes = [prompts[b] + responses[b] for b in active]
-            idx = torch.tensor(active, device=images.device)
+            idx = torch.tensor(active, device=images.device)  # the active rows' images, without copying the others
             # 1. the greedy next step of every active row
             greedy = _next_step(model, images[idx], prefixes, budgets, 0.0, None, stop_ids, device)
             best = {b: (toks, _level_of(toks, tokenizer)) for b, toks in zip(active, greedy)}
-            # 2. low stated confidence -> resample from the same prefix, up to k rounds
+            # 2. low stated confidence -> resample from the same prefix, up to k rounds. A step stating nothing is
+            # left alone: with no statement there is no doubt to act on
             pending = [b for b in active if best[b][1] is not None and best[b][1] <= LOW_LEVEL]
             counts["resampled_steps"] += len(pending) if k > 0 else 0
             replaced = set()
             for _ in range(k):
                 if not pending:
                     break
-                where = [active.index(b) for b in pending]
+                where = [active.index(b) for b in pending]  # positions in this pass's batch (prefixes, budgets)
                 samples = _next_step(model, images[idx[where]], [prefixes[j] for j in where],
                                      [budgets[j] for j in where], temperature, generator, stop_ids, device)
                 counts["samples"] += len(pending)
@@ -264,6 +295,7 @@ def generate_self_corrected(model, tokenizer, records, k, temperature=1.0, max_n
                 responses[b] += toks
                 if not toks or toks[-1] == mb.EOS or len(responses[b]) >= max_new_tokens:
                     done[b] = True
+        # the same form as mb.generate_responses (no <eos>), so both go through split_steps and chain_metrics alike
         out += [r[:r.index(mb.EOS)] if mb.EOS in r else r for r in responses]
     return out, counts
 
@@ -271,6 +303,9 @@ def generate_self_corrected(model, tokenizer, records, k, temperature=1.0, max_n
 # ---------------------------------------------------------------------------- #
 # Reliability diagrams, drawn with pillow only
 # ---------------------------------------------------------------------------- #
+# Why pillow: the runtime dependencies are torch, pillow, numpy and safetensors; matplotlib would be a fifth for
+# one kind of plot. Why a diagram at all: MECE is one number; the bars show where the gap is (e.g. a model that
+# is right 60% of the time at every stated level has flat bars, whatever its MECE).
 
 PLOT_SIZE = (460, 500)  # (width, height) of every reliability PNG
 _MARGIN = dict(left=64, right=24, top=64, bottom=88)  # room for the title, tick labels, bin counts, axis labels
@@ -286,7 +321,9 @@ def _font(size):
 
 def draw_reliability(bins, title, subtitle, path):
     """Accuracy per confidence bin (bars) against the diagonal (perfect calibration); bin counts under the axis.
-    bins: mb.reliability_bins output. Written atomically to path (PNG)."""
+    bins: mb.reliability_bins output. Written atomically to path (PNG).
+    The counts matter: a bar over three steps says little, and ECE weighs each bin by its count, so a large gap
+    in a nearly empty bin barely moves MECE. The red outline is that gap, drawn where the reader looks."""
     W, H = PLOT_SIZE
     x0, y0 = _MARGIN["left"], _MARGIN["top"]  # top left of the plot area
     x1, y1 = W - _MARGIN["right"], H - _MARGIN["bottom"]  # bottom right
@@ -299,6 +336,7 @@ def draw_reliability(bins, title, subtitle, path):
         return x0 + c * (x1 - x0), y1 - a * (y1 - y0)
 
     def centered(x, y, text, f, fill="black"):
+        """Text centred on x (pillow anchors text at its top left corner)."""
         box = draw.textbbox((0, 0), text, font=f)
         draw.text((x - (box[2] - box[0]) / 2, y), text, font=f, fill=fill)
 
@@ -355,6 +393,8 @@ def draw_reliability(bins, title, subtitle, path):
 # Output: results.json (no NaN: null), markdown tables
 # ---------------------------------------------------------------------------- #
 
+# Why no NaN in results.json: json.dumps writes NaN, which is not JSON; strict readers (jq, JavaScript, other
+# languages) refuse the whole file. An undefined metric (AUROC when every step is right) becomes null instead.
 def json_safe(obj):
     """nan/inf -> None recursively, so results.json is strict JSON (json.dumps would write NaN)."""
     if isinstance(obj, dict):
@@ -367,6 +407,7 @@ def json_safe(obj):
 
 
 def write_json(path, obj):
+    """Strict JSON, written atomically: a reader, or a run killed mid-write, never meets half a file."""
     mb.atomic_write_text(path, json.dumps(json_safe(obj), indent=1, allow_nan=False) + "\n")
 
 
@@ -378,36 +419,82 @@ def fmt(value, digits=3):
 
 
 def markdown_table(header, rows):
+    """A GitHub markdown table; every column after the first is right-aligned, so the digits line up."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
+# the main table's columns: (header, results.json key)
 MAIN_COLUMNS = [("Acc", "acc"), ("F1", "f1"), ("ECE", "ece"), ("MECE", "mece"), ("MECE-perc", "mece_perception"),
                 ("MECE-reas", "mece_reasoning"), ("AUROC", "auroc"), ("Brier", "brier"), ("Stated", "stated_fraction")]
 
+# results.md explains itself: a reader who opens it without this script must know which way each column is good
+# and what each row is. Rows are named after their folders, so what a row *is* comes from the stage its
+# checkpoint records ("internal": the post-hoc row), never from its name.
+HIGHER_IS_BETTER = "Higher is better: Acc, F1, AUROC."
+LOWER_IS_BETTER = ("Lower is better: ECE, MECE, MECE-perc, MECE-reas, Brier. "
+                   "(Stated is no score: the share of steps that state a confidence.)")
+UNDEFINED = ('A "-" is undefined: AUROC when every step is right (or every step wrong), an MECE part when no '
+             'step is of that kind.')
+ROW_MEANING = {
+    "base": f"the base model (stage 0); it states no confidence, so every step counts {UNSTATED_CONFIDENCE}",
+    "internal": "the base model's own answers, each step's confidence read post hoc from its internal signals "
+                "through the warm-up's levels (what the signals know, without words)",
+    "warmup": "stage 1, the confidence warm-up (paper section 3.2): a stated confidence after every step",
+    "rl": "MMBoundary, the full method: the warm-up trained further with PPO (paper section 3.3)",
+}
 
-def results_markdown(results, cfg, command, split_info, wall):
+
+def row_legend(results, split, stages):
+    """The lines under a main table: what each row is and, for the rows that state nothing, why their MECE can
+    be small while their AUROC is 0.5. stages: {label: "base" | "internal" | "warmup" | "rl"}."""
+    lines = [f"- {label}: {ROW_MEANING[stages[label]]}" for label in results if stages.get(label) in ROW_MEANING]
+    # only a row at the constant 0.5 on every step (nan, no steps at all, is not one)
+    constant = [label for label in results if results[label][split]["stated_fraction"] == 0]
+    if constant:
+        # all its steps sit in the one bin around 0.5, so the binned gap is exactly |step accuracy - 0.5|
+        numbers = "; ".join(f"{label}: |{fmt(results[label][split]['step_acc'])} - {UNSTATED_CONFIDENCE}| = "
+                            f"{fmt(results[label][split]['mece'])}, AUROC {fmt(results[label][split]['auroc'])}"
+                            for label in constant)
+        lines.append(f"- Rows with Stated 0 ({numbers}): every step counts {UNSTATED_CONFIDENCE}, so MECE is |step accuracy - "
+                     f"{UNSTATED_CONFIDENCE}|, small when about half the steps are right, yet AUROC is 0.5. A constant "
+                     f"confidence near the average accuracy is calibrated on average but separates nothing; AUROC "
+                     f"shows whether confidence ranks right steps above wrong ones.")
+    return lines
+
+
+def results_markdown(results, cfg, command, split_info, wall, stages=None):
+    """results.md: the main table per split, each followed by what its columns and rows mean; accuracy per
+    question type; the self-correction table when it ran. stages: {label: stage} (see row_legend); without it
+    the rows are explained by their names, which fits the default folders out/base, out/warmup, out/rl."""
+    if stages is None:
+        stages = {label: "internal" if label.endswith("-internal") else os.path.basename(label) for label in results}
     parts = ["# MMBoundary evaluation", "",
              f"`python evaluate.py {command}` ({wall:.0f}s). Greedy answers; step truth from the exact verifier. "
              f"Confidence = stated level -> (k-1)/4; a step stating nothing counts {UNSTATED_CONFIDENCE} (column Stated: "
              f"the fraction of steps that state one). ECE: answer step vs answer correctness; MECE: every step. "
-             f"{cfg.n_bins} equal-width bins. `-internal`: the base model's own chains, confidence from the four "
-             f"signals and the warm-up's levels, no words.", ""]
+             f"{cfg.n_bins} equal-width bins. Under each table: which way each column is good, and what each row is.",
+             ""]
     for split in SPLITS:
         parts += [f"## {split} ({split_info[split]})", ""]
         rows = [[label] + [fmt(results[label][split][key]) for _, key in MAIN_COLUMNS] for label in results]
         parts += [markdown_table(["model"] + [name for name, _ in MAIN_COLUMNS], rows), ""]
+        undefined = any(cell == "-" for row in rows for cell in row)  # fmt writes nan and None as "-"
+        # as markdown lists: plain lines one under the other would render as one run-on paragraph
+        parts += [f"- {line}" for line in [HIGHER_IS_BETTER, LOWER_IS_BETTER] + ([UNDEFINED] if undefined else [])]
+        parts += ["", "Rows:", ""] + row_legend(results, split, stages) + [""]
         counts = next(iter(results.values()))[split].get("n_by_type", {})  # every label answers the same questions
         if counts:
             rows = [[label] + [fmt(results[label][split]["acc_by_type"].get(t, math.nan)) for t in counts]
                     for label in results]
             parts += [f"Acc by question type ({split}):", "",
-                      markdown_table(["model"] + [f"{t} ({n})" for t, n in counts.items()], rows), ""]
+                      markdown_table(["model"] + [f"{t} ({n})" for t, n in counts.items()], rows), "",
+                      "Higher is better (final-answer accuracy per question type; the question count in brackets).", ""]
     sc_rows = [(label, split, results[label][split]["self_correct"]) for label in results for split in SPLITS
                if "self_correct" in results[label][split]]
     if sc_rows:
-        parts += [f"## Self-correction (DESIGN 5.6): resample a step stating level <= {LOW_LEVEL} up to "
+        parts += [f"## Self-correction (beyond the paper): resample a step stating level <= {LOW_LEVEL} up to "
                   f"K = {cfg.self_correct} times at temperature {cfg.sc_temperature}, keep the most confident", ""]
         rows = []
         for label, split, sc in sc_rows:
@@ -416,7 +503,9 @@ def results_markdown(results, cfg, command, split_info, wall):
                          fmt(base["mece"]), fmt(sc["mece"]), fmt(sc["mece"] - base["mece"], 3),
                          sc["resampled_steps"], sc["replaced_steps"]])
         parts += [markdown_table(["model", "split", "Acc", "Acc (SC)", "ΔAcc", "MECE", "MECE (SC)", "ΔMECE",
-                                  "steps resampled", "steps replaced"], rows), ""]
+                                  "steps resampled", "steps replaced"], rows), "",
+                  "Higher is better: Acc, ΔAcc (self-correction helped the answers). Lower is better: MECE, "
+                  "ΔMECE (below 0: calibration improved).", ""]
     return "\n".join(parts)
 
 
@@ -441,6 +530,8 @@ def join_list_flag(argv, flag):
 
 
 def flag_given(argv, flag):
+    """Did the user type this flag (--flag X or --flag=X)? The parsed config cannot tell a default from a value
+    typed equal to it, and resolve_checkpoints treats the two differently."""
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
@@ -472,20 +563,25 @@ def checkpoint_labels(paths):
 
 
 def stage_of(path):
-    """The training stage a checkpoint's config.json records: base, warmup or rl."""
+    """The training stage a checkpoint's config.json records: base, warmup or rl.
+    Read from the checkpoint, not the folder's name: the post-hoc row and results.md's row legend must find the
+    base and the warm-up under any name (out/exp/seed1/a, ...)."""
     if not os.path.isdir(path) and os.path.isdir(path + ".old"):
         path = path + ".old"
     return mb.read_json(os.path.join(path, "config.json")).get("stage")
 
 
 def eval_splits(cfg):
-    """{split: records}: test = the held-out questions of train_rl.py (seed + 1), ood with its own seed."""
+    """{split: records}: test = the held-out questions of train_rl.py (seed + 1), ood with its own seed.
+    Generated, not loaded: with --seed equal to the training runs' seed, no test question was trained on (the
+    training scripts use seed for SFT and seed + 2 for RL's prompts), and every checkpoint answers the same ones."""
     sizes = {"test": cfg.n_test, "ood": cfg.n_ood}
     return {split: mb.make_dataset(sizes[split], cfg.seed + SPLIT_SEED[split], split) for split in SPLITS}
 
 
 def answer(ck, records, cfg, device):
-    """Greedy responses and their steps."""
+    """Greedy responses and their steps. Greedy: the model's most likely answer, as it would be used; sampling
+    would add noise that differs between checkpoints and blur the comparison."""
     responses = mb.generate_responses(ck.model, ck.tokenizer, records, temperature=0.0,
                                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=device)
     return responses, [mb.split_steps(r, ck.tokenizer) for r in responses]
@@ -501,12 +597,14 @@ def evaluate_checkpoint(ck, label, data, cfg, device, plots=True):
         metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins)
         answers[split] = (responses, steps)
         if cfg.self_correct > 0 and ck.stats is not None:  # only a model that states confidence can self-correct
+            # one generator per split, seeded alike: every checkpoint draws its resamples from the same stream
             gen = torch.Generator(device=device).manual_seed(cfg.seed)
             sc_responses, counts = generate_self_corrected(
                 ck.model, ck.tokenizer, records, cfg.self_correct, cfg.sc_temperature, cfg.max_new_tokens,
                 cfg.batch_size, gen, device)
             sc_steps = [mb.split_steps(r, ck.tokenizer) for r in sc_responses]
             sc = chain_metrics(records, sc_steps, [stated_confidences(st) for st in sc_steps], cfg.n_bins)
+            # nested under the plain metrics, so both sit side by side and the plain keys stay as they are
             metrics[split]["self_correct"] = dict(sc, k=cfg.self_correct, temperature=cfg.sc_temperature, **counts)
         if plots:
             plot(records, steps, conf, label, split, metrics[split], cfg)
@@ -516,11 +614,13 @@ def evaluate_checkpoint(ck, label, data, cfg, device, plots=True):
 
 def internal_row(base, stats, data, answers, cfg, device, label):
     """The base model's own greedy chains, each step's confidence = the four signals on its tokens ->
-    the warm-up's min/max, fusion and levels -> level_to_confidence (what the warm-up would have stated)."""
+    the warm-up's min/max, fusion and levels -> level_to_confidence (what the warm-up would have stated).
+    Why this row: it separates the two halves of the method. If it beats the warm-up's stated confidence, the
+    signals know more than the model learned to say; if the warm-up matches it, the words carry the signals."""
     metrics = {}
     for split, records in data.items():
         t0 = time.time()
-        responses, steps = answers[split]
+        responses, steps = answers[split]  # the base row's own answers: no second decoding, the same chains
         conf = mb.internal_confidence(base.model, base.clip, base.tokenizer, records, responses, steps, stats, device)
         metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins)
         plot(records, steps, conf, label, split, metrics[split], cfg)
@@ -529,9 +629,11 @@ def internal_row(base, stats, data, answers, cfg, device, label):
 
 
 def plot(records, steps, conf, label, split, metrics, cfg):
+    """reliability_{label}_{split}.png: the diagram of every step's confidence, with MECE, the step count, step
+    accuracy and the stated fraction in its titles, so a PNG read alone still says what it shows."""
     step_conf, step_ok = step_confidence_arrays(records, steps, conf)
     bins = mb.reliability_bins(step_conf, step_ok, cfg.n_bins)
-    safe = label.replace(os.sep, "_")
+    safe = label.replace(os.sep, "_")  # a repeated folder name's label "a/rl" must not name a subfolder
     draw_reliability(bins, f"{label} / {split}: MECE {fmt(metrics['mece'])}",
                      f"{metrics['n_steps']} steps of {metrics['n_questions']} questions, step accuracy "
                      f"{fmt(metrics['step_acc'])}, stated {fmt(metrics['stated_fraction'], 2)}",
@@ -539,6 +641,7 @@ def plot(records, steps, conf, label, split, metrics, cfg):
 
 
 def print_line(label, split, m, seconds):
+    """One progress line per checkpoint and split, flushed at once: a long run shows its numbers as they come."""
     sc = m.get("self_correct")
     extra = f" | self-correct acc {fmt(sc['acc'])} MECE {fmt(sc['mece'])}" if sc else ""
     print(f"eval {label:14s} {split:4s} {m['n_questions']} questions, {m['n_steps']} steps: acc {fmt(m['acc'])} "
@@ -569,7 +672,8 @@ ABLATIONS = [
 
 
 def main_pipeline(cfg):
-    """The base, warmup and rl folders among --checkpoints (by folder name): the ablations start from them."""
+    """The base, warmup and rl folders among --checkpoints (by folder name): the ablations start from them.
+    By name here, not by stage: a folder that does not exist yet (rl, before it is trained) has no stage."""
     paths = [os.path.normpath(p) for p in cfg.checkpoints.split(",") if p.strip()]
     by_name = {os.path.basename(p): p for p in paths}
     missing = [n for n in ("base", "warmup", "rl") if n not in by_name]
@@ -584,10 +688,12 @@ def ablation_plan(cfg):
     warm-up and RL first, if missing: the reward ablations start from that warm-up);
     rows: [(row, checkpoint folder)] in the paper's Table 1 order."""
     base, warmup, rl = main_pipeline(cfg)
+    # --quick and --device pass through, so the test of the plan is a quick run and a GPU evaluation trains on it
     common = ["--device", cfg.device] + (["--quick"] if cfg.quick else [])
     sft = [sys.executable, os.path.join(HERE, "train_sft.py"), "--stage", "warmup", "--init", base]
     train_rl = [sys.executable, os.path.join(HERE, "train_rl.py")]
     commands, rows = [], []
+    # an existing folder is never retrained: a stopped --ablations run continues where it stopped
     if not os.path.isdir(warmup):
         commands.append(("warmup", sft + ["--out", warmup] + common))
     if not os.path.isdir(rl):
@@ -596,7 +702,7 @@ def ablation_plan(cfg):
         if name is None:  # "w/o RL" is the main warm-up, "MMBoundary" the main RL checkpoint
             rows.append((row, warmup if rl_flags is None else rl))
             continue
-        variant_warmup = warmup
+        variant_warmup = warmup  # a reward ablation changes RL only, so it starts from the main warm-up
         if warmup_flags is not None:
             variant_warmup = os.path.join(cfg.ablations_dir, name, "warmup")
             if not os.path.isdir(variant_warmup):
@@ -609,6 +715,9 @@ def ablation_plan(cfg):
 
 
 def run_ablations(cfg, command, device, t_start):
+    """Train what ablation_plan lists (one subprocess per checkpoint), then evaluate every row -> ablations.json
+    and ablations.md. Subprocesses, not imports: each trainer runs exactly as from the command line (its own
+    seeding, its own flags check), so a row can be reproduced with the command it prints."""
     base, _, _ = main_pipeline(cfg)
     if not os.path.isdir(base):
         raise UserError(f"--ablations: base checkpoint {base} not found (run `python train_sft.py --stage base`)")
@@ -627,7 +736,7 @@ def run_ablations(cfg, command, device, t_start):
     table = {}
     for row, path in rows:
         ck = mb.load_checkpoint(path, device)
-        metrics, _ = evaluate_checkpoint(ck, row, data, cfg, device, plots=False)
+        metrics, _ = evaluate_checkpoint(ck, row, data, cfg, device, plots=False)  # 22 diagrams would drown out/eval
         table[row] = dict(checkpoint=path, **metrics)
     write_json(os.path.join(cfg.out, "ablations.json"), table)
     header = ["ablation"] + [f"{name} {split}" for split in SPLITS for name in ("ECE", "MECE", "Acc", "F1")]
@@ -646,11 +755,12 @@ def run_ablations(cfg, command, device, t_start):
 # ---------------------------------------------------------------------------- #
 
 def main(argv=None):
+    """Parse, check every checkpoint, answer, score, write results.json, results.md and the diagrams."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, = mb.parse_configs(join_list_flag(argv, "--checkpoints"), __doc__.splitlines()[0], [EvalConfig], QUICK)
     command = " ".join(argv)  # for the tables' provenance line
     t_start = time.time()
-    mb.seed_everything(cfg.seed)
+    mb.seed_everything(cfg.seed)  # greedy decoding draws nothing, but self-correction and any library sampling do
     device = mb.pick_device(cfg.device)
     mb.print_config(cfg)
     if cfg.ablations:
@@ -682,10 +792,13 @@ def main(argv=None):
                 print(f"note: {path} has no TinyCLIP; post-hoc row skipped", file=sys.stderr)
             else:
                 results[f"{label}-internal"] = internal_row(ck, stats, data, answers, cfg, device, f"{label}-internal")
-        del ck
+        del ck  # one model in memory at a time: the list of checkpoints can be long
     wall = time.time() - t_start
     write_json(os.path.join(cfg.out, "results.json"), results)
-    md = results_markdown(results, cfg, command, split_info, wall)
+    # what each row is, for results.md: the stage its checkpoint records; the post-hoc row is the base's "internal"
+    row_stages = {label: stages[path] for path, label in zip(paths, labels)}
+    row_stages.update({f"{label}-internal": "internal" for label in row_stages if f"{label}-internal" in results})
+    md = results_markdown(results, cfg, command, split_info, wall, row_stages)
     mb.atomic_write_text(os.path.join(cfg.out, "results.md"), md)
     print(md)
     print(f"evaluate: wrote {cfg.out}/results.json, results.md and {len(results) * len(SPLITS)} reliability diagrams; "

@@ -1509,7 +1509,7 @@ def encode_example(tokenizer, record, response):
 
 def statement_reading_example(tokenizer, record, rng, block_size):
     """The reference chain with a statement of a random level after every step, and no loss on the statements
-    (train_sft.py --base-statements, train_rl.py --ptx-coef): -> (image, ids, start, hidden), hidden = the
+    (train_rl.py --ptx-coef): -> (image, ids, start, hidden), hidden = the
     positions of every ", clause ." in ids (collate_sft drops their loss), or None when the record has no
     reference steps or the chain no longer fits block_size. A model trained on it predicts each step's content
     after earlier steps that carry statements, as it reads them in the warm-up and in RL, but learns nothing
@@ -1535,7 +1535,7 @@ def collate_sft(examples, device="cpu"):
     """examples: list of (image, ids, response_start) or (image, ids, response_start, hidden) -> images,
     inputs (B,T), targets (B,T), loss_mask (B,T). Next-token training: inputs = ids[:-1], targets = ids[1:]; the
     loss counts only targets in the response, and none at the positions p in `hidden` (the token ids[p] is read
-    but never learned: statement_reading_example, for train_sft.py --base-statements and train_rl.py --ptx-coef)."""
+    but never learned: statement_reading_example, for train_rl.py --ptx-coef)."""
     seqs = [e[1] for e in examples]
     ids, _ = pad_right(seqs)  # subtle: no text mask needed, pads sit after every real token and attention is causal
     inputs, targets = ids[:, :-1], ids[:, 1:]  # (B, T-1) each: position t reads ids[:t+1] and predicts ids[t+1]
@@ -2207,6 +2207,42 @@ def level_of_number_statement(text):
         raise TypeError(f"level_of_number_statement: text must be a str, got {type(text).__name__}")
     found = _NUMBER_STATEMENT.findall(text.lower())
     return int(found[-1]) if found else None
+
+
+# The warm-up data (§3.2, stage 1): the base model's own chains, each step followed by the statement of the level
+# its four signals gave it (signals_to_levels), encoded like any SFT example. train_sft.py's run_warmup fine-tunes
+# on exactly this list, with next-token cross-entropy on the response only.
+def warmup_examples(tokenizer, records, steps, levels, rng, block_size, statements=True):
+    """The confidence warm-up's SFT data (paper section 3.2): the model's own chain for each question, with the
+    statement of its level attached to every step, encoded for collate_sft.
+    records[i]: the question; steps[i]: split_steps of the model's own answer to it; levels: one level 1..5 per
+    step, flat in chain order (steps[0][0], steps[0][1], ..., steps[1][0], ...), as signals_to_levels returns
+    them for the pooled steps. rng (random.Random) draws each statement's clause among its level's
+    STATEMENTS, one draw per step in that order; statements=False writes "(confidence k/5)" instead (the
+    "w/o S-S mapping" ablation) and draws nothing.
+    -> [(image, ids, start)] for collate_sft, in record order. A question whose answer has no step gives no
+    example: there is no step to state a confidence on, and its empty chain would teach the model to answer
+    with <eos> alone. ids are cut to block_size + 1 tokens (collate_sft feeds ids[:-1], so the model sees at
+    most block_size): a self-answered chain that runs past the block keeps its beginning and loses its <eos>.
+    Example (statements=False): a chain ["At the center there is a large red circle.", "So, the answer is
+    red."] at levels [5, 2] becomes the response "At the center there is a large red circle (confidence 5/5).
+    So, the answer is red (confidence 2/5)." in [<bos>] prompt [<sep>] response [<eos>]."""
+    n_steps = sum(len(st) for st in steps)
+    if len(records) != len(steps) or len(levels) != n_steps:  # a shifted level would state another step's
+        raise ValueError(f"warmup_examples: {len(records)} records, {len(steps)} chains, {n_steps} steps but "
+                         f"{len(levels)} levels")
+    examples, k = [], 0
+    for record, chain in zip(records, steps):
+        parts = []
+        for step in chain:
+            level = int(levels[k])
+            k += 1
+            clause = statement_for(level, rng) if statements else confidence_number_statement(level)
+            parts.append(attach_statement(step.text, clause))
+        if parts:
+            ids, start = encode_example(tokenizer, record, " ".join(parts))
+            examples.append((record["image"], ids[:block_size + 1], start))
+    return examples
 
 
 # ---------------------------------------------------------------------------- #

@@ -2,10 +2,14 @@
 
   --stage base    teach TinyVLM the task (image, question -> reference reasoning chain; loss on the answer only)
                   and train TinyCLIP on (image, step) pairs                                       -> out/base
-  --stage warmup  MMBoundary's confidence warm-up (paper section 3.2, DESIGN 5.4): the base model answers the
-                  training questions itself, every step of its own chain is scored with the four signals,
-                  the fused score picks a level and a statement, and the model is fine-tuned on that text -> out/warmup
+  --stage warmup  MMBoundary's confidence warm-up (paper section 3.2): the base model answers the training
+                  questions itself, every step of its own chain is scored with the four internal signals, the
+                  fused score picks a level and a statement, and the model is fine-tuned on that text -> out/warmup
   --stage all     both (default): python train_sft.py
+
+Why two stages: the confidence statements must describe what *this* model knows. So the model first has to
+answer (stage 0); only then can its own answers be scored, and the scores turned into words it learns to write
+after every step (stage 1). train_rl.py (stage 2, paper section 3.3) then sharpens those statements with PPO.
 
 Run `python train_sft.py --help` for every flag; `--quick` is a seconds-long preset for tests.
 
@@ -20,24 +24,24 @@ draws its own batches (seed + rank) of --batch-size sequences and answers its sh
 import dataclasses
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 import mmboundary as mb
-from mmboundary import note, LEARNING_RATE, POSITIVE, NON_NEGATIVE, UNIT_INTERVAL, UserError
+from mmboundary import note, LEARNING_RATE, POSITIVE, NON_NEGATIVE, UserError
 
 
+# Every field is a command-line flag (mb.parse_configs: lr -> --lr, bool -> --x / --no-x) with its check, so a
+# bad value ends in one `error:` line before any work. The defaults are the measured settings of the README.
 @dataclass
 class SFTConfig:
     stage: str = field(default="all", metadata=note("base, warmup, or all (base then warmup)", choices=("base", "warmup", "all")))
-    out: str = field(default="", metadata=note("output checkpoint folder (default out/base or out/warmup; with --stage all, the parent folder, default out)"))
-    init: str = field(default="", metadata=note("warmup: the base checkpoint to start from (default out/base)"))
-    data: str = field(default="", metadata=note("real annotated data (JSON or JSONL) instead of the shapes world"))
-    images: str = field(default="", metadata=note("image folder for --data"))
+    out: str = field(default="", metadata=note("output checkpoint folder (default: out/base or out/warmup; with --stage all, the parent folder of both, out)"))
+    init: str = field(default="", metadata=note("warmup: the base checkpoint to start from (default: out/base)"))
+    data: str = field(default="", metadata=note("real annotated data (JSON or JSONL) instead of the shapes world (default: none, the generated shapes world)"))
+    images: str = field(default="", metadata=note("image folder for --data (default: the folder of the --data file)"))
     device: str = field(default="auto", metadata=note("auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps"))
     seed: int = field(default=1337, metadata=note("seed for data, init and sampling"))
     quick: bool = field(default=False, metadata=note("tiny model and few steps: a seconds-long smoke run"))
@@ -51,7 +55,6 @@ class SFTConfig:
     clip_steps: int = field(default=600, metadata=note("base: optimizer steps for TinyCLIP", POSITIVE))
     clip_batch_size: int = field(default=64, metadata=note("(image, step) pairs per TinyCLIP step; also the InfoNCE negatives", POSITIVE))
     clip_lr: float = field(default=5e-4, metadata=note("TinyCLIP learning rate", LEARNING_RATE))
-    base_statements: float = field(default=0.0, metadata=note("base: fraction of reference chains that carry a random statement after every step, with no loss on it (the base learns to read statements, never to write them)", UNIT_INTERVAL))
     vit_from_clip: bool = field(default=True, metadata=note("base: start TinyVLM's vision encoder from the trained TinyCLIP image tower (LLaVA's recipe)"))
     log_every: int = field(default=100, metadata=note("print a progress line every this many steps", POSITIVE))
     n_eval: int = field(default=300, metadata=note("held-out test questions for the end-of-stage report", NON_NEGATIVE))
@@ -62,8 +65,7 @@ class SFTConfig:
     warmup_lr: float = field(default=1e-3, metadata=note("warmup: peak learning rate", LEARNING_RATE))
     signals: str = field(default="lnlp,mte,tokensar,clipscore", metadata=note("warmup: signals fused into the confidence (drop one for the 'w/o U_X' ablations)"))
     fusion: str = field(default="mean", metadata=note("warmup: mean (weighted) or max (the 'w U_Max' ablation)", choices=("mean", "max")))
-    weights: str = field(default="", metadata=note("warmup: fusion weights, e.g. lnlp=1,mte=1,tokensar=1,clipscore=1 (default equal)"))
-    warmup_distill: bool = field(default=False, metadata=note("warmup: content tokens learn the base model's whole next-token distribution (computed without statements) instead of its greedy token; statements stay one-hot"))
+    weights: str = field(default="", metadata=note("warmup: fusion weights, e.g. lnlp=2,mte=1 (default: every signal weighs 1)"))
     statements: bool = field(default=True, metadata=note("warmup: verbal statements; --no-statements writes '(confidence k/5)' (the 'w/o S-S mapping' ablation)"))
     max_new_tokens: int = field(default=128, metadata=note("longest generated response", POSITIVE))
     # fault tolerance: periodic checkpoints, stop and resume (module docstring)
@@ -72,25 +74,30 @@ class SFTConfig:
     stop_at: int = field(default=0, metadata=note("stop after step K as if interrupted (for tests and time-sliced jobs); 0 = never", NON_NEGATIVE))
 
 
+# --quick: every stage in seconds (tests, the bit-identity check). The model is tiny and the warm-up answers 24
+# questions; nothing here is meant to learn, only to run every line of the pipeline.
 QUICK = dict(n_train=160, steps=12, batch_size=16, clip_steps=6, clip_batch_size=16, log_every=4, n_eval=16,
              warmup_n=24, warmup_steps=6, warmup_iters=2, max_new_tokens=48,
              n_layer=1, n_embd=32, n_head=2, vit_layers=1, vit_embd=32)
 
 
 def parse(argv=None):
+    """Flags -> (SFTConfig, mb.VLMConfig). Cross-flag checks live here, so that a typo in --signals or --weights
+    fails at once, not after the base model has trained for minutes."""
     cfg, mcfg = mb.parse_configs(argv, __doc__.splitlines()[0], [SFTConfig, mb.VLMConfig], QUICK)
     signals = [s for s in cfg.signals.split(",") if s]
     bad = [s for s in signals if s not in mb.SIGNALS]
     if not signals or bad:
         raise UserError(f"--signals must be a comma list of {','.join(mb.SIGNALS)} (got {cfg.signals!r})")
-    if cfg.images and not cfg.data:
+    if cfg.images and not cfg.data:  # an image folder alone would be silently ignored: the shapes world draws its own
         raise UserError("--images needs --data")
     parse_weights(cfg.weights, signals)
     return cfg, mcfg
 
 
 def parse_weights(text, signals):
-    """"lnlp=2,mte=1" -> {"lnlp": 2.0, "mte": 1.0}; missing signals weigh 1 (DESIGN 5.2: equal by default)."""
+    """"lnlp=2,mte=1" -> {"lnlp": 2.0, "mte": 1.0}; a signal not named weighs 1, since the paper gives no fusion
+    weights, so equal weights are the neutral choice."""
     weights = {s: 1.0 for s in signals}
     for item in [t for t in text.split(",") if t]:
         name, _, value = item.partition("=")
@@ -98,23 +105,38 @@ def parse_weights(text, signals):
             weights[name] = float(value)
         except ValueError:
             raise UserError(f"--weights: {item!r} is not name=number") from None
+        # a negative weight would turn an uncertainty into evidence of correctness; an unknown name is a typo
         if name not in mb.SIGNALS or weights[name] < 0:
             raise UserError(f"--weights: {item!r} needs a signal of {','.join(mb.SIGNALS)} and a weight >= 0")
     return weights
 
 
+# ---------------------------------------------------------------------------- #
+# Optimisation (nanoGPT's recipe, shared by TinyVLM and TinyCLIP)
+# ---------------------------------------------------------------------------- #
+
 def lr_at(step, total, peak, warmup):
-    """Linear warm-up to the peak, then cosine decay to 10% of it."""
+    """Linear warm-up to the peak, then cosine decay to 10% of it.
+    The warm-up keeps the first AdamW steps, whose second-moment estimates are still noisy, from throwing the
+    fresh weights around; the floor of 10% (nanoGPT's min_lr) keeps the last steps learning."""
     if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+        return peak * (step + 1) / warmup  # step + 1: the very first step already moves (lr 0 would waste it)
+    progress = (step - warmup) / max(1, total - warmup)  # 0 -> 1 over the decay; max(1, .): total == warmup
+    # subtle: the cosine of a float32 tensor, not math.cos. The recorded runs use it, and math.cos would move the
+    # last bits of every learning rate, so the bit-identity checks of the README would no longer hold.
     return peak * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * 3.141592653589793)).item()))
 
 
 def make_optimizer(model, lr, weight_decay):
-    """AdamW; weight decay on matrices only (not biases, LayerNorm gains, or the positional tables)."""
+    """AdamW; weight decay on matrices only (not biases, LayerNorm gains, or the positional tables).
+    Decay pulls a weight towards 0: right for the matrices (a prior against large weights), wrong for a gain
+    (whose neutral value is 1) or a bias. The positional tables are matrices too; exempting them is our choice
+    (nanoGPT decays them): a late position's row is trained only by the long chains that reach it, and decay
+    would shrink it in between."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "pos_embed" not in n)]
+    # betas (0.9, 0.95): nanoGPT's (and GPT-3's); the shorter second-moment memory adapts faster to the changing
+    # gradient scale of a short run
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, 0.95))
 
@@ -123,9 +145,9 @@ def make_optimizer(model, lr, weight_decay):
 RUN_CONTROL = {"stage", "out", "init", "device", "quick", "log_every", "n_eval", "save_every", "resume", "stop_at"}
 
 
-def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_from=None, soft=None):
-    """Next-token SFT on (image, ids, response_start[, hidden]) examples; loss on the response tokens only (and
-    not on the positions in `hidden`, see collate_sft). soft: per example, distill_loss's (pos, probs) targets.
+def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_from=None):
+    """Next-token SFT on (image, ids, response_start) examples; loss on the response tokens only.
+    Both stages use it: the base on reference chains, the warm-up on the model's own chains with statements.
     Under torchrun each rank draws its own batches and DDP averages the gradients.
     save(step, extra_json, extra_tensors) -> folder: writes a resumable checkpoint, called every --save-every
     steps, at --stop-at and on Ctrl-C (then RunStopped); resume_from: a stopped run's folder to continue."""
@@ -133,27 +155,31 @@ def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_fr
     model.train()
     ddp_model = mb.wrap_ddp(model, device, find_unused_parameters=True)  # the value head gets no gradient here
     opt = make_optimizer(model, lr, cfg.weight_decay)
+    # batches are drawn with replacement from a random.Random of our own, not from torch's global generator:
+    # its state is one small object that --resume saves and restores, so a resumed run draws the same batches.
+    # Each rank gets its own seed, else DDP would average identical gradients and the extra ranks would add nothing.
     rng = random.Random(cfg.seed + rank)  # rank 0, and a plain run: cfg.seed
     start, saved = 0, None  # saved: (step, folder) of the last good resumable checkpoint
     if resume_from:
         start = mb.load_training_state(resume_from, opt, {"batches": rng})["step"]
         saved = (start, resume_from)
     progress = mb.Progress(steps, name, start=start)
-    with mb.GracefulStop() as stop:
+    with mb.GracefulStop() as stop:  # Ctrl-C only sets a flag; the loop acts on it at the end of a step
         for step in range(start, steps):
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps, lr, cfg.warmup_iters)
+                g["lr"] = lr_at(step, steps, lr, cfg.warmup_iters)  # a function of the step: resume needs no schedule state
             picks = [rng.randrange(len(examples)) for _ in range(cfg.batch_size)]
+            # collate_sft's loss mask covers the response and <eos> only: the question is given at test time, so
+            # learning to predict it would spend capacity on text the model never has to write
             images, inputs, targets, loss_mask = mb.collate_sft([examples[i] for i in picks], device)
-            if soft is not None:  # --warmup-distill: some targets are distributions (distill_loss)
-                loss = distill_loss(ddp_model(images, inputs)[0], targets, loss_mask, [soft[i] for i in picks])
-            else:
-                _, loss = ddp_model(images, inputs, targets, loss_mask)
+            _, loss = ddp_model(images, inputs, targets, loss_mask)
+            # a NaN/inf loss would poison the weights and every later checkpoint: stop before the step is applied
             if mb.any_rank(not torch.isfinite(loss)):  # all ranks stop together, or the others hang in backward
                 kept = f"{saved[1]} keeps the last good checkpoint, step {saved[0]}" if saved else "no checkpoint written"
                 raise UserError(f"{name}: loss is {loss.item()} at step {step}; stopping ({kept})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            # clipping bounds the step a rare batch of long, badly predicted chains can take
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
@@ -163,7 +189,7 @@ def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_fr
             periodic = cfg.save_every and done % cfg.save_every == 0 and done < steps  # the stage saves its end
             if save is not None and (signalled or done == cfg.stop_at or periodic):
                 saved = (done, save(done, *mb.training_state_files(done, opt, {"batches": rng}, total=steps, loop=name)))
-            if signalled and save is None:
+            if signalled and save is None:  # a caller with nothing to save to (a test, a notebook): a plain Ctrl-C
                 raise KeyboardInterrupt
             if signalled:
                 raise stop.stop(f"{name}: interrupted after step {done}/{steps}, saved {saved[1]}; "
@@ -175,61 +201,25 @@ def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_fr
     return model
 
 
-def distill_loss(logits, targets, loss_mask, soft):
-    """Cross-entropy against a target distribution per token: one-hot on `targets`, except where soft[b] = (pos,
-    probs) gives rows probs (n, V) for target positions pos (n,). Masked mean over loss_mask, like the model's
-    own loss: with no soft rows at all it IS that loss.
-        loss = -(1/N) Σ_{b,t: mask} Σ_v q_{b,t}(v) · log p_{b,t}(v)"""
-    q = F.one_hot(targets, logits.size(-1)).float()  # (B, T, V)
-    for b, (pos, probs) in enumerate(soft):
-        q[b, pos] = probs.to(q.device)
-    nll = -(q * F.log_softmax(logits.float(), dim=-1)).sum(-1)  # (B, T)
-    m = loss_mask.float()
-    return (nll * m).sum() / m.sum().clamp(min=1)
-
-
-@torch.no_grad()
-def distill_targets(model, tokenizer, records, responses, steps, examples, cfg, device):
-    """For --warmup-distill: the base model's next-token distributions over its own chain *without* statements,
-    moved to where each content token (and <eos>) sits in the chain *with* statements. -> per example (pos, probs):
-    target positions in that example's ids (as collate_sft lays them out) and the rows to learn there."""
-    out = []
-    for i in range(0, len(records), 64):
-        sl = slice(i, i + 64)
-        images, inputs, _, text_mask, _, offsets = mb.response_batch(tokenizer, records[sl], responses[sl], device)
-        probs = F.softmax(model(images, inputs, text_mask=text_mask)[0].float(), dim=-1).cpu()  # (b, T, V)
-        for b, (resp, st, (_, ids, start)) in enumerate(zip(responses[sl], steps[sl], examples[sl])):
-            new = mb.split_steps(ids[start:], tokenizer)
-            old_pos, new_pos = [], []  # response coordinates: token j of the response
-            for o, n in zip(st, new):
-                if resp[o.start:o.end] != ids[start + n.start:start + n.end]:  # re-encoding changed the words
-                    old_pos, new_pos = [], []
-                    break
-                old_pos += range(o.start, o.end)
-                new_pos += range(n.start, n.end)
-            if old_pos and len(resp) < cfg.max_new_tokens and ids[-1] == mb.EOS:  # <eos> too, when the base said it
-                old_pos.append(len(resp))
-                new_pos.append(len(ids) - 1 - start)
-            # response token j is predicted at target position offsets[b] + j here, start - 1 + j in the example
-            pairs = [(start - 1 + n, offsets[b] + o) for o, n in zip(old_pos, new_pos) if start + n < len(ids)]
-            out.append(([p for p, _ in pairs], probs[b, [q for _, q in pairs]]))
-    return out
-
-
 def train_clip(clip, tokenizer, records, cfg, device):
-    """TinyCLIP on (image, one of its reference steps) pairs with the symmetric InfoNCE loss."""
+    """TinyCLIP on (image, one of its reference steps) pairs with the symmetric InfoNCE loss.
+    TinyCLIP serves twice: its image tower starts TinyVLM's vision encoder, and its image-text similarity is the
+    CLIPScore signal of the warm-up (is this step about what the image shows?). So it learns from the steps
+    themselves, e.g. "At the center there is a large red circle." against the image it describes."""
     pairs = [(r["image"], s) for r in records for s in mb.reference_steps(r)]
     rank, _ = mb.rank_and_world()
     clip.train()
     ddp_clip = mb.wrap_ddp(clip, device)  # under torchrun: InfoNCE negatives are per rank
     opt = make_optimizer(clip, cfg.clip_lr, cfg.weight_decay)
-    rng = random.Random(cfg.seed + 1 + rank)
+    rng = random.Random(cfg.seed + 1 + rank)  # + 1: a stream apart from train_lm's, so the two do not mirror
     progress = mb.Progress(cfg.clip_steps, "clip")
     for step in range(cfg.clip_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.clip_steps, cfg.clip_lr, cfg.warmup_iters)
+        # every other pair of the batch is a negative: a bigger batch makes the contrast harder (--clip-batch-size)
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(cfg.clip_batch_size)]
         images = torch.stack([torch.as_tensor(im) for im, _ in batch]).to(device)
+        # the text tower has its own position table: a (rare) longer step keeps its beginning
         ids, mask = mb.pad_right([tokenizer.encode(s)[:clip.cfg.block_size] for _, s in batch])
         loss = ddp_clip(images, ids.to(device), mask.to(device))
         if mb.any_rank(not torch.isfinite(loss)):
@@ -244,8 +234,14 @@ def train_clip(clip, tokenizer, records, cfg, device):
     return clip
 
 
+# ---------------------------------------------------------------------------- #
+# Data and the end-of-stage report
+# ---------------------------------------------------------------------------- #
+
 def load_records(cfg, n, split, seed, image_size):
-    """The shapes world, or the user's annotated data (--data/--images) at the model's image size."""
+    """The shapes world, or the user's annotated data (--data/--images) at the model's image size.
+    Real data has no held-out split here: its test list is empty, so the end-of-stage report (which reads the
+    shapes world's scenes) is skipped. The shapes world generates any split from a seed."""
     if cfg.data:
         return mb.load_annotated(cfg.data, cfg.images or None, image_size)[:n] if split == "train" else []
     return mb.make_dataset(n, seed, split)
@@ -253,13 +249,16 @@ def load_records(cfg, n, split, seed, image_size):
 
 def report(model, tokenizer, records, cfg, device, title):
     """Greedy answers on held-out questions: final-answer accuracy per question type, step accuracy per step kind,
-    object size and colour confusability (the knowledge boundary the confidence method has to find)."""
+    object size and colour confusability (the knowledge boundary the confidence method has to find).
+    Greedy, as evaluate.py decodes: the numbers describe the answers the model will be judged on. A small object
+    or a colour close to another one is where perception fails; a confidence method is useful exactly when its
+    low levels land on those steps."""
     if not records:
         return {}
     t0 = time.time()
     responses = mb.generate_responses(model, tokenizer, records, temperature=0.0,
                                       max_new_tokens=cfg.max_new_tokens, device=device)
-    table = {}
+    table = {}  # key -> (hits, count)
 
     def add(key, ok):
         hit, n = table.get(key, (0, 0))
@@ -285,16 +284,24 @@ def report(model, tokenizer, records, cfg, device, title):
 
 
 def save_on_rank0(out, model, tokenizer, config, **kwargs):
-    """save_checkpoint by rank 0 only (all ranks hold the same weights); the others wait until it is written."""
+    """save_checkpoint by rank 0 only (all ranks hold the same weights); the others wait until it is written.
+    The wait matters: a rank that went on could read the folder (or exit and end the job) before it is complete."""
     if mb.is_main():
         mb.save_checkpoint(out, mb.unwrap(model), tokenizer, config, **kwargs)
     mb.barrier()
     return out
 
 
+# ---------------------------------------------------------------------------- #
+# Stage 0: the base model (and TinyCLIP)
+# ---------------------------------------------------------------------------- #
+
 def run_base(cfg, mcfg, out, device, resume_from=None):
+    """TinyCLIP, then TinyVLM on the reference chains (no statements: the base states no confidence) -> out."""
     t0 = time.time()
     records = load_records(cfg, cfg.n_train, "train", cfg.seed, mcfg.image_size)
+    # the tokenizer is built from the training text plus every word a statement can use, so that the warm-up's
+    # statements (stage 1) never meet an <unk>, though the base itself never writes one
     tokenizer = mb.build_tokenizer(records)
     mcfg = dataclasses.replace(mcfg, vocab_size=len(tokenizer))
     model = mb.TinyVLM(mcfg).to(device)
@@ -303,6 +310,7 @@ def run_base(cfg, mcfg, out, device, resume_from=None):
                          n_layer=mcfg.vit_layers, n_embd=mcfg.vit_embd, n_head=mcfg.n_head,
                          **({"embed_dim": 32} if cfg.quick else {}))
     clip = mb.TinyCLIP(ccfg).to(device)  # subtle: made before any resume, so TinyCLIP's init is the same either way
+    # config.json holds everything needed to rebuild both models and to check a --resume against this run
     config = {"stage": "base", "model": dataclasses.asdict(mcfg), "clip": dataclasses.asdict(ccfg),
               "train": dataclasses.asdict(cfg)}
     if resume_from:  # the same run: same flags, same model; the weights continue from the stopped TinyVLM loop
@@ -313,15 +321,14 @@ def run_base(cfg, mcfg, out, device, resume_from=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"base: {len(records)} training questions, vocab {len(tokenizer)}, TinyVLM {n_params / 1e6:.2f}M params, "
           f"TinyCLIP {sum(p.numel() for p in clip.parameters()) / 1e6:.2f}M params, device {device}")
-    examples, rng = [], random.Random(cfg.seed)
+    examples = []
     for r in records:
         ids, start = mb.encode_example(tokenizer, r, " ".join(mb.reference_steps(r)))
+        # a reference chain is data: cutting it would teach answers that stop mid-step, so a chain longer than
+        # the block is an error that names --block-size (the warm-up, by contrast, cuts the model's own chains)
         if len(ids) - 1 > mcfg.block_size:
             raise UserError(f"record {r.get('id')}: {len(ids)} tokens > --block-size {mcfg.block_size}")
-        example = (r["image"], ids, start)
-        if cfg.base_statements and rng.random() < cfg.base_statements:
-            example = mb.statement_reading_example(tokenizer, r, rng, mcfg.block_size) or example
-        examples.append(example)
+        examples.append((r["image"], ids, start))
     # 1. TinyCLIP first: (image, step) pairs, symmetric InfoNCE. A resumed run reloads it from the stopped run.
     if resume_from:
         mb.load_weights(clip, os.path.join(resume_from, "clip.safetensors"))
@@ -337,67 +344,68 @@ def run_base(cfg, mcfg, out, device, resume_from=None):
                                                                   extra_json=extra_json, extra_tensors=extra_tensors)
     train_lm(model, examples, cfg, device, cfg.steps, cfg.lr, "base", save, resume_from)
     breakdown = {}
-    if mb.is_main():
+    if mb.is_main():  # one report is enough (every rank holds the same weights); seed + 1: the held-out questions
         breakdown = report(model, tokenizer, load_records(cfg, cfg.n_eval, "test", cfg.seed + 1, mcfg.image_size),
                            cfg, device, "base model")
     save_on_rank0(out, model, tokenizer, config, clip=clip, extra_json={"report.json": breakdown})
     print(f"base: wrote {out} in {time.time() - t0:.0f}s")
 
 
+# ---------------------------------------------------------------------------- #
+# Stage 1: the confidence warm-up (paper section 3.2)
+# ---------------------------------------------------------------------------- #
+
 def run_warmup(cfg, init, out, device, resume_from=None):
-    """DESIGN 5.4: own answers -> four signals per step -> normalise, fuse, level -> statements -> SFT."""
+    """Paper section 3.2: own answers -> four signals per step -> normalise, fuse, level -> statements -> SFT.
+    The levels come from the model's internal state on its own chains, so the statements it learns describe
+    its own knowledge boundary (what it gets wrong), not the data's."""
     t0 = time.time()
     rank, world_size = mb.rank_and_world()
-    mb.check_not_partial(init, "train_sft.py --stage base")
-    ck = mb.load_checkpoint(init, device, need_clip=True)
+    mb.check_not_partial(init, "train_sft.py --stage base")  # a stopped base is not the model to describe
+    ck = mb.load_checkpoint(init, device, need_clip=True)  # TinyCLIP is needed for the CLIPScore signal
     model, tokenizer, clip = ck.model, ck.tokenizer, ck.clip
     signals = [s for s in cfg.signals.split(",") if s]
     weights = parse_weights(cfg.weights, signals)
+    # the first --warmup-n of the base's own training questions (same seed): the warm-up adds statements, not data
     records = load_records(cfg, cfg.warmup_n, "train", cfg.seed, model.cfg.image_size)
     records = records[rank::world_size]  # under torchrun each rank answers its share; a plain run: all of them
-    # 1. the base model answers the training questions itself (sampled, so the pool holds its own mistakes)
+    # 1. the base model answers the training questions itself. With the default --warmup-temperature 0 the answers
+    # are greedy: its most likely chain, the one evaluate.py will judge, so the statements are learned on the very
+    # answers they will accompany. The pool still holds the model's mistakes (the base answers about 6 held-out
+    # questions in 10 right), which is what the low levels are for. Sampled chains (0.7) cost 5 points of
+    # accuracy (README), presumably because the fine-tuning then teaches the model its less likely content.
+    # The generator only matters at a temperature above 0.
     gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     responses = mb.generate_responses(model, tokenizer, records, temperature=cfg.warmup_temperature,
                                       max_new_tokens=cfg.max_new_tokens, generator=gen, device=device)
     steps = [mb.split_steps(r, tokenizer) for r in responses]
-    # 2. the four signals on every step (5.1), pooled over all steps (of all ranks: the statistics below are global)
+    # 2. the four signals on every step (LNLP, MTE, TokenSAR, CLIPScore), pooled over all steps of all ranks:
+    # the min/max and the level cuts below describe the whole pool, so every rank must fit them on the same one
     raw = mb.score_responses(model, clip, tokenizer, records, responses, steps, device=device)
-    pool = {k: torch.cat([v[i, :len(st)] for i, st in enumerate(steps)]) for k, v in raw.items()}
+    pool = {k: torch.cat([v[i, :len(st)] for i, st in enumerate(steps)]) for k, v in raw.items()}  # drop empty slots
+    # the verifier's truth per step is not used to train, only to print whether the signals track it
     correct = torch.tensor([ok for rec, st in zip(records, steps) for ok in mb.judge_steps(rec, st)], dtype=torch.float32)
     shards = mb.all_gather_objects((pool, correct))
     offset = sum(len(c) for _, c in shards[:rank])  # where this rank's steps sit in the pooled order
     pool = {k: torch.cat([p[k] for p, _ in shards]) for k in pool}
     correct = torch.cat([c for _, c in shards])
-    # 3. normalise with the pool's min/max, fuse, and cut into five levels at mu +- 0.5 sigma, mu +- 1.5 sigma (5.2)
+    # 3. normalise with the pool's min/max, fuse, and cut into five levels at mu +- 0.5 sigma, mu +- 1.5 sigma.
+    # Cuts relative to the pool (not fixed at 0.2, 0.4, ...) use all five levels whatever the signals' scale.
     stats = mb.fit_confidence_stats(pool, signals, weights, cfg.fusion)
     fused, levels = mb.signals_to_levels(pool, stats)
+    # stored as confidence_stats.json: train_rl.py and evaluate.py map new signals through the same cuts
     stats.update(statements=cfg.statements, n_steps=len(fused), temperature=cfg.warmup_temperature)
     evidence = signal_evidence(pool, fused, levels, correct)
-    # 4. attach a statement to every step (5.3) and fine-tune on the model's own chain with its statements (5.4)
-    rng = random.Random(cfg.seed + rank)
-    examples, k = [], offset
-    kept_records, kept_responses, kept_steps = [], [], []  # the chains behind `examples`, in the same order
-    for rec, resp, st in zip(records, responses, steps):
-        parts = []
-        for s in st:
-            level = int(levels[k])
-            k += 1
-            clause = mb.statement_for(level, rng) if cfg.statements else mb.confidence_number_statement(level)
-            parts.append(mb.attach_statement(s.text, clause))
-        if parts:
-            ids, start = mb.encode_example(tokenizer, rec, " ".join(parts))
-            examples.append((rec["image"], ids[:model.cfg.block_size + 1], start))
-            kept_records.append(rec)
-            kept_responses.append(list(resp))
-            kept_steps.append(st)
+    # 4. attach a statement to every step and fine-tune on the model's own chain with its statements
+    n_mine = sum(len(st) for st in steps)  # this rank's steps sit at offset .. offset + n_mine of the pool
+    examples = mb.warmup_examples(tokenizer, records, steps, levels[offset:offset + n_mine],
+                                  random.Random(cfg.seed + rank), model.cfg.block_size, cfg.statements)
+    # one example in full, so the log shows what the model is taught to write
     print(f"warmup: {sum(mb.all_gather_objects(len(examples)))} self-answered chains, {len(fused)} scored steps, e.g.: "
           f"{tokenizer.decode(examples[0][1][examples[0][2]:]) if examples else ''}")
-    if mb.any_rank(not examples):
+    if mb.any_rank(not examples):  # every rank needs batches to draw, or DDP's first all-reduce would hang
         raise UserError("warmup: the base model produced no steps to train on")
-    soft = None
-    if cfg.warmup_distill:  # the base model's own distributions as the content targets (before it is trained)
-        soft = distill_targets(model, tokenizer, kept_records, kept_responses, kept_steps, examples, cfg, device)
-    config = dict(ck.config, stage="warmup", warmup=dataclasses.asdict(cfg))
+    config = dict(ck.config, stage="warmup", warmup=dataclasses.asdict(cfg))  # keeps the base's model config
     if resume_from:  # the pool above is recomputed (deterministic); the fine-tuning continues from the stopped run
         saved = mb.read_json(os.path.join(resume_from, "config.json"))
         mb.check_resume_config(saved.get("warmup", {}), config["warmup"], RUN_CONTROL, resume_from)
@@ -406,23 +414,30 @@ def run_warmup(cfg, init, out, device, resume_from=None):
         out, model, tokenizer, config, clip=clip, extra_json={"confidence_stats.json": stats, **extra_json},
         extra_tensors=extra_tensors)
     model.train()
-    train_lm(model, examples, cfg, device, cfg.warmup_steps, cfg.warmup_lr, "warmup", save, resume_from, soft)
+    # the loss covers content and statements alike: the content tokens are the model's own (greedy) tokens, so
+    # their loss asks it to keep its answers while it learns the new statement tokens (the answers still move a
+    # little: the README's warm-up rows)
+    train_lm(model, examples, cfg, device, cfg.warmup_steps, cfg.warmup_lr, "warmup", save, resume_from)
     save_on_rank0(out, model, tokenizer, config, clip=clip,
                   extra_json={"confidence_stats.json": stats, "report.json": evidence})
     print(f"warmup: wrote {out} in {time.time() - t0:.0f}s")
 
 
 def signal_evidence(pool, fused, levels, correct):
-    """Do the signals find the knowledge boundary? Level histogram, step accuracy per level, AUROC per signal."""
+    """Do the signals find the knowledge boundary? Level histogram, step accuracy per level, AUROC per signal.
+    If they do, step accuracy rises from level 1 to level 5 and every AUROC is above 0.5 (0.5 = chance). This is
+    the check to read before any training: statements built from signals that rank nothing teach nothing."""
     print("--- warm-up pool: the base model's own chains, exact-verifier step accuracy per assigned level")
     evidence = {"levels": {}, "auroc": {}}
     for k in range(1, 6):
         sel = levels == k
         n = int(sel.sum())
-        acc = correct[sel].mean().item() if n else float("nan")
+        acc = correct[sel].mean().item() if n else float("nan")  # an empty level has no accuracy, not 0
         evidence["levels"][k] = {"n": n, "accuracy": acc}
         print(f"level {k}: {n:6d} steps ({n / max(1, len(levels)):5.1%})  step accuracy {acc:6.1%}")
     for name in mb.SIGNALS:
+        # each signal alone, turned into a confidence (uncertainties flipped) so that above 0.5 means "right steps
+        # score higher"; all four, even those --signals leaves out, so an ablation shows what it dropped
         c = mb.to_confidence({name: pool[name]}, mb.fit_minmax({name: pool[name]}))[name]
         evidence["auroc"][name] = mb.auroc(c, correct)
     evidence["auroc"]["fused"] = mb.auroc(fused, correct)
@@ -430,9 +445,14 @@ def signal_evidence(pool, fused, levels, correct):
     return evidence
 
 
+# ---------------------------------------------------------------------------- #
+# main
+# ---------------------------------------------------------------------------- #
+
 def resume_point(cfg, out, stage):
     """With --resume: the stopped run's folder to continue, "complete" for a finished stage (skipped), None
-    for a stage that never started (it starts fresh). Without --resume: None."""
+    for a stage that never started (it starts fresh). Without --resume: None.
+    So one command (`--stage all --resume`) picks up wherever a run of both stages stopped."""
     if not cfg.resume:
         return None
     status, folder = mb.run_status(out, stage)
@@ -446,6 +466,7 @@ def resume_point(cfg, out, stage):
 
 def main(argv=None):
     cfg, mcfg = parse(argv)
+    # every check runs before any work: a misplaced --out must not cost the base's training time
     if cfg.stage in ("warmup", "all"):
         if cfg.stage == "all":
             init, warmup_out = os.path.join(cfg.out or "out", "base"), os.path.join(cfg.out or "out", "warmup")
@@ -456,7 +477,7 @@ def main(argv=None):
     _, world_size, device = mb.setup_distributed(cfg.device)
     if cfg.warmup_n < world_size and cfg.stage != "base":
         raise UserError(f"--warmup-n {cfg.warmup_n} < {world_size} processes: every rank needs questions to answer")
-    mb.seed_everything(cfg.seed)
+    mb.seed_everything(cfg.seed)  # model init draws from torch's global generator: the seed fixes the weights
     mb.print_config(cfg, mcfg)
     try:
         if cfg.stage in ("base", "all"):
@@ -468,10 +489,10 @@ def main(argv=None):
             resume_from = resume_point(cfg, warmup_out, "warmup")
             if resume_from != "complete":
                 run_warmup(cfg, init, warmup_out, device, resume_from)
-    except mb.RunStopped as stopped:
+    except mb.RunStopped as stopped:  # a clean stop (Ctrl-C, --stop-at): one line saying how to resume, no traceback
         mb.exit_stopped(stopped)
     mb.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    mb.run_cli(main)
+    mb.run_cli(main)  # turns a UserError into one `error:` line and exit 2

@@ -95,10 +95,54 @@ def test_response_ece_uses_the_answer_step():
     assert ev.answer_step_index([step(CIRCLE)]) is None
 
 
+def test_mece_counts_every_step_not_only_the_answer():
+    """MECE (the paper's step-level ECE) is over every step of every chain, not over answer steps only.
+    The three responses of the ECE test above hold six steps (confidence, truth):
+      CIRCLE (0, right), ANSWER (1, right) | CIRCLE (.25, right), ANSWER (.75, right), "hello." (0, wrong) |
+      CIRCLE (1, right)
+    bins: [0, .1] holds 0 and 0, accuracy 1/2, gap 1/2, weight 2/6;  (.2, .3]: gap .75, weight 1/6;
+          (.7, .8]: gap .25, weight 1/6;  (.9, 1] holds 1 and 1, both right, gap 0
+    MECE = (2 (1/2) + .75 + .25) / 6 = 1/3.  Answer steps only would give (0 + .25) / 2 = 1/8 (or, with the
+    response-level truth and the 0.5 of the unanswered R3, the ECE 1/4); Brier over all six = (1 + .5625 +
+    .0625) / 6 = 1.625 / 6."""
+    steps = [[step(CIRCLE, 1), step(ANSWER, 5)], [step(CIRCLE, 2), step(ANSWER, 4), step("hello.", 1)],
+             [step(CIRCLE, 5)]]
+    m = ev.chain_metrics([record()] * 3, steps, [ev.stated_confidences(s) for s in steps])
+    assert m["n_steps"] == 6
+    assert m["mece"] == pytest.approx(1 / 3)
+    assert m["brier"] == pytest.approx(1.625 / 6)
+
+
 def test_hallucinated_perception_counts_as_perception():
     """A perception claim about an empty cell is a (wrong) perception step, not a reasoning step."""
     assert ev.is_perception("At the top left there is a small blue square.")
     assert not ev.is_perception(ANSWER) and not ev.is_perception("hello.")
+
+
+def test_results_md_explains_its_columns_and_rows():
+    """results.md says under each main table which way each column is good, what each row is (by the stage its
+    checkpoint records, not by its folder name) and why a row at the constant 0.5 can show a small MECE with
+    AUROC 0.5. Row "b" (stage base) states nothing on [CIRCLE, ANSWER] and [WRONG]: 2 of 3 steps right, all at 0.5
+    in one bin, so MECE = |2/3 - 0.5| = 0.167 and AUROC = 0.5 (all ties). Row "r" (stage rl) states 5, 5, 1 on
+    the same steps: MECE 0, and it is not in the constant-row note. Without stages, rows are explained by their
+    names."""
+    recs = [record(), record()]
+    plain = [[step(CIRCLE), step(ANSWER)], [step(WRONG)]]
+    stated = [[step(CIRCLE, 5), step(ANSWER, 5)], [step(WRONG, 1)]]
+    base = ev.chain_metrics(recs, plain, [[None, None], [None]])
+    rl = ev.chain_metrics(recs, stated, [ev.stated_confidences(s) for s in stated])
+    results = {"b": {"test": base, "ood": base}, "b-internal": {"test": rl, "ood": rl}, "r": {"test": rl, "ood": rl}}
+    cfg = SimpleNamespace(n_bins=10, self_correct=0, sc_temperature=1.0)
+    info = {"test": "2 questions", "ood": "2 questions"}
+    md = ev.results_markdown(results, cfg, "--quick", info, 1.0, {"b": "base", "b-internal": "internal", "r": "rl"})
+    assert md.count("Higher is better: Acc, F1, AUROC.") == 2  # under the test table and under the ood table
+    assert md.count("Lower is better: ECE, MECE, MECE-perc, MECE-reas, Brier.") == 2
+    assert md.count("- b: the base model (stage 0)") == 2 and md.count("- r: MMBoundary, the full method") == 2
+    assert md.count("- b-internal: the base model's own answers") == 2
+    assert md.count("- Rows with Stated 0 (b: |0.667 - 0.5| = 0.167, AUROC 0.500): every step counts 0.5") == 2
+    assert md.count("calibrated on average but separates nothing") == 2  # the one constant row, once per table
+    by_name = ev.results_markdown({"rl": results["r"], "base": results["b"]}, cfg, "", info, 1.0)
+    assert "- rl: MMBoundary, the full method" in by_name and "- base: the base model" in by_name
 
 
 def test_json_has_no_nan():
@@ -295,6 +339,11 @@ def test_evaluate_quick_outputs(quick_pipeline, tmp_path):
     assert results["base"]["test"]["stated_fraction"] in (0.0, None)
     md = (out / "results.md").read_text()
     assert "| model | Acc | F1 | ECE | MECE | MECE-perc | MECE-reas | AUROC | Brier" in md
+    # every row explained by the stage its checkpoint records, under both main tables
+    for row in ("- base: the base model", "- base-internal: the base model's own answers", "- warmup: stage 1",
+                "- rl: MMBoundary, the full method"):
+        assert md.count(row) == 2, row
+    assert md.count("Higher is better: Acc, F1, AUROC.") == 2
     n_types = results["rl"]["test"]["n_by_type"]  # the per-type table: every type with its question count
     assert sum(n_types.values()) == ev.QUICK["n_test"]
     assert "Acc by question type (test):" in md and all(f"{t} ({n})" in md for t, n in n_types.items())

@@ -1,7 +1,6 @@
 """TinyVLM, TinyCLIP, tokenizer and checkpoints: equivalence of two paths, round trips, and exact errors."""
 import dataclasses
 import json
-import math
 import os
 
 import numpy as np
@@ -272,7 +271,7 @@ def test_sft_loss_mask_covers_the_response_and_eos_only():
 
 
 def test_statement_reading_example_hides_exactly_the_statements():
-    """--base-statements: the chain "a b . c d ." becomes "a b , X . c d , Y ." with ", X ." and ", Y ." hidden.
+    """The reading examples of train_rl.py's PPO-ptx term (--ptx-coef, on by default): the chain "a b . c d ." becomes "a b , X . c d , Y ." with ", X ." and ", Y ." hidden.
     So the tokens that keep their loss are the plain chain's tokens without its periods, then <eos>; and every
     hidden token decodes to a comma, a known clause or a period. An off-by-one in collate_sft's hidden mask
     (p instead of p - 1) or in the step ranges breaks the first equality."""
@@ -293,65 +292,36 @@ def test_statement_reading_example_hides_exactly_the_statements():
     assert mb.statement_reading_example(tok, dict(rec, keys_filtered={}), random.Random(0), block_size=160) is None
 
 
-def test_distill_loss_hand_and_equal_to_the_model_loss():
-    """distill_loss: one row, V = 2, logits (0, 0) so p = (1/2, 1/2). A one-hot target costs log 2; a soft target
-    (1/4, 3/4) costs -(1/4 + 3/4)·log(1/2) = log 2 as well; logits (0, log 3) give p = (1/4, 3/4), and the
-    soft target then costs -(1/4·log 1/4 + 3/4·log 3/4) = 0.5623 (the entropy of q), the one-hot 0 target log 4.
-    And with no soft rows it is the model's own masked cross-entropy."""
-    import train_sft
-    targets, mask = torch.tensor([[0]]), torch.tensor([[1]])
-    soft = [([0], torch.tensor([[0.25, 0.75]]))]
-    flat, skew = torch.zeros(1, 1, 2), torch.tensor([[[0.0, math.log(3)]]])
-    assert train_sft.distill_loss(flat, targets, mask, [([], torch.zeros(0, 2))]).item() == pytest.approx(math.log(2))
-    assert train_sft.distill_loss(flat, targets, mask, soft).item() == pytest.approx(math.log(2))
-    assert train_sft.distill_loss(skew, targets, mask, soft).item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
-    assert train_sft.distill_loss(skew, targets, mask, [([], torch.zeros(0, 2))]).item() == pytest.approx(math.log(4))
-    records = mb.make_dataset(4, 3)
-    tok = mb.build_tokenizer(mb.make_dataset(30, 3))
-    model = tiny_vlm(vocab=len(tok))
-    examples = [(r["image"], *mb.encode_example(tok, r, mb.reference_steps(r)[-1])) for r in records]  # fits 48
-    images, inputs, targets, mask = mb.collate_sft(examples)
-    logits, loss = model(images, inputs, targets, mask)
-    none = [([], torch.zeros(0, logits.size(-1)))] * len(examples)
-    assert torch.allclose(train_sft.distill_loss(logits, targets, mask, none), loss, atol=1e-6)
+def step_of(text):
+    """A step with only its text (warmup_examples reads nothing else)."""
+    return mb.Step(start=0, end=0, last=0, text=text, level=None)
 
 
-def test_distill_targets_sit_under_the_same_tokens(quick_pipeline):
-    """--warmup-distill moves the base model's distributions from its chain without statements to the chain with
-    them. The chains are greedy, so at every moved row the argmax must be the very token the example has there;
-    the rows cover the content and <eos> and never a statement token."""
+def test_warmup_examples_hand_computed():
+    """The warm-up's SFT data (paper section 3.2). Three questions answered with chains of 2, 0 and 1 steps and
+    flat levels [5, 2, 3]: the empty chain gives no example, so level 3 belongs to the third question's step.
+    statements=False (hand-written): "At the top left there is a small green diamond (confidence 5/5). So, the
+    answer is zero (confidence 2/5)." and "So, the answer is two (confidence 3/5)."; with words the first clause
+    drawn by random.Random(0) for level 5 is "and i would bet anything on it" (statement_for's docstring), and
+    split_steps reads the levels 5, 2 and 3 back. block_size 10 keeps the first 11 ids; 2 levels for 3 steps is a
+    ValueError (a shifted level would state another step's confidence)."""
     import random
-    import train_sft
-    ck = mb.load_checkpoint(quick_pipeline["base"])
-    records = mb.make_dataset(24, 5, "train")
-    responses = mb.generate_responses(ck.model, ck.tokenizer, records, max_new_tokens=48)
-    steps = [mb.split_steps(r, ck.tokenizer) for r in responses]
-    rng, examples, kept = random.Random(0), [], []
-    for i, st in enumerate(steps):
-        if st:
-            text = " ".join(mb.attach_statement(s.text, mb.statement_for(rng.randint(1, 5), rng)) for s in st)
-            examples.append((records[i]["image"], *mb.encode_example(ck.tokenizer, records[i], text)))
-            kept.append(i)
-    assert len(examples) >= 4
-    cfg = train_sft.SFTConfig(max_new_tokens=48)
-    soft = train_sft.distill_targets(ck.model, ck.tokenizer, [records[i] for i in kept], [responses[i] for i in kept],
-                                     [steps[i] for i in kept], examples, cfg, "cpu")
-    _, _, targets, mask = mb.collate_sft(examples)
-    rows = 0
-    for b, (pos, probs) in enumerate(soft):
-        rows += len(pos)
-        assert torch.equal(probs.argmax(-1), targets[b, pos])
-        assert all(mask[b, p] == 1 for p in pos)
-        stated = mb.statement_mask([mb.split_steps(examples[b][1][examples[b][2]:], ck.tokenizer)], [examples[b][2] - 1], targets.size(1))
-        assert stated[0, pos].sum() == 0  # no row on a statement token
-    assert rows > 0
+    tok = mb.build_tokenizer(mb.make_dataset(30, 3))
+    records = mb.make_dataset(3, 3)
+    chains = [[step_of("At the top left there is a small green diamond."), step_of("So, the answer is zero.")], [],
+              [step_of("So, the answer is two.")]]
+    numbers = mb.warmup_examples(tok, records, chains, [5, 2, 3], random.Random(0), block_size=160, statements=False)
+    first = mb.encode_example(tok, records[0], "At the top left there is a small green diamond (confidence 5/5). "
+                                               "So, the answer is zero (confidence 2/5).")
+    third = mb.encode_example(tok, records[2], "So, the answer is two (confidence 3/5).")
+    assert [(ids, start) for _, ids, start in numbers] == [first, third]
+    assert numbers[0][0] is records[0]["image"] and numbers[1][0] is records[2]["image"]
+    words = mb.warmup_examples(tok, records, chains, torch.tensor([5, 2, 3]), random.Random(0), block_size=160)
+    _, ids, start = words[0]
+    assert tok.decode(ids[start:]).startswith("at the top left there is a small green diamond, and i would bet anything on it.")
+    assert [[st.level for st in mb.split_steps(ids[start:], tok)] for _, ids, start in words] == [[5, 2], [3]]
+    cut = mb.warmup_examples(tok, records, chains, [5, 2, 3], random.Random(0), block_size=10, statements=False)
+    assert cut[0][1] == first[0][:11] and len(cut[1][1]) == 11
+    with pytest.raises(ValueError, match="3 steps but 2 levels"):
+        mb.warmup_examples(tok, records, chains, [5, 2], random.Random(0), block_size=160)
 
-
-def test_quick_warmup_distill_run(quick_pipeline, tmp_path):
-    """train_sft.py --stage warmup --warmup-distill --quick: trains through distill_loss and writes a loadable warm-up."""
-    from conftest import run_script
-    proc = run_script("train_sft.py", "--stage", "warmup", "--quick", "--device", "cpu", "--init", quick_pipeline["base"],
-                      "--out", str(tmp_path / "warmup"), "--warmup-distill")
-    assert "warmup 6/6 loss" in proc.stdout
-    ck = mb.load_checkpoint(str(tmp_path / "warmup"), need_clip=True)
-    assert ck.config["warmup"]["warmup_distill"] is True and ck.stats is not None

@@ -56,7 +56,7 @@ def assert_same_tensors(folder_a, folder_b, names=("model.safetensors",)):
 # ---- 1. bad input: one line, exit 2, nothing saved lost
 
 SFT_BAD_FLAGS = [(["--lr", "-0.1"], "--lr must be in (0, 1]"), (["--lr", "1e38"], "--lr must be in (0, 1]"), (["--stage", "finetune"], "--stage must be one of"),
-                 (["--steps", "0"], "--steps must be > 0"), (["--base-statements", "1.5"], "--base-statements must be in [0, 1]")]
+                 (["--steps", "0"], "--steps must be > 0"), (["--warmup-temperature", "-1"], "--warmup-temperature must be >= 0")]
 RL_BAD_FLAGS = [(["--lr", "-1"], "--lr must be in (0, 1]"), (["--clip-eps", "0"], "--clip-eps must be in (0, 1)"),
                 (["--clip-eps", "-1"], "--clip-eps must be in (0, 1)"), (["--value-lr", "0"], "--value-lr must be in (0, 1]"),
                 (["--statement-kl-coef", "-0.1"], "--statement-kl-coef must be >= 0"), (["--critic-warmup", "-1"], "--critic-warmup must be >= 0"),
