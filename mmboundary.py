@@ -30,7 +30,7 @@ Reading order (sections under # ---- rulers, in this order):
 Equation -> function:
   U_LNLP(s) = exp(-(1/L) Σ_l log p(y_l | y_<l, x))                    u_lnlp(token_logprobs, step_mask)
   U_MTE(s)  = (1/L) Σ_l H_l,  H_l = -Σ_v p(v) log p(v)                u_mte(token_entropy, step_mask)
-  U_TokenSAR(s) = Σ_l R~_l (-log p(y_l)),  R_l = 1 - g(x∪y, x∪y\y_l)   u_tokensar(logprobs, relevance, step_mask)
+  U_TokenSAR(s) = Σ_l R~_l (-log p(y_l)),  R_l = 1 - g(x∪y, x∪y - y_l) u_tokensar(logprobs, relevance, step_mask)
   U_CLIPS(s) = max(cos(v, e_s), 0)                                     u_clipscore(image_emb, text_emb)
   c = 1 - clip((U - lo)/(hi - lo), 0, 1)   (CLIPS: without the 1 -)    to_confidence(values, minmax)
   c_final = Σ_i w_i c_i / Σ_i w_i   ("w U_Max": max_i c_i)             fuse_confidence(conf, weights, mode)
