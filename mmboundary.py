@@ -3228,6 +3228,12 @@ def check_resume_config(saved, current, ignore, where):
     if unknown:  # the run was saved by a version of the script that had no such flag
         raise UserError(f"{where} was saved by an older version without {', '.join(unknown)}; its training state "
                         f"does not carry over: start fresh without --resume")
+    # and the other way round: a flag this version no longer has (an experiment that was removed) may have
+    # steered the stopped run, so continuing without it would silently train another recipe
+    removed = [f"--{k.replace('_', '-')}" for k in saved if k not in ignore and k not in current]
+    if removed:
+        raise UserError(f"{where} was saved by a version with {', '.join(removed)}, which this version no longer "
+                        f"has; its training state does not carry over: start fresh without --resume")
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in current.items()
             if k not in ignore and saved.get(k) != v]
     if diff:
