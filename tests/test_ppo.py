@@ -1,4 +1,6 @@
 """PPO on a real (tiny) TinyVLM: the pieces of train_rl.py's loop behave as the algorithm says."""
+import math
+
 import pytest
 import torch
 
@@ -43,12 +45,19 @@ def test_rescoring_reproduces_sampling_distribution():
 
 
 def test_kl_to_reference_is_zero_for_the_same_model():
+    """train_rl's own KL path (score_rollout, step 3 of the loop) with π_ref an exact copy of the policy: the
+    per-token log-ratio is exactly 0 on every token, so before the first update the KL penalty is 0 and the
+    token rewards are the step rewards alone (train_rl.token_rewards)."""
+    import copy
+    import train_rl
     model, tok, records, responses, (images, inputs, targets, text_mask, mask, offsets) = tiny_setup()
-    ref = mb.TinyVLM(model.cfg).eval()
-    ref.load_state_dict(model.state_dict())
-    lp = mb.token_logprobs(model(images, inputs, text_mask=text_mask)[0], targets)
-    ref_lp = mb.token_logprobs(ref(images, inputs, text_mask=text_mask)[0], targets)
-    assert mb.masked_mean((lp - ref_lp).abs(), mask).item() == 0.0
+    steps = [mb.split_steps(r, tok) for r in responses]
+    cfg = train_rl.RLConfig(temperature=0.7)
+    ro = train_rl.score_rollout(model, copy.deepcopy(model), tok, records, responses, steps, cfg, "cpu")
+    assert ro.mask.sum() > 0 and torch.equal(ro.mask, mask.float())
+    assert torch.equal(ro.kl, torch.zeros_like(ro.kl))
+    score = torch.randn(ro.mask.shape, generator=torch.Generator().manual_seed(0)) * ro.mask
+    assert torch.equal(train_rl.token_rewards(score, ro.kl, ro.mask, 0.1), score)
 
 
 def test_one_ppo_update_lowers_its_surrogate_loss():
@@ -71,6 +80,26 @@ def test_one_ppo_update_lowers_its_surrogate_loss():
     assert losses[1] < losses[0]
 
 
+def test_the_clip_stops_the_update_past_the_trust_region():
+    """The pessimistic (max) surrogate: once a token's ratio has left [1 - ε, 1 + ε] in the direction its
+    advantage favours, its loss is the clipped constant and it pushes no further. Rollout log-probs are the
+    model's own minus ln 1.5 on even rows (ratio 1.5, A = +1) and plus ln 2 on odd rows (ratio .5, A = -1):
+        even: max(-1.5, -1.2) = -1.2      odd: max(.5, .8) = .8
+    loss = the masked mean of those, and every parameter's gradient is exactly 0. With min in place of max:
+    -1.5 and .5, and a gradient that pushes each ratio further out."""
+    model, tok, records, responses, (images, inputs, targets, text_mask, mask, offsets) = tiny_setup()
+    mask = mask.float()
+    logprobs = mb.token_logprobs(model(images, inputs, text_mask=text_mask)[0], targets)
+    odd = (torch.arange(mask.size(0)) % 2 == 1)[:, None].float().expand_as(mask)
+    old = logprobs.detach() - math.log(1.5) * (1 - odd) + math.log(2.0) * odd
+    advantages = 1 - 2 * odd
+    loss, clipfrac = mb.ppo_policy_loss(logprobs, old, advantages, mask, 0.2)
+    expected = ((-1.2 * (1 - odd) + 0.8 * odd) * mask).sum() / mask.sum()
+    assert abs(loss.item() - expected.item()) < 1e-5 and clipfrac.item() == 1.0
+    loss.backward()
+    assert all(p.grad is None or torch.all(p.grad == 0) for p in model.parameters())
+
+
 def test_zero_advantages_leave_the_policy_unchanged():
     """With A = 0 everywhere the policy gradient is exactly zero for every parameter."""
     model, tok, records, responses, (images, inputs, targets, text_mask, mask, offsets) = tiny_setup()
@@ -81,7 +110,8 @@ def test_zero_advantages_leave_the_policy_unchanged():
 
 
 def test_value_head_learns_returns():
-    """The clipped value loss trains the zero-initialised value head towards the returns."""
+    """The value loss trains the zero-initialised value head towards the returns. ε = 10 switches the value
+    clip off here: this test is about learning; the next one is about the clip."""
     model, tok, records, responses, (images, inputs, targets, text_mask, mask, offsets) = tiny_setup()
     mask = mask.float()
     returns = torch.full(mask.shape, 0.5) * mask
@@ -97,6 +127,28 @@ def test_value_head_learns_returns():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_value_clip_holds_the_head_near_the_rollouts_values():
+    """ε = .2: the value head (V = 0 at the start) trained towards returns R = 1 with V_old = 0 fixed, as in
+    the epochs of one PPO iteration. While |V - V_old| <= .2 the loss is 0.5 (V - R)²; past V = .2 the clipped
+    branch (.2 - 1)² = .64 exceeds (V - 1)², the loss is the constant 0.5 · .64 = .32 and pulls no more (and
+    below V = -.2 the unclipped branch is over 1.44). So after any number of steps the loss is at least .32,
+    where an unclipped loss falls towards 0, and the values' mean stays far from R = 1: it passes .2 only
+    because the tokens still under .2 keep pulling the head they share with the others."""
+    model, tok, records, responses, (images, inputs, targets, text_mask, mask, offsets) = tiny_setup()
+    mask = mask.float()
+    old_values, returns = torch.zeros(mask.shape), mask.clone()
+    opt = torch.optim.SGD(model.value_head.parameters(), lr=0.05)
+    for _ in range(60):
+        values = model(images, inputs, text_mask=text_mask, return_values=True)[2]
+        loss = mb.ppo_value_loss(values, old_values, returns, mask, 0.2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() >= 0.32 - 1e-6, loss.item()
+    values = model(images, inputs, text_mask=text_mask, return_values=True)[2].detach()
+    assert 0.1 < mb.masked_mean(values, mask) < 0.5, values[mask.bool()]
 
 
 def test_quick_rl_run_writes_a_loadable_checkpoint(quick_pipeline):
@@ -126,17 +178,6 @@ def test_statement_mask_hand():
     assert m.shape == (2, 25)
     assert m[0].nonzero().flatten().tolist() == [11, 12, 13, 14, 15]
     assert m[1].sum() == 0  # a row with no steps
-
-
-def test_token_rewards_hand():
-    """One response of 4 tokens, a step reward 1.0 on the last; kl = (0.5, 1, -2, 4); kl_coef 0.1; a fifth
-    padding token masked out: -0.05, -0.1, +0.2, 1 - 0.4 = 0.6, and 0 on the padding."""
-    import train_rl
-    score = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]])
-    kl = torch.tensor([[0.5, 1.0, -2.0, 4.0, 8.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
-    r = train_rl.token_rewards(score, kl, mask, 0.1)
-    assert torch.allclose(r, torch.tensor([[-0.05, -0.1, 0.2, 0.6, 0.0]]))
 
 
 def fast_rl(quick_pipeline, out, ptx="0", anchor="0"):
