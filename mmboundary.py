@@ -2415,9 +2415,11 @@ def statement_mask(steps_per_row, offsets, T):
 
 @torch.no_grad()
 def generate_responses(model, tokenizer, records, temperature=0.0, max_new_tokens=128, batch_size=64,
-                       generator=None, device="cpu"):
+                       generator=None, device="cpu", return_ended=False):
     """Answer every record: batched KV-cache decoding from left-padded prompts. -> list of response id lists
-    (EOS and padding removed)."""
+    (EOS and padding removed); with return_ended=True -> (responses, ended), ended[b] True iff the model
+    sampled EOS for response b (False: the token budget or block_size cut it off; PPO must not train on an
+    EOS it never sampled, see response_batch)."""
     model.eval()
     out = []
     for i in range(0, len(records), batch_size):
@@ -2428,7 +2430,8 @@ def generate_responses(model, tokenizer, records, temperature=0.0, max_new_token
                              temperature=temperature, generator=generator)
         for row in new.tolist():
             out.append([t for t in row if t not in (PAD,)][:max_new_tokens])
-    return [r[:r.index(EOS)] if EOS in r else r for r in out]
+    responses = [r[:r.index(EOS)] if EOS in r else r for r in out]
+    return (responses, [EOS in r for r in out]) if return_ended else responses
 
 
 ANSWER_RE = re.compile(r"^\s*so\s*,?\s*the answer is\s+(.+?)\s*\.?\s*$", re.IGNORECASE)
@@ -2461,11 +2464,15 @@ def judge_steps(record, steps, threshold=SIMILARITY_THRESHOLD):
 # 5.1 on a batch: the four signals for every step of generated responses
 # ---------------------------------------------------------------------------- #
 
-def response_batch(tokenizer, records, responses, device="cpu"):
+def response_batch(tokenizer, records, responses, device="cpu", ended=None):
     """Teacher-forcing batch for (prompt + response + <eos>), right-padded.
     -> images, inputs (B,T), targets (B,T), text_mask (B,T), response_mask (B,T), offsets (B,)
     response_mask marks target positions that are response tokens (incl. <eos>): the ONE mask PPO uses everywhere.
+    ended (B,) bools, from generate_responses(return_ended=True): the mask covers the <eos> target only where
+    ended[b]; a response cut off by the token budget never sampled that <eos>, so PPO must give it neither a
+    KL penalty nor a policy gradient. None = every response ended (SFT targets, scoring).
     offsets[b] = target index of the response's first token, so response token j sits at offsets[b] + j."""
+    assert ended is None or len(ended) == len(responses), "response_batch: one ended flag per response"
     seqs, offsets = [], []
     for rec, resp in zip(records, responses):
         prompt = prompt_ids(tokenizer, rec)
@@ -2475,7 +2482,8 @@ def response_batch(tokenizer, records, responses, device="cpu"):
     inputs, targets, text_mask = ids[:, :-1], ids[:, 1:], mask[:, :-1]
     response_mask = torch.zeros_like(targets)
     for b, (off, resp) in enumerate(zip(offsets, responses)):
-        response_mask[b, off:off + len(resp) + 1] = 1
+        with_eos = ended is None or bool(ended[b])
+        response_mask[b, off:off + len(resp) + int(with_eos)] = 1
     images = torch.stack([torch.as_tensor(np.asarray(r["image"])) for r in records])
     return (images.to(device), inputs.to(device), targets.to(device), text_mask.to(device),
             response_mask.to(device), offsets)

@@ -117,14 +117,15 @@ class Rollout:
 
 
 @torch.no_grad()
-def score_rollout(policy, ref, tokenizer, records, responses, steps, cfg, device):
+def score_rollout(policy, ref, tokenizer, records, responses, steps, cfg, device, ended=None):
     """Step 3: one teacher-forced pass of the policy and one of π_ref over the sampled responses, before any
-    update, -> Rollout. Re-scoring (rather than keeping the sampler's numbers) gives the same log-probs as
+    update, -> Rollout. ended[b]: did response b sample <eos>? Only then is that <eos> an action the mask
+    covers; a response the token budget cut off ends at its last sampled token (None: all ended). Re-scoring (rather than keeping the sampler's numbers) gives the same log-probs as
     sampling, at the same temperature (test_rescoring_reproduces_sampling_distribution), in one batched pass.
     These log-probs are π_old for all PPO epochs of this iteration; the per-token KL to π_ref is their
     difference to the reference's, on the sampled tokens (a one-sample estimate of KL(π_old || π_ref))."""
     T = cfg.temperature
-    images, inputs, targets, text_mask, mask, offsets = mb.response_batch(tokenizer, records, responses, device)
+    images, inputs, targets, text_mask, mask, offsets = mb.response_batch(tokenizer, records, responses, device, ended)
     mask = mask.float()  # float: it multiplies rewards and values below
     logits, _, values = policy(images, inputs, text_mask=text_mask, return_values=True)
     old_logprobs = mb.token_logprobs(logits / T, targets)
@@ -176,7 +177,7 @@ def place_rewards(per_response, steps, offsets, mask, missing_penalty):
     period, after the statement), because only there has the policy written both the step and what it says
     about it: with γ = 1 in GAE every earlier token of the step, statement included, sees r_s in its return.
     A response with no step at all gets missing_penalty on its last masked token (it still must learn that
-    saying nothing is bad)."""
+    saying nothing is bad): its <eos>, or its last sampled token when the token budget cut it off."""
     score = torch.zeros_like(mask)
     for b, (st, r) in enumerate(zip(steps, per_response)):
         for step, r_s in zip(st, r.tolist()):
@@ -313,16 +314,18 @@ def train(cfg, rank, world_size, device):
     t0 = time.time()
     with mb.GracefulStop() as stop:  # Ctrl-C / SIGTERM: finish the iteration, save, stop (step 8)
         for it in range(start, cfg.iterations):
-            # 1. rollout: sample responses from the current policy with the KV cache, cut each into steps
+            # 1. rollout: sample responses from the current policy with the KV cache, cut each into steps;
+            # ended[b]: response b sampled <eos> (else --max-new-tokens cut it off)
             batch = [records[rng.randrange(len(records))] for _ in range(cfg.rollouts)]
-            responses = mb.generate_responses(policy, tokenizer, batch, temperature=cfg.temperature,
-                                              max_new_tokens=cfg.max_new_tokens, generator=gen, device=device)
+            responses, ended = mb.generate_responses(policy, tokenizer, batch, temperature=cfg.temperature,
+                                                     max_new_tokens=cfg.max_new_tokens, generator=gen,
+                                                     device=device, return_ended=True)
             steps = [mb.split_steps(r, tokenizer) for r in responses]
             # 2. judge every step: correctness a_s, internal confidence u_s (the stated e_s is in Step.level)
             correct = [mb.judge_steps(rec, st) for rec, st in zip(batch, steps)]
             internal = mb.internal_confidence(policy, clip, tokenizer, batch, responses, steps, stats, device)
             # 3. score the rollout: π_old's log-probs and values, π_ref's log-probs, all fixed for this iteration
-            ro = score_rollout(policy, ref, tokenizer, batch, responses, steps, cfg, device)
+            ro = score_rollout(policy, ref, tokenizer, batch, responses, steps, cfg, device, ended)
             # 4. rewards: r_s on the last token of each step, minus kl_coef·(log π_old - log π_ref) on every token
             per_response, seen = step_rewards(cfg, steps, correct, internal)
             ro.score = place_rewards(per_response, steps, ro.offsets, ro.mask, cfg.missing_penalty)

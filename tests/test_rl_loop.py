@@ -75,6 +75,69 @@ def test_score_rollout_records_temperature_logprobs_and_the_kl_to_the_reference(
     assert ro.ref_all is not None and ro.ref_all.shape == (*targets.shape, model.cfg.vocab_size)
 
 
+# ---- 1 and 3: a response the token budget cut off never sampled its <eos>
+
+def test_response_batch_covers_eos_only_where_it_was_sampled():
+    """Two responses at their offsets: (red circle .) which sampled <eos>, and (so ,) which the budget cut.
+    ended = (True, False): the mask picks targets (red circle . <eos>) and (so ,); ended None (scoring, SFT):
+    both with <eos>, as before."""
+    tok = mb.build_tokenizer(mb.make_dataset(40, 0))
+    records = mb.make_dataset(2, 0)
+    responses = [tok.encode("red circle."), tok.encode("so,")]
+    for ended, with_eos in [([True, False], [True, False]), (None, [True, True])]:
+        _, _, targets, _, mask, offsets = mb.response_batch(tok, records, responses, ended=ended)
+        for b, resp in enumerate(responses):
+            assert targets[b][mask[b].bool()].tolist() == resp + [mb.EOS] * with_eos[b]
+            assert offsets[b] == len(mb.prompt_ids(tok, records[b])) - 1
+
+
+def cut_and_ended(model, tok, n=32, budget=12):
+    """n responses of the tiny random model at temperature 1 with a budget of 12 tokens: most are cut off,
+    a few sample <eos> early (seed 0: 4 of 32). -> (records, responses, ended)."""
+    records = mb.make_dataset(n, 0)
+    responses, ended = mb.generate_responses(model, tok, records, temperature=1.0, max_new_tokens=budget,
+                                             generator=torch.Generator().manual_seed(0), return_ended=True)
+    return records, responses, ended
+
+
+def test_generate_responses_reports_which_responses_sampled_eos():
+    """ended[b] is True iff the model's own decoding (TinyVLM.generate, same seed) emitted <eos> in row b; the
+    responses are the same as without return_ended. Both kinds occur (else the test would prove nothing)."""
+    model, tok, _, _, _ = tiny_setup()
+    records, responses, ended = cut_and_ended(model, tok)
+    assert 0 < sum(ended) < len(ended)
+    assert responses == mb.generate_responses(model, tok, records, temperature=1.0, max_new_tokens=12,
+                                              generator=torch.Generator().manual_seed(0))
+    ids, pmask = mb.pad_left([mb.prompt_ids(tok, r) for r in records])
+    raw = model.generate([r["image"] for r in records], ids, pmask, max_new_tokens=12, temperature=1.0,
+                         generator=torch.Generator().manual_seed(0))
+    assert ended == [mb.EOS in row for row in raw.tolist()]
+    assert all(len(r) < 12 for r, e in zip(responses, ended) if e)  # the <eos> took one of the 12 tokens
+
+
+def test_an_unsampled_eos_gets_no_kl_penalty_and_no_policy_gradient():
+    """score_rollout with the ended flags: a cut response's mask stops at its last sampled token, so its
+    per-token KL is 0 at the <eos> target after it and the policy loss (A = 1 on the mask) has no gradient
+    on the logits there; an ended response's <eos> keeps both. π_ref: the policy with its output layer x1.5."""
+    cfg = train_rl.RLConfig(temperature=0.7, anchor_coef=0.0)
+    model, tok, _, _, _ = tiny_setup()
+    records, responses, ended = cut_and_ended(model, tok)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(1.5)
+    steps = [mb.split_steps(r, tok) for r in responses]
+    ro = train_rl.score_rollout(model, ref, tok, records, responses, steps, cfg, "cpu", ended)
+    assert ro.mask.sum(1).tolist() == [len(r) + e for r, e in zip(responses, ended)]
+    ro.advantages, ro.returns = torch.ones_like(ro.mask), torch.zeros_like(ro.mask)
+    pg_loss, _, logits, _ = train_rl.ppo_losses(model, ro, torch.arange(len(records)), cfg)
+    logits.retain_grad()
+    pg_loss.backward()
+    for b, (resp, e) in enumerate(zip(responses, ended)):
+        eos_at = ro.offsets[b] + len(resp)  # the <eos> target after the response
+        assert (ro.kl[b, eos_at] != 0) == e and bool(logits.grad[b, eos_at].abs().sum() > 0) == e, (b, e)
+        assert ro.kl[b, eos_at - 1] != 0 and logits.grad[b, eos_at - 1].abs().sum() > 0  # the last sampled token
+
+
 # ---- 4. rewards
 
 def stated(level, last):
@@ -119,17 +182,21 @@ def test_place_rewards_on_the_last_token_of_each_step():
         so(13) ,(14) the(15) answer(16) is(17) red(18) .(19)
     Step 1's last token is its period 12, after its statement; step 2's is 19. At offset 3 the rewards 1.5 and
     -.5 land at target positions 15 and 22 (not at the steps' first tokens 3 and 16).
-    Response 1 has no step: its mask covers targets 5..8 (3 tokens and <eos>), so the penalty -1 lands on 8."""
+    Response 1 has no step: its mask covers targets 5..8 (3 tokens and <eos>), so the penalty -1 lands on 8.
+    Response 2 has no step and was cut off by the token budget: its mask covers 5..7 (3 tokens, no <eos>
+    sampled), so the penalty lands on its last sampled token 7."""
     tok = mb.build_tokenizer(mb.make_dataset(40, 0))
     ids = tok.encode("at the center there is a red circle, with total certainty. so, the answer is red.")
-    steps = [mb.split_steps(ids, tok), []]
+    steps = [mb.split_steps(ids, tok), [], []]
     assert [(s.start, s.last) for s in steps[0]] == [(0, 12), (13, 19)]
-    mask = torch.zeros(2, 25)
+    mask = torch.zeros(3, 25)
     mask[0, 3:24] = 1  # 20 tokens and <eos>
     mask[1, 5:9] = 1
-    score = train_rl.place_rewards([torch.tensor([1.5, -0.5]), torch.zeros(0)], steps, [3, 5], mask, -1.0)
-    expected = torch.zeros(2, 25)
-    expected[0, 15], expected[0, 22], expected[1, 8] = 1.5, -0.5, -1.0
+    mask[2, 5:8] = 1
+    score = train_rl.place_rewards([torch.tensor([1.5, -0.5]), torch.zeros(0), torch.zeros(0)], steps, [3, 5, 5],
+                                   mask, -1.0)
+    expected = torch.zeros(3, 25)
+    expected[0, 15], expected[0, 22], expected[1, 8], expected[2, 7] = 1.5, -0.5, -1.0, -1.0
     assert torch.equal(score, expected)
 
 
