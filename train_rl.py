@@ -119,11 +119,12 @@ class Rollout:
 @torch.no_grad()
 def score_rollout(policy, ref, tokenizer, records, responses, steps, cfg, device, ended=None):
     """Step 3: one teacher-forced pass of the policy and one of π_ref over the sampled responses, before any
-    update, -> Rollout. ended[b]: did response b sample <eos>? Only then is that <eos> an action the mask
-    covers; a response the token budget cut off ends at its last sampled token (None: all ended). Re-scoring (rather than keeping the sampler's numbers) gives the same log-probs as
+    update, -> Rollout. Re-scoring (rather than keeping the sampler's numbers) gives the same log-probs as
     sampling, at the same temperature (test_rescoring_reproduces_sampling_distribution), in one batched pass.
     These log-probs are π_old for all PPO epochs of this iteration; the per-token KL to π_ref is their
-    difference to the reference's, on the sampled tokens (a one-sample estimate of KL(π_old || π_ref))."""
+    difference to the reference's, on the sampled tokens (a one-sample estimate of KL(π_old || π_ref)).
+    ended[b]: did response b sample <eos>? Only then is that <eos> an action the mask covers; a response the
+    token budget cut off ends at its last sampled token (None: every response ended)."""
     T = cfg.temperature
     images, inputs, targets, text_mask, mask, offsets = mb.response_batch(tokenizer, records, responses, device, ended)
     mask = mask.float()  # float: it multiplies rewards and values below
@@ -174,8 +175,9 @@ def step_rewards(cfg, steps, correct, internal):
 
 def place_rewards(per_response, steps, offsets, mask, missing_penalty):
     """Step 4b: the step rewards as a (B, T) score on the token axis. r_s goes on step s's LAST token (its
-    period, after the statement), because only there has the policy written both the step and what it says
-    about it: with γ = 1 in GAE every earlier token of the step, statement included, sees r_s in its return.
+    period, after the statement): a reward enters the returns of the tokens up to it, never after it, so
+    there it credits the whole step, statement included. On the step's first token the statement, the very
+    thing R_EC and R_CS judge, would never see the reward.
     A response with no step at all gets missing_penalty on its last masked token (it still must learn that
     saying nothing is bad): its <eos>, or its last sampled token when the token budget cut it off."""
     score = torch.zeros_like(mask)
@@ -246,6 +248,8 @@ def ptx_loss(model, tokenizer, records, rng, n, device):
 
 
 def main(argv=None):
+    """Parse and check the flags, join the process group under torchrun, train; a run stopped by a signal or
+    --stop-at leaves with its one line and exit code (mb.exit_stopped)."""
     cfg, = mb.parse_configs(argv, __doc__.splitlines()[0], [RLConfig], QUICK)
     if cfg.no_r_ka and cfg.no_r_ec and cfg.no_r_cs:
         raise UserError("--no-r-ka, --no-r-ec and --no-r-cs together leave no reward")
@@ -266,6 +270,7 @@ def main(argv=None):
 def train(cfg, rank, world_size, device):
     """Load the warm-up (policy and frozen reference), then PPO iterations, steps 1 to 8 below; a stopped run
     continues from --out with --resume (module docstring)."""
+    # 0. setup: the warm-up checkpoint is both the starting policy and π_ref, the anchor of the KL penalty
     mb.check_not_partial(cfg.init, "train_sft.py")
     ck = mb.load_checkpoint(cfg.init, device, need_clip=True)
     if ck.stats is None:  # u_s, and so R_CS, needs the warm-up's signal statistics (section 3.2)
@@ -321,7 +326,8 @@ def train(cfg, rank, world_size, device):
                                                      max_new_tokens=cfg.max_new_tokens, generator=gen,
                                                      device=device, return_ended=True)
             steps = [mb.split_steps(r, tokenizer) for r in responses]
-            # 2. judge every step: correctness a_s, internal confidence u_s (the stated e_s is in Step.level)
+            # 2. judge every step: correctness a_s, and internal confidence u_s from the policy's own signals, so
+            # that R_CS rewards stating what the model itself believes (the stated e_s is in Step.level)
             correct = [mb.judge_steps(rec, st) for rec, st in zip(batch, steps)]
             internal = mb.internal_confidence(policy, clip, tokenizer, batch, responses, steps, stats, device)
             # 3. score the rollout: π_old's log-probs and values, π_ref's log-probs, all fixed for this iteration
@@ -357,7 +363,8 @@ def train(cfg, rank, world_size, device):
                         loss = loss + cfg.anchor_coef * anchor
                         metrics.setdefault("anchor_kl", []).append(anchor.item())
                     check_finite(loss, ptx, cfg, it, saved)
-                    loss.backward()
+                    loss.backward()  # under DDP: all-reduces this gradient and the ptx one accumulated above
+                    # one global norm over every term: whichever dominates, a minibatch moves the weights a bounded step
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                     opt.step()
                     for k, v in diagnostics.items():
