@@ -61,18 +61,26 @@ def test_kl_to_reference_is_zero_for_the_same_model():
 
 
 def test_one_ppo_update_lowers_its_surrogate_loss():
-    """One clipped-PPO gradient step on a rollout lowers the surrogate loss of that same rollout."""
+    """One clipped-PPO gradient step on a rollout lowers the surrogate loss of that same rollout. Even rows are
+    on-policy (ratio 1) with random whitened advantages; odd rows start past the clip (rollout log-probs the
+    model's own minus ln 1.5: ratio 1.5, A = +1), so before the step their part of the loss is the clipped
+    constant max(-1.5, -1.2) = -1.2 per token (min in place of max: -1.5)."""
     model, tok, records, responses, (images, inputs, targets, text_mask, mask, offsets) = tiny_setup()
     mask = mask.float()
+    odd = (torch.arange(mask.size(0)) % 2 == 1)[:, None].float().expand_as(mask)
     with torch.no_grad():
-        old_logprobs = mb.token_logprobs(model(images, inputs, text_mask=text_mask)[0], targets)
+        old_logprobs = mb.token_logprobs(model(images, inputs, text_mask=text_mask)[0], targets) - math.log(1.5) * odd
     advantages = mb.masked_whiten(torch.randn(mask.shape, generator=torch.Generator().manual_seed(1)), mask)
+    advantages = torch.where(odd.bool(), 1.0, advantages)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model.train()
     losses = []
-    for _ in range(2):
+    for step in range(2):
         logprobs = mb.token_logprobs(model(images, inputs, text_mask=text_mask)[0], targets)
         loss, _ = mb.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, 0.2)
+        if step == 0:
+            clipped_part, _ = mb.ppo_policy_loss(logprobs, old_logprobs, advantages, mask * odd, 0.2)
+            assert abs(clipped_part.item() + 1.2) < 1e-5, clipped_part.item()
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
