@@ -1616,8 +1616,8 @@ def step_mask_from_steps(steps_per_row, offsets, T):
 def statement_mask(steps_per_row, offsets, T):
     """-> (B, T) float, 1 on the tokens of every parseable statement: from the comma (or "(") after a step's
     content through the step's last token, e.g. ", but i'm not sure ." ; 0 elsewhere (content, a step with no
-    statement, prompt, padding). PPO uses it to weigh the KL penalty of what a step says about itself apart
-    from the step itself."""
+    statement, prompt, padding). train_rl.py's KL anchor uses its complement: the anchor holds a step's content to
+    the warm-up model and leaves what the step says about itself free to learn."""
     mask = torch.zeros(len(steps_per_row), T)
     for b, steps in enumerate(steps_per_row):
         for st in steps:
@@ -1628,9 +1628,11 @@ def statement_mask(steps_per_row, offsets, T):
 
 @torch.no_grad()
 def generate_responses(model, tokenizer, records, temperature=0.0, max_new_tokens=128, batch_size=64,
-                       generator=None, device="cpu"):
+                       generator=None, device="cpu", return_ended=False):
     """Answer every record: batched KV-cache decoding from left-padded prompts. -> list of response id lists
-    (EOS and padding removed)."""
+    (EOS and padding removed); with return_ended=True -> (responses, ended), ended[b] True iff the model
+    sampled EOS for response b (False: the token budget or block_size cut it off; PPO must not train on an
+    EOS it never sampled, see response_batch)."""
     model.eval()
     out = []
     for i in range(0, len(records), batch_size):
@@ -1641,7 +1643,8 @@ def generate_responses(model, tokenizer, records, temperature=0.0, max_new_token
                              temperature=temperature, generator=generator)
         for row in new.tolist():
             out.append([t for t in row if t not in (PAD,)][:max_new_tokens])
-    return [r[:r.index(EOS)] if EOS in r else r for r in out]
+    responses = [r[:r.index(EOS)] if EOS in r else r for r in out]
+    return (responses, [EOS in r for r in out]) if return_ended else responses
 
 
 ANSWER_RE = re.compile(r"^\s*so\s*,?\s*the answer is\s+(.+?)\s*\.?\s*$", re.IGNORECASE)
@@ -1848,11 +1851,15 @@ def u_clipscore(image_emb, text_emb):
 # cuts on these values and R_CS (train_rl.py) scores the policy's steps with the same stats, so both must see the
 # same scale; PPO's own log-probabilities divide by the sampling temperature instead (a separate quantity).
 
-def response_batch(tokenizer, records, responses, device="cpu"):
+def response_batch(tokenizer, records, responses, device="cpu", ended=None):
     """Teacher-forcing batch for (prompt + response + <eos>), right-padded.
     -> images, inputs (B,T), targets (B,T), text_mask (B,T), response_mask (B,T), offsets (B,)
     response_mask marks target positions that are response tokens (incl. <eos>): the ONE mask PPO uses everywhere.
+    ended (B,) bools, from generate_responses(return_ended=True): the mask covers the <eos> target only where
+    ended[b]; a response cut off by the token budget never sampled that <eos>, so PPO must give it neither a
+    KL penalty nor a policy gradient. None = every response ended (SFT targets, scoring).
     offsets[b] = target index of the response's first token, so response token j sits at offsets[b] + j."""
+    assert ended is None or len(ended) == len(responses), "response_batch: one ended flag per response"
     seqs, offsets = [], []
     for rec, resp in zip(records, responses):
         prompt = prompt_ids(tokenizer, rec)
@@ -1862,7 +1869,8 @@ def response_batch(tokenizer, records, responses, device="cpu"):
     inputs, targets, text_mask = ids[:, :-1], ids[:, 1:], mask[:, :-1]
     response_mask = torch.zeros_like(targets)
     for b, (off, resp) in enumerate(zip(offsets, responses)):
-        response_mask[b, off:off + len(resp) + 1] = 1
+        with_eos = ended is None or bool(ended[b])
+        response_mask[b, off:off + len(resp) + int(with_eos)] = 1
     images = torch.stack([torch.as_tensor(np.asarray(r["image"])) for r in records])
     return (images.to(device), inputs.to(device), targets.to(device), text_mask.to(device),
             response_mask.to(device), offsets)

@@ -1,8 +1,8 @@
 """PPO on a real (tiny) TinyVLM: the pieces of train_rl.py's loop behave as the algorithm says."""
-import numpy as np
+import math
+
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import mmboundary as mb
 from conftest import run_script
@@ -45,32 +45,67 @@ def test_rescoring_reproduces_sampling_distribution():
 
 
 def test_kl_to_reference_is_zero_for_the_same_model():
+    """train_rl's own KL path (score_rollout, step 3 of the loop) with π_ref an exact copy of the policy: the
+    per-token log-ratio is exactly 0 on every token, so before the first update the KL penalty is 0 and the
+    token rewards are the step rewards alone (train_rl.token_rewards)."""
+    import copy
+    import train_rl
     model, tok, records, responses, (images, inputs, targets, text_mask, mask, offsets) = tiny_setup()
-    ref = mb.TinyVLM(model.cfg).eval()
-    ref.load_state_dict(model.state_dict())
-    lp = mb.token_logprobs(model(images, inputs, text_mask=text_mask)[0], targets)
-    ref_lp = mb.token_logprobs(ref(images, inputs, text_mask=text_mask)[0], targets)
-    assert mb.masked_mean((lp - ref_lp).abs(), mask).item() == 0.0
+    steps = [mb.split_steps(r, tok) for r in responses]
+    cfg = train_rl.RLConfig(temperature=0.7)
+    ro = train_rl.score_rollout(model, copy.deepcopy(model), tok, records, responses, steps, cfg, "cpu")
+    assert ro.mask.sum() > 0 and torch.equal(ro.mask, mask.float())
+    assert torch.equal(ro.kl, torch.zeros_like(ro.kl))
+    score = torch.randn(ro.mask.shape, generator=torch.Generator().manual_seed(0)) * ro.mask
+    assert torch.equal(train_rl.token_rewards(score, ro.kl, ro.mask, 0.1), score)
 
 
 def test_one_ppo_update_lowers_its_surrogate_loss():
-    """One clipped-PPO gradient step on a rollout lowers the surrogate loss of that same rollout."""
+    """One clipped-PPO gradient step on a rollout lowers the surrogate loss of that same rollout. Even rows are
+    on-policy (ratio 1) with random whitened advantages; odd rows start past the clip (rollout log-probs the
+    model's own minus ln 1.5: ratio 1.5, A = +1), so before the step their part of the loss is the clipped
+    constant max(-1.5, -1.2) = -1.2 per token (min in place of max: -1.5)."""
     model, tok, records, responses, (images, inputs, targets, text_mask, mask, offsets) = tiny_setup()
     mask = mask.float()
+    odd = (torch.arange(mask.size(0)) % 2 == 1)[:, None].float().expand_as(mask)
     with torch.no_grad():
-        old_logprobs = mb.token_logprobs(model(images, inputs, text_mask=text_mask)[0], targets)
+        old_logprobs = mb.token_logprobs(model(images, inputs, text_mask=text_mask)[0], targets) - math.log(1.5) * odd
     advantages = mb.masked_whiten(torch.randn(mask.shape, generator=torch.Generator().manual_seed(1)), mask)
+    advantages = torch.where(odd.bool(), 1.0, advantages)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model.train()
     losses = []
-    for _ in range(2):
+    for step in range(2):
         logprobs = mb.token_logprobs(model(images, inputs, text_mask=text_mask)[0], targets)
         loss, _ = mb.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, 0.2)
+        if step == 0:
+            clipped_part, _ = mb.ppo_policy_loss(logprobs, old_logprobs, advantages, mask * odd, 0.2)
+            assert abs(clipped_part.item() + 1.2) < 1e-5, clipped_part.item()
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert losses[1] < losses[0]
+
+
+def test_the_clip_stops_the_update_past_the_trust_region():
+    """The pessimistic (max) surrogate: once a token's ratio has left [1 - ε, 1 + ε] in the direction its
+    advantage favours, its loss is the clipped constant and it pushes no further. Rollout log-probs are the
+    model's own minus ln 1.5 on even rows (ratio 1.5, A = +1) and plus ln 2 on odd rows (ratio .5, A = -1):
+        even: max(-1.5, -1.2) = -1.2      odd: max(.5, .8) = .8
+    loss = the masked mean of those, and every parameter's gradient is exactly 0. With min in place of max:
+    -1.5 and .5, and a gradient that pushes each ratio further out."""
+    model, tok, records, responses, (images, inputs, targets, text_mask, mask, offsets) = tiny_setup()
+    mask = mask.float()
+    logprobs = mb.token_logprobs(model(images, inputs, text_mask=text_mask)[0], targets)
+    odd = (torch.arange(mask.size(0)) % 2 == 1)[:, None].float().expand_as(mask)
+    old = logprobs.detach() - math.log(1.5) * (1 - odd) + math.log(2.0) * odd
+    advantages = 1 - 2 * odd
+    loss, clipfrac = mb.ppo_policy_loss(logprobs, old, advantages, mask, 0.2)
+    expected = ((-1.2 * (1 - odd) + 0.8 * odd) * mask).sum() / mask.sum()
+    assert abs(loss.item() - expected.item()) < 1e-5 and clipfrac.item() == 1.0
+    loss.backward()
+    assert all(p.grad is None or torch.all(p.grad == 0) for p in model.parameters())
 
 
 def test_zero_advantages_leave_the_policy_unchanged():
@@ -83,7 +118,8 @@ def test_zero_advantages_leave_the_policy_unchanged():
 
 
 def test_value_head_learns_returns():
-    """The clipped value loss trains the zero-initialised value head towards the returns."""
+    """The value loss trains the zero-initialised value head towards the returns. ε = 10 switches the value
+    clip off here: this test is about learning; the next one is about the clip."""
     model, tok, records, responses, (images, inputs, targets, text_mask, mask, offsets) = tiny_setup()
     mask = mask.float()
     returns = torch.full(mask.shape, 0.5) * mask
@@ -99,6 +135,30 @@ def test_value_head_learns_returns():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_value_clip_holds_the_head_near_the_rollouts_values():
+    """ε = .2: the value head (V = 0 at the start) trained towards returns R = 1 with V_old = 0 fixed, as in
+    the epochs of one PPO iteration. While |V - V_old| <= .2 the loss is 0.5 (V - R)²; past V = .2 the clipped
+    branch (.2 - 1)² = .64 exceeds (V - 1)², the loss is the constant 0.5 · .64 = .32 and pulls no more (and
+    below V = -.2 the unclipped branch is over 1.44). So after any number of steps the loss is at least .32,
+    where an unclipped loss falls towards 0, and the values' mean stays far from R = 1: it passes .2 only
+    because the tokens still under .2 keep pulling the head they share with the others."""
+    model, tok, records, responses, (images, inputs, targets, text_mask, mask, offsets) = tiny_setup()
+    mask = mask.float()
+    old_values, returns = torch.zeros(mask.shape), mask.clone()
+    for name, p in model.named_parameters():  # only the head learns here: no backward through the trunk
+        p.requires_grad_(name.startswith("value_head."))
+    opt = torch.optim.SGD(model.value_head.parameters(), lr=0.1)
+    for _ in range(20):
+        values = model(images, inputs, text_mask=text_mask, return_values=True)[2]
+        loss = mb.ppo_value_loss(values, old_values, returns, mask, 0.2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() >= 0.32 - 1e-6, loss.item()
+    values = model(images, inputs, text_mask=text_mask, return_values=True)[2].detach()
+    assert 0.1 < mb.masked_mean(values, mask) < 0.5, values[mask.bool()]
 
 
 def test_quick_rl_run_writes_a_loadable_checkpoint(quick_pipeline):
@@ -128,40 +188,6 @@ def test_statement_mask_hand():
     assert m.shape == (2, 25)
     assert m[0].nonzero().flatten().tolist() == [11, 12, 13, 14, 15]
     assert m[1].sum() == 0  # a row with no steps
-
-
-def test_critic_warmup_moves_only_the_value_head(quick_pipeline, tmp_path):
-    """train_rl.py --critic-warmup 1 --iterations 1: the one iteration trains the value head alone, so every other
-    weight is bit-identical to the warm-up's and the value head has left its zero start."""
-    run_script("train_rl.py", "--quick", "--device", "cpu", "--init", quick_pipeline["warmup"], "--out", str(tmp_path / "rl"),
-               "--iterations", "1", "--critic-warmup", "1", "--value-lr", "1e-2")
-    before = load_file(f"{quick_pipeline['warmup']}/model.safetensors")
-    after = load_file(f"{tmp_path}/rl/model.safetensors")
-    assert before.keys() == after.keys()
-    head = [k for k in before if k.startswith("value_head.")]
-    assert head and all(torch.count_nonzero(before[k]) == 0 for k in head)  # zero-initialised, untouched by SFT
-    for k in before:
-        if k in head:
-            assert torch.count_nonzero(after[k]) > 0, k
-        else:
-            assert torch.equal(before[k], after[k]), f"{k} moved during the critic warm-up"
-
-
-def test_token_rewards_hand():
-    """One response of 4 tokens, the last two a statement; a step reward 1.0 on the last token; kl = (0.5, 1, 2, 4);
-    kl_coef 0.1, statement_kl_coef 0.25; a fifth padding token masked out:
-        content:   0 - 0.1·0.5 = -0.05,   0 - 0.1·1 = -0.1
-        statement: 0 - 0.25·2 = -0.5,     1 - 0.25·4 = 0.0
-        padding:   0"""
-    import train_rl
-    score = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]])
-    kl = torch.tensor([[0.5, 1.0, 2.0, 4.0, 8.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
-    stmt = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]])
-    r = train_rl.token_rewards(score, kl, mask, stmt, 0.1, 0.25)
-    assert torch.allclose(r, torch.tensor([[-0.05, -0.1, -0.5, 0.0, 0.0]]))
-    same = train_rl.token_rewards(score, kl, mask, stmt, 0.1, 0.1)  # one coefficient: the plain per-token penalty
-    assert torch.equal(same, (score - 0.1 * kl) * mask)
 
 
 def fast_rl(quick_pipeline, out, ptx="0", anchor="0"):
@@ -219,14 +245,12 @@ def test_ptx_teaches_the_reference_content(quick_pipeline, unguarded, tmp_path):
     assert ce["ptx"] < ce["none"] - 0.5, ce
 
 
-def test_ptx_gradient_joins_the_ddp_all_reduce(tmp_path):
-    """train_rl.py's minibatch under DistributedDataParallel: the ptx term's forward and backward run first inside
-    mb.no_sync, then the PPO forward and backward through DDP. The gradient DDP leaves must be the sum of both
-    terms' gradients, as a plain module computes them in one backward (one process, gloo: the all-reduce is the
-    identity, so any difference is DDP dropping or overwriting the accumulated ptx gradient). Running the ptx
-    forward outside no_sync instead raises "mark a variable ready only once"."""
+def ddp_gradient_check(pg_file):
+    """The body of the next test, run in a child process. Prints "same" when the gradient DDP leaves equals the
+    plain module's, else the names of the parameters that differ; then leaves with os._exit."""
     import copy
     import datetime
+    import os
     import random
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -239,14 +263,27 @@ def test_ptx_gradient_joins_the_ddp_all_reduce(tmp_path):
 
     plain = copy.deepcopy(model).train()
     (3.0 * plain(*ptx_batch)[1] + main_loss(plain)).backward()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1,
+    dist.init_process_group("gloo", init_method=f"file://{pg_file}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=60))  # a stuck collective fails instead of hanging
-    try:
-        ddp = DistributedDataParallel(copy.deepcopy(model).train())
-        with mb.no_sync(ddp):
-            (3.0 * ddp(*ptx_batch)[1]).backward()
-        main_loss(ddp).backward()
-        for (name, p), q in zip(plain.named_parameters(), ddp.module.parameters()):
-            assert torch.allclose(p.grad, q.grad, atol=1e-6), name
-    finally:
-        dist.destroy_process_group()
+    ddp = DistributedDataParallel(copy.deepcopy(model).train())
+    with mb.no_sync(ddp):
+        (3.0 * ddp(*ptx_batch)[1]).backward()
+    main_loss(ddp).backward()
+    differ = [name for (name, p), q in zip(plain.named_parameters(), ddp.module.parameters())
+              if not torch.allclose(p.grad, q.grad, atol=1e-6)]
+    print("differ: " + ", ".join(differ) if differ else "same", flush=True)
+    # subtle: no teardown. Freeing the gloo group from Python once deadlocked the test run: its destructor waits
+    # for a worker thread that is itself waiting for the GIL this thread holds. Exiting here skips it.
+    os._exit(0)
+
+
+def test_ptx_gradient_joins_the_ddp_all_reduce(tmp_path):
+    """train_rl.py's minibatch under DistributedDataParallel: the ptx term's forward and backward run first inside
+    mb.no_sync, then the PPO forward and backward through DDP. The gradient DDP leaves must be the sum of both
+    terms' gradients, as a plain module computes them in one backward (one process, gloo: the all-reduce is the
+    identity, so any difference is DDP dropping or overwriting the accumulated ptx gradient). Running the ptx
+    forward outside no_sync instead raises "mark a variable ready only once" (the child exits non-zero). In a
+    child process, so that it can exit without the gloo group's teardown (ddp_gradient_check)."""
+    proc = run_script("-c", "import sys; sys.path.insert(0, 'tests'); import test_ppo; test_ppo.ddp_gradient_check(sys.argv[1])",
+                      str(tmp_path / "pg"), timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "same", proc.stdout[-2000:]

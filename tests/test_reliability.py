@@ -58,8 +58,7 @@ def assert_same_tensors(folder_a, folder_b, names=("model.safetensors",)):
 SFT_BAD_FLAGS = [(["--lr", "-0.1"], "--lr must be in (0, 1]"), (["--lr", "1e38"], "--lr must be in (0, 1]"), (["--stage", "finetune"], "--stage must be one of"),
                  (["--steps", "0"], "--steps must be > 0"), (["--warmup-temperature", "-1"], "--warmup-temperature must be >= 0")]
 RL_BAD_FLAGS = [(["--lr", "-1"], "--lr must be in (0, 1]"), (["--clip-eps", "0"], "--clip-eps must be in (0, 1)"),
-                (["--clip-eps", "-1"], "--clip-eps must be in (0, 1)"), (["--value-lr", "0"], "--value-lr must be in (0, 1]"),
-                (["--statement-kl-coef", "-0.1"], "--statement-kl-coef must be >= 0"), (["--critic-warmup", "-1"], "--critic-warmup must be >= 0"),
+                (["--clip-eps", "-1"], "--clip-eps must be in (0, 1)"), (["--kl-coef", "-0.1"], "--kl-coef must be >= 0"),
                 (["--ptx-coef", "-1"], "--ptx-coef must be >= 0"), (["--ptx-batch", "0"], "--ptx-batch must be > 0"),
                 (["--anchor-coef", "-1"], "--anchor-coef must be >= 0")]
 
@@ -188,8 +187,12 @@ def test_resume_with_other_training_flags_is_refused():
     with pytest.raises(mb.UserError, match=r"--lr 0.002 -> 0.001"):
         mb.check_resume_config(saved, {"lr": 0.001, "steps": 12, "out": "a", "stop_at": 0}, {"out", "stop_at"}, "x")
     # a flag the stopped run never had (saved by an older version of the script): named, and fresh start advised
-    with pytest.raises(mb.UserError, match=r"older version without --value-lr; .* start fresh"):
-        mb.check_resume_config(saved, {"lr": 0.002, "steps": 12, "value_lr": 1e-3, "out": "a", "stop_at": 0},
+    with pytest.raises(mb.UserError, match=r"older version without --anchor-coef; .* start fresh"):
+        mb.check_resume_config(saved, {"lr": 0.002, "steps": 12, "anchor_coef": 1.0, "out": "a", "stop_at": 0},
+                               {"out", "stop_at"}, "x")
+    # a flag the stopped run had and this version lost (a removed experiment, e.g. --value-lr): named, refused
+    with pytest.raises(mb.UserError, match=r"version with --value-lr, which this version no longer has"):
+        mb.check_resume_config({**saved, "value_lr": 1e-3}, {"lr": 0.002, "steps": 12, "out": "a", "stop_at": 0},
                                {"out", "stop_at"}, "x")
 
 

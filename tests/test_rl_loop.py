@@ -1,0 +1,250 @@
+"""Every step of train_rl.py's PPO loop, by value: each test calls the function train() calls for one step, on
+a hand-built case whose arithmetic is written in the docstring. In the loop's order:
+    2. (library)         u_s = the warm-up's signal recipe on the policy's own tokens; a c on a level cut reaches it
+    3. score_rollout     π_old's log-probs, values and the per-token log-ratio to π_ref, recorded at rollout time
+    4. step_rewards      r_s = α R_KA + β R_EC + γ R_CS (stated) or α R_KA + missing_penalty (unstated)
+       place_rewards     r_s on the step's last token; a response without steps: the penalty on its last token
+       token_rewards     rewards_t = score_t - kl_coef · (log π_old - log π_ref)
+    5. advantages_and_returns   GAE, advantages whitened over the batch, returns not
+    6. ppo_losses        the ratio π/π_old against the rollout's log-probs, both clips
+Run: python -m pytest -q tests/test_rl_loop.py"""
+import copy
+import math
+
+import torch
+
+import mmboundary as mb
+import train_rl
+from test_ppo import tiny_setup
+
+
+def close(actual, expected, tol=1e-6):
+    """assert a tensor/float equals the expected list/float elementwise within tol."""
+    actual = torch.as_tensor(actual, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.allclose(actual, expected, atol=tol, rtol=0), f"{actual.tolist()} != {expected.tolist()}"
+
+
+def tiny_rollout(cfg, ref=None):
+    """score_rollout on tiny_setup's sampled responses, π_ref = `ref` or an exact copy of the policy.
+    -> (policy, ref, Rollout)."""
+    model, tok, records, responses, _ = tiny_setup()
+    ref = ref if ref is not None else copy.deepcopy(model)
+    steps = [mb.split_steps(r, tok) for r in responses]
+    return model, ref, train_rl.score_rollout(model, ref, tok, records, responses, steps, cfg, "cpu")
+
+
+# ---- 2. judge the steps: the internal confidence u_s that R_CS compares the statement with
+
+def test_internal_confidence_levels_at_the_cuts_hand():
+    """u_s is the warm-up's recipe applied to the policy's own signals (mb.internal_confidence calls
+    signals_to_levels with the stored stats). Stats: U_LNLP alone, min/max (0, 8), μ = .5, σ = .25, so
+    c = 1 - U/8 and the level cuts are .5 + .25·(-1.5, -.5, .5, 1.5) = .125, .375, .625, .875 (exact floats).
+        U = 0, 1, 2, 3, 5, 7, 8  ->  c = 1, .875, .75, .625, .375, .125, 0
+    A c equal to a cut reaches it (level = 1 + #{cuts <= c}): levels 5, 5, 4, 4, 3, 2, 1, so u_s = (level-1)/4
+    = 1, 1, .75, .75, .5, .25, 0; and for a step that states level 5 (e = 1), R_CS = 1 - (1 - u)² =
+    1, 1, .9375, .9375, .75, .4375, 0. (Cuts compared with > would give levels 5, 4, 4, 3, 2, 1, 1.)"""
+    stats = {"minmax": {"lnlp": (0.0, 8.0)}, "mu": 0.5, "sigma": 0.25, "signals": ["lnlp"], "weights": None,
+             "fusion": "mean"}
+    fused, levels = mb.signals_to_levels({"lnlp": torch.tensor([0.0, 1, 2, 3, 5, 7, 8])}, stats)
+    close(fused, [1, 0.875, 0.75, 0.625, 0.375, 0.125, 0])
+    assert levels.tolist() == [5, 5, 4, 4, 3, 2, 1]
+    u = mb.level_to_confidence(levels)
+    close(mb.r_cs(torch.ones(7), u), [1, 1, 0.9375, 0.9375, 0.75, 0.4375, 0])
+
+
+# ---- 3. score the rollout
+
+def test_score_rollout_records_temperature_logprobs_and_the_kl_to_the_reference():
+    """The policy's log-probs at the sampling temperature T = 0.7 (not T = 1), and kl_t = log π_old(y_t) -
+    log π_ref(y_t) at T on the response mask, 0 off it. π_ref here is the policy with its output layer scaled
+    by 1.5, so the two differ on every token; the expected values come from two plain forward passes."""
+    cfg = train_rl.RLConfig(temperature=0.7)
+    model, tok, records, responses, (images, inputs, targets, text_mask, mask, offsets) = tiny_setup()
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(1.5)
+        lp = mb.token_logprobs(model(images, inputs, text_mask=text_mask)[0] / 0.7, targets)
+        ref_lp = mb.token_logprobs(ref(images, inputs, text_mask=text_mask)[0] / 0.7, targets)
+    _, _, ro = tiny_rollout(cfg, ref)
+    assert torch.equal(ro.mask, mask.float())
+    close(ro.old_logprobs[ro.mask.bool()], lp[mask.bool()], 1e-5)
+    close(ro.kl, (lp - ref_lp) * mask, 1e-5)
+    assert (ro.kl[mask.bool()] != 0).all() and (ro.kl[~mask.bool()] == 0).all()
+    assert ro.ref_all is not None and ro.ref_all.shape == (*targets.shape, model.cfg.vocab_size)
+
+
+# ---- 1 and 3: a response the token budget cut off never sampled its <eos>
+
+def test_response_batch_covers_eos_only_where_it_was_sampled():
+    """Two responses at their offsets: (red circle .) which sampled <eos>, and (so ,) which the budget cut.
+    ended = (True, False): the mask picks targets (red circle . <eos>) and (so ,); ended None (scoring, SFT):
+    both with <eos>, as before."""
+    tok = mb.build_tokenizer(mb.make_dataset(40, 0))
+    records = mb.make_dataset(2, 0)
+    responses = [tok.encode("red circle."), tok.encode("so,")]
+    for ended, with_eos in [([True, False], [True, False]), (None, [True, True])]:
+        _, _, targets, _, mask, offsets = mb.response_batch(tok, records, responses, ended=ended)
+        for b, resp in enumerate(responses):
+            assert targets[b][mask[b].bool()].tolist() == resp + [mb.EOS] * with_eos[b]
+            assert offsets[b] == len(mb.prompt_ids(tok, records[b])) - 1
+
+
+def cut_and_ended(model, tok, n=32, budget=12):
+    """n responses of the tiny random model at temperature 1 with a budget of 12 tokens: most are cut off,
+    a few sample <eos> early (seed 0: 4 of 32). -> (records, responses, ended)."""
+    records = mb.make_dataset(n, 0)
+    responses, ended = mb.generate_responses(model, tok, records, temperature=1.0, max_new_tokens=budget,
+                                             generator=torch.Generator().manual_seed(0), return_ended=True)
+    return records, responses, ended
+
+
+def test_generate_responses_reports_which_responses_sampled_eos():
+    """ended[b] is True iff the model's own decoding (TinyVLM.generate, same seed) emitted <eos> in row b; the
+    responses are the same as without return_ended. Both kinds occur (else the test would prove nothing)."""
+    model, tok, _, _, _ = tiny_setup()
+    records, responses, ended = cut_and_ended(model, tok)
+    assert 0 < sum(ended) < len(ended)
+    assert responses == mb.generate_responses(model, tok, records, temperature=1.0, max_new_tokens=12,
+                                              generator=torch.Generator().manual_seed(0))
+    ids, pmask = mb.pad_left([mb.prompt_ids(tok, r) for r in records])
+    raw = model.generate([r["image"] for r in records], ids, pmask, max_new_tokens=12, temperature=1.0,
+                         generator=torch.Generator().manual_seed(0))
+    assert ended == [mb.EOS in row for row in raw.tolist()]
+    assert all(len(r) < 12 for r, e in zip(responses, ended) if e)  # the <eos> took one of the 12 tokens
+
+
+def test_an_unsampled_eos_gets_no_kl_penalty_and_no_policy_gradient():
+    """score_rollout with the ended flags: a cut response's mask stops at its last sampled token, so its
+    per-token KL is 0 at the <eos> target after it and the policy loss (A = 1 on the mask) has no gradient
+    on the logits there; an ended response's <eos> keeps both. π_ref: the policy with its output layer x1.5."""
+    cfg = train_rl.RLConfig(temperature=0.7, anchor_coef=0.0)
+    model, tok, _, _, _ = tiny_setup()
+    records, responses, ended = cut_and_ended(model, tok)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(1.5)
+    steps = [mb.split_steps(r, tok) for r in responses]
+    ro = train_rl.score_rollout(model, ref, tok, records, responses, steps, cfg, "cpu", ended)
+    assert ro.mask.sum(1).tolist() == [len(r) + e for r, e in zip(responses, ended)]
+    ro.advantages, ro.returns = torch.ones_like(ro.mask), torch.zeros_like(ro.mask)
+    pg_loss, _, logits, _ = train_rl.ppo_losses(model, ro, torch.arange(len(records)), cfg)
+    logits.retain_grad()
+    pg_loss.backward()
+    for b, (resp, e) in enumerate(zip(responses, ended)):
+        eos_at = ro.offsets[b] + len(resp)  # the <eos> target after the response
+        assert (ro.kl[b, eos_at] != 0) == e and bool(logits.grad[b, eos_at].abs().sum() > 0) == e, (b, e)
+        assert ro.kl[b, eos_at - 1] != 0 and logits.grad[b, eos_at - 1].abs().sum() > 0  # the last sampled token
+
+
+# ---- 4. rewards
+
+def stated(level, last):
+    """A Step of hand-picked token indices: content 0..last-3, a statement, its period at `last`."""
+    return mb.Step(start=0, end=max(1, last - 2), last=last, text="x.", level=level)
+
+
+def test_step_rewards_hand():
+    """Defaults α = 2, β = γ = 1, missing_penalty = -1, rewards divided by the response's step count.
+    Response 0, two steps:
+        s1 states level 5 (e = 1), a = 1, u = .25: R_KA 1, R_EC 1 - (1-1)² = 1, R_CS 1 - (1-.25)² = .4375
+           r = 2·1 + 1 + .4375 = 3.4375, / 2 steps = 1.71875
+        s2 states nothing, a = 0, u = .75:          r = 2·0 + (-1) = -1, / 2 = -.5
+    Response 1, one step: level 1 (e = 0), a = 1, u = 0: R_KA 1, R_EC 1 - (0-1)² = 0, R_CS 1 - (0-0)² = 1
+           r = 2 + 0 + 1 = 3
+    Response 2: no step -> an empty tensor (place_rewards gives it the penalty).
+    R_CS against correctness instead of u would give s1 1 - (1-1)² = 1 (r 2.0) and response 1 1 - (0-1)² = 0 (r 2);
+    swapping the stated / unstated branches would give s1 (2 - 1)/2 = .5. The log sees R_EC and R_CS of stated
+    steps only: r_ec [1, 0], r_cs [.4375, 1]."""
+    steps = [[stated(5, 4), stated(None, 7)], [stated(1, 3)], []]
+    per_response, seen = train_rl.step_rewards(train_rl.RLConfig(), steps, [[True, False], [True], []],
+                                               [[0.25, 0.75], [0.0], []])
+    close(per_response[0], [1.71875, -0.5])
+    close(per_response[1], [3.0])
+    assert per_response[2].numel() == 0
+    close(seen["r_ka"], [1, 0, 1])
+    close(seen["r_ec"], [1, 0])
+    close(seen["r_cs"], [0.4375, 1])
+
+
+def test_step_rewards_flags_hand():
+    """--no-mean-over-steps --no-r-cs --missing-penalty -2, the same response 0 as above:
+    s1: 2·1 + 1·1 + 0·.4375 = 3;  s2: 2·0 + (-2) = -2  (not divided by 2)."""
+    cfg = train_rl.RLConfig(mean_over_steps=False, no_r_cs=True, missing_penalty=-2.0)
+    per_response, _ = train_rl.step_rewards(cfg, [[stated(5, 4), stated(None, 7)]], [[True, False]], [[0.25, 0.75]])
+    close(per_response[0], [3.0, -2.0])
+
+
+def test_place_rewards_on_the_last_token_of_each_step():
+    """Response 0 is the split_steps example of test_statement_mask_hand (token index in the response):
+        at(0) the(1) center(2) there(3) is(4) a(5) red(6) circle(7) ,(8) with(9) total(10) certainty(11) .(12)
+        so(13) ,(14) the(15) answer(16) is(17) red(18) .(19)
+    Step 1's last token is its period 12, after its statement; step 2's is 19. At offset 3 the rewards 1.5 and
+    -.5 land at target positions 15 and 22 (not at the steps' first tokens 3 and 16).
+    Response 1 has no step: its mask covers targets 5..8 (3 tokens and <eos>), so the penalty -1 lands on 8.
+    Response 2 has no step and was cut off by the token budget: its mask covers 5..7 (3 tokens, no <eos>
+    sampled), so the penalty lands on its last sampled token 7."""
+    tok = mb.build_tokenizer(mb.make_dataset(40, 0))
+    ids = tok.encode("at the center there is a red circle, with total certainty. so, the answer is red.")
+    steps = [mb.split_steps(ids, tok), [], []]
+    assert [(s.start, s.last) for s in steps[0]] == [(0, 12), (13, 19)]
+    mask = torch.zeros(3, 25)
+    mask[0, 3:24] = 1  # 20 tokens and <eos>
+    mask[1, 5:9] = 1
+    mask[2, 5:8] = 1
+    score = train_rl.place_rewards([torch.tensor([1.5, -0.5]), torch.zeros(0), torch.zeros(0)], steps, [3, 5, 5],
+                                   mask, -1.0)
+    expected = torch.zeros(3, 25)
+    expected[0, 15], expected[0, 22], expected[1, 8], expected[2, 7] = 1.5, -0.5, -1.0, -1.0
+    assert torch.equal(score, expected)
+
+
+def test_token_rewards_kl_penalty_sign_hand():
+    """kl_coef .1, a step reward 1 on the 4th token, kl = (.5, 1, -2, 4) and a masked 5th token (kl 8):
+        -.1·.5 = -.05,  -.1·1 = -.1,  -.1·(-2) = +.2,  1 - .1·4 = .6,  padding 0
+    A token the policy now likes more than π_ref (kl > 0) costs reward, one it likes less earns some."""
+    score = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]])
+    kl = torch.tensor([[0.5, 1.0, -2.0, 4.0, 8.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    close(train_rl.token_rewards(score, kl, mask, 0.1), [[-0.05, -0.1, 0.2, 0.6, 0.0]])
+
+
+# ---- 5. advantages
+
+def test_advantages_are_whitened_and_returns_are_not_hand():
+    """γ = λ = 1, two responses of two tokens and a padded third (reward 7 and value 9 there, both ignored);
+    values .5 everywhere:
+        row 0 rewards (0, 1): δ1 = 1 - .5 = .5, δ0 = 0 + .5 - .5 = 0 -> A = (.5, .5)
+        row 1 rewards (0, 3): δ1 = 2.5, δ0 = 0                     -> A = (2.5, 2.5)
+    returns = A + V = (1, 1), (3, 3). Whitened A over the 4 tokens: mean 1.5, variance 1 -> (-1, -1), (1, 1)."""
+    rewards = torch.tensor([[0.0, 1.0, 7.0], [0.0, 3.0, 7.0]])
+    values = torch.tensor([[0.5, 0.5, 9.0], [0.5, 0.5, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    cfg = train_rl.RLConfig(discount=1.0, gae_lambda=1.0)
+    advantages, returns = train_rl.advantages_and_returns(rewards, values, mask, cfg)
+    close(advantages, [[-1, -1, 0], [1, 1, 0]], 1e-5)
+    close(returns, [[1, 1, 0], [3, 3, 0]])
+
+
+# ---- 6. the PPO losses
+
+def test_ppo_ratio_is_taken_against_the_rollouts_logprobs():
+    """ppo_losses on the whole batch of a rollout whose recorded log-probs are the policy's own minus ln 2 (as if
+    the policy had since doubled every sampled token's probability): ratio 2 on every token. With A = +1,
+    ε = .2: pg_loss = mean(max(-2, -1.2)) = -1.2 and clipfrac = 1. A ratio recomputed from the policy being
+    updated is 1: pg_loss -1, clipfrac 0. ppo_policy_loss with min in place of max would give -2.
+    Values: V = 0 (zero-initialised head), V_old = -.5, R = 1, ε_v = .2: V_clip = -.3,
+    0.5 · max((0 - 1)², (-.3 - 1)²) = 0.5 · 1.69 = .845 (unclipped: .5). Both clips act, so no gradient."""
+    cfg = train_rl.RLConfig(temperature=0.7, clip_eps=0.2, value_clip_eps=0.2, anchor_coef=0.0)
+    model, _, ro = tiny_rollout(cfg)
+    ro.old_logprobs = ro.old_logprobs - math.log(2.0)
+    ro.advantages = torch.ones_like(ro.mask)
+    ro.values, ro.returns = torch.full_like(ro.mask, -0.5), torch.ones_like(ro.mask)
+    pg_loss, v_loss, logits, diagnostics = train_rl.ppo_losses(model, ro, torch.arange(ro.mask.size(0)), cfg)
+    close(pg_loss, -1.2)
+    close(diagnostics["clipfrac"], 1.0)
+    close(diagnostics["approx_kl"], 1 - math.log(2.0), 1e-5)  # k3: (r - 1) - ln r at r = 2
+    close(v_loss, 0.845)
+    (pg_loss + v_loss).backward()
+    assert all(p.grad is None or torch.all(p.grad == 0) for p in model.parameters())
