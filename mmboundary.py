@@ -700,20 +700,29 @@ def describe_step(scene, sentence):
 
 
 # ---------------------------------------------------------------------------- #
-# Real annotated data: the official MMBoundary JSON / a JSONL, and step truth by similarity
+# Real annotated data: the official MMBoundary files, and step truth by similarity
 # ---------------------------------------------------------------------------- #
-# The paper's annotated A-OKVQA file (annotated_data/aokvqa/val_mmb.json in Zhitao-He/MMBoundary) is a JSON list
-# of records like
-#   {"image_id": 377368, "question": "Which number birthday is probably being celebrated?",
-#    "choices": ["one", "ten", "nine", "thirty"], "correct_choice_idx": 3,
-#    "keys_filtered": {"Image_level": ["The image features a birthday cake with the number 30 on it", ...],
-#                      "Reasoning_level": [..., "So, the answer is thirty"]}, ...}
-# with the COCO image {image_id:012d}.jpg (000000377368.jpg) in a local folder. A JSONL file (one record per
-# line) carries the same fields with an "image" path instead. Both load into records shaped like make_dataset's,
-# with scene = None: there is no scene graph, so verify_step cannot judge a step and judge_steps_by_reference
-# below does instead. CulturalVQA's file has no choices, gold answer or image path, so it does not load here.
+# The paper's annotated files (annotated_data/ in Zhitao-He/MMBoundary) are JSON lists of records; a JSONL file
+# (path ends in .jsonl, one record per line) holds the same records. Every record has a "question" and the
+# reference chain "keys_filtered": {"Image_level": [perception steps], "Reasoning_level": [reasoning steps, the
+# last "So, the answer is X"]}; Image_level may be absent, null or empty. Its fields say which format a record is
+# in, and each format has one rule for the gold answer and one for the image:
+#   format        recognised by                      gold answer                      image file
+#   A-OKVQA       "choices" + "correct_choice_idx"   choices[correct_choice_idx]      "image_id" -> {image_id:012d}.jpg
+#                                                                                      (COCO 2017: 000000377368.jpg)
+#   ScienceQA     "choices" + "answer" (an int:      choices[answer]                  "image" (a path)
+#                 ScienceQA's name for the index)
+#   CulturalVQA   neither (open-ended)               X of the last Reasoning_level    "id" -> {id}.jpg, else {id}.png
+#                                                    step "So, the answer is X."
+#                                                    ('warm' -> warm: quotes dropped)
+# In every format an "image" field wins over image_id / id: that is the JSONL form. A relative image path is taken
+# from --images, or from the data file's folder without it. A-OKVQA's "direct_answers" (ten annotators' free-form
+# answers), where a record has them, are kept as "direct_answers". Anything else is one UserError naming
+# the file, the record and the field. Records load shaped like make_dataset's, with scene = None (no scene graph,
+# so verify_step cannot judge a step and judge_steps_by_reference below does) plus "direct_answers"; an
+# open-ended record has choices [] and correct_choice_idx None, and its prompt shows no choices (format_prompt).
 
-REAL_DATA_FIELDS = ("question", "choices", "correct_choice_idx", "keys_filtered")  # required in every record
+REAL_DATA_FIELDS = ("question", "keys_filtered")  # required in every format
 
 
 def _record_where(path, index, record, line=None):
@@ -754,23 +763,54 @@ def _read_jsonl(path):
     return rows
 
 
+def _real_format(record, where):
+    """Which row of the table above a record is: "aokvqa", "scienceqa" or "culturalvqa" (by its fields alone).
+    subtle: an index without "choices" is an error, not an open-ended record: a multiple-choice record that lost
+    its choices must not quietly become a question whose answer is read off its reference chain."""
+    if "choices" in record:
+        if "correct_choice_idx" in record:
+            return "aokvqa"
+        if "answer" in record:
+            return "scienceqa"
+        raise UserError(f"{where}: missing field 'correct_choice_idx' (or ScienceQA's 'answer', the right "
+                        f"choice's index)")
+    for name in ("correct_choice_idx", "answer"):
+        if name in record:
+            raise UserError(f"{where}: missing field 'choices' (field '{name}' is an index into it)")
+    return "culturalvqa"
+
+
+def _open_answer(text):
+    """The gold answer of an open-ended record from its last reference step, or None when that step is no answer.
+    Example: "So, the answer is 'warm'." -> "warm"; "So, the answer is Indian people." -> "Indian people"."""
+    match = ANSWER_RE.match(text)
+    answer = match.group(1).strip().strip("'\"").strip() if match else ""
+    return answer if similarity_tokens(answer) else None  # "So, the answer is ''." has no answer in it
+
+
 def _check_real_record(record, where):
-    """Raise a UserError naming `where` and the field when a record breaks the schema; return None otherwise."""
+    """Raise a UserError naming `where` and the field when a record breaks its format; return the format."""
     if not isinstance(record, dict):
         raise UserError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     for name in REAL_DATA_FIELDS:
         if name not in record:
             raise UserError(f"{where}: missing field '{name}'")
-    if "image" not in record and "image_id" not in record:
-        raise UserError(f"{where}: missing field 'image_id' (or 'image', a path)")
+    fmt = _real_format(record, where)
+    image_key = {"aokvqa": "image_id", "scienceqa": None, "culturalvqa": "id"}[fmt]  # what names the file
+    if "image" not in record and (image_key is None or image_key not in record):
+        need = {"aokvqa": "'image_id' (or 'image', a path)", "scienceqa": "'image' (a path)",
+                "culturalvqa": "'id' (the image is {id}.jpg or {id}.png; or 'image', a path)"}[fmt]
+        raise UserError(f"{where}: missing field {need}")
     if not isinstance(record["question"], str) or not record["question"].strip():
         raise UserError(f"{where}: field 'question' must be a non-empty string")
-    choices = record["choices"]
-    if not _is_str_list(choices) or len(choices) < 2:
-        raise UserError(f"{where}: field 'choices' must be a list of at least 2 strings, got {choices!r:.80}")
-    index = record["correct_choice_idx"]
-    if not _is_int(index) or not 0 <= index < len(choices):
-        raise UserError(f"{where}: field 'correct_choice_idx' must be an int in 0..{len(choices) - 1}, got {index!r}")
+    if fmt != "culturalvqa":
+        choices = record["choices"]
+        if not _is_str_list(choices) or len(choices) < 2:
+            raise UserError(f"{where}: field 'choices' must be a list of at least 2 strings, got {choices!r:.80}")
+        name = "correct_choice_idx" if fmt == "aokvqa" else "answer"
+        index = record[name]
+        if not _is_int(index) or not 0 <= index < len(choices):
+            raise UserError(f"{where}: field '{name}' must be an int in 0..{len(choices) - 1}, got {index!r:.80}")
     keys = record["keys_filtered"]
     if not isinstance(keys, dict):
         raise UserError(f"{where}: field 'keys_filtered' must be an object with 'Reasoning_level'")
@@ -779,10 +819,34 @@ def _check_real_record(record, where):
     if keys.get("Image_level") is not None and not _is_str_list(keys["Image_level"]):
         # absent, null and [] all mean "no perception steps": the official file has records of each kind
         raise UserError(f"{where}: field 'keys_filtered.Image_level' must be a list of strings")
-    if "image" in record and not (isinstance(record["image"], str) and record["image"]):
-        raise UserError(f"{where}: field 'image' must be a non-empty path string")
-    if "image" not in record and (not _is_int(record["image_id"]) or record["image_id"] < 0):
-        raise UserError(f"{where}: field 'image_id' must be a non-negative int, got {record['image_id']!r}")
+    if fmt == "culturalvqa" and _open_answer(keys["Reasoning_level"][-1]) is None:
+        raise UserError(f"{where}: field 'keys_filtered.Reasoning_level' must end with \"So, the answer is X.\" "
+                        f"(an open-ended record's gold answer), got {keys['Reasoning_level'][-1]!r:.80}")
+    if "direct_answers" in record and not _is_str_list(record["direct_answers"]):
+        raise UserError(f"{where}: field 'direct_answers' must be a list of strings")
+    if "image" in record:
+        if not (isinstance(record["image"], str) and record["image"]):
+            raise UserError(f"{where}: field 'image' must be a non-empty path string, got {record['image']!r:.80}")
+    elif fmt == "aokvqa" and (not _is_int(record["image_id"]) or record["image_id"] < 0):
+        raise UserError(f"{where}: field 'image_id' must be a non-negative int, got {record['image_id']!r:.80}")
+    elif fmt == "culturalvqa" and not ((_is_int(record["id"]) and record["id"] >= 0) or (
+            isinstance(record["id"], str) and record["id"].strip() and not re.search(r"[/\\]", record["id"]))):
+        # a file name is made of it: no path separators, so an id cannot point outside --images
+        raise UserError(f"{where}: field 'id' must be a non-negative int or a file name, got {record['id']!r:.80}")
+    return fmt
+
+
+def _image_path(record, fmt, base_dir, where):
+    """The image file of a checked record, by its format's rule (the table above)."""
+    if "image" in record:
+        return os.path.join(base_dir, record["image"])  # join keeps an absolute path as it is
+    if fmt == "aokvqa":
+        return os.path.join(base_dir, f"{record['image_id']:012d}.jpg")  # the COCO file name
+    candidates = [os.path.join(base_dir, f"{record['id']}{ext}") for ext in (".jpg", ".png")]
+    found = [p for p in candidates if os.path.isfile(p)]
+    if not found:
+        raise UserError(f"{where}: image file not found: {candidates[0]} (nor {os.path.basename(candidates[1])})")
+    return found[0]  # both there: .jpg, the first rule
 
 
 def _load_real_image(image_path, image_size, where):
@@ -796,19 +860,23 @@ def _load_real_image(image_path, image_size, where):
             im = im.convert("RGB").resize((image_size, image_size), Image.BOX)
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # OSError covers UnidentifiedImageError
         raise UserError(f"{where}: cannot read image {image_path} ({type(e).__name__}: {e})") from None
-    return np.asarray(im, dtype=np.uint8)  # (image_size, image_size, 3)
+    # np.array copies: np.asarray of a PIL image is a read-only view of its buffer, and torch.as_tensor warns
+    # (once per run, "The given NumPy array is not writable") wherever the image becomes a tensor
+    return np.array(im, dtype=np.uint8)  # (image_size, image_size, 3), writable
 
 
-def load_annotated(path, images_dir, image_size=IMAGE_SIZE):
-    """Load the official annotated JSON (a list) or a JSONL (path ends in .jsonl) into make_dataset-shaped records.
+def load_annotated(path, images_dir, image_size=IMAGE_SIZE, limit=None):
+    """Load an official annotated JSON (a list) or a JSONL (path ends in .jsonl) into make_dataset-shaped records.
 
-    Each record: {"id", "question", "choices", "correct_choice_idx", "answer" (= choices[correct_choice_idx]),
-    "qtype": "real", "keys_filtered": {"Image_level": [...], "Reasoning_level": [...]}, "scene": None,
+    Each record: {"id", "question", "choices" ([] when open-ended), "correct_choice_idx" (None when open-ended),
+    "answer" (the gold answer, by the format table above), "direct_answers" (A-OKVQA's, else []), "qtype": "real",
+    "keys_filtered": {"Image_level": [...], "Reasoning_level": [...]}, "scene": None,
     "image": (image_size, image_size, 3) uint8}.
-    The image is `image` (a path; a relative one is taken from images_dir, or from the data file's folder when
-    images_dir is None) or else `image_id` -> images_dir/{image_id:012d}.jpg, e.g. 377368 -> 000000377368.jpg.
-    Every problem (missing file, bad JSON, missing or mistyped field, missing or unreadable image) is a
-    UserError of one line naming the file, the record (index, JSONL line, id) and the field.
+    Images are found in images_dir (None: the data file's folder) by the format's rule, e.g. A-OKVQA image_id
+    377368 -> 000000377368.jpg, CulturalVQA id 2 -> 2.jpg or 2.png. Every problem (missing file, bad JSON,
+    missing or mistyped field, missing or unreadable image) is a UserError of one line naming the file, the
+    record (index, JSONL line, id) and the field. limit: keep the first `limit` records (every record is still
+    checked; only the kept ones' images are read).
     """
     if not os.path.isfile(path):
         raise UserError(f"{path}: data file not found")
@@ -824,29 +892,33 @@ def load_annotated(path, images_dir, image_size=IMAGE_SIZE):
         rows = [(None, record) for record in data]
     if not rows:
         raise UserError(f"{path}: no records")
-    for index, (line, record) in enumerate(rows):  # the whole schema first: a typo in record 900 fails fast
-        _check_real_record(record, _record_where(path, index, record, line))
+    # the whole schema first: a typo in record 900 fails fast, before 899 images are decoded
+    formats = [_check_real_record(record, _record_where(path, index, record, line))
+               for index, (line, record) in enumerate(rows)]
     records = []
-    for index, (line, record) in enumerate(rows):
+    for index, ((line, record), fmt) in enumerate(zip(rows[:limit], formats)):
         where = _record_where(path, index, record, line)
-        if "image" in record:
-            image_path = os.path.join(base_dir, record["image"])  # join keeps an absolute path as it is
-        else:
-            image_path = os.path.join(base_dir, f"{record['image_id']:012d}.jpg")  # the COCO file name
         keys = record["keys_filtered"]
-        # id: the record's own id when it has one (A-OKVQA: question_id), else <file name>-<index>
-        rid = record.get("id", record.get("question_id"))
+        reasoning = list(keys["Reasoning_level"])
+        if fmt == "culturalvqa":
+            choices, correct, answer = [], None, _open_answer(reasoning[-1])
+        else:
+            choices = list(record["choices"])
+            correct = record["correct_choice_idx" if fmt == "aokvqa" else "answer"]
+            answer = choices[correct]
+        # id: the record's own id when it has one (CulturalVQA: id, A-OKVQA: question_id), else <file name>-<index>
+        rid = next((record[k] for k in ("id", "question_id") if record.get(k) is not None), None)
         records.append({
             "id": str(rid) if rid is not None else f"{os.path.basename(path)}-{index}",
             "question": record["question"],
-            "choices": list(record["choices"]),
-            "correct_choice_idx": record["correct_choice_idx"],
-            "answer": record["choices"][record["correct_choice_idx"]],
+            "choices": choices,
+            "correct_choice_idx": correct,
+            "answer": answer,
+            "direct_answers": list(record.get("direct_answers") or []),
             "qtype": "real",
-            "keys_filtered": {"Image_level": list(keys.get("Image_level") or []),
-                              "Reasoning_level": list(keys["Reasoning_level"])},
+            "keys_filtered": {"Image_level": list(keys.get("Image_level") or []), "Reasoning_level": reasoning},
             "scene": None,  # no scene graph: steps are judged by judge_steps_by_reference, not verify_step
-            "image": _load_real_image(image_path, image_size, where),
+            "image": _load_real_image(_image_path(record, fmt, base_dir, where), image_size, where),
         })
     return records
 
@@ -1470,7 +1542,10 @@ def clip_embed_text(clip, tokenizer, texts):
 
 def format_prompt(record):
     """The question and its choices as the model sees them.
-    e.g. "question: what color is the object at the center? choices: red; orange; blue; green" """
+    e.g. "question: what color is the object at the center? choices: red; orange; blue; green"
+    An open-ended record (real data, e.g. CulturalVQA: choices []) is the question alone."""
+    if not record["choices"]:
+        return f"question: {record['question']}"
     return f"question: {record['question']} choices: {'; '.join(record['choices'])}"
 
 

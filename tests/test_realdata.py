@@ -1,9 +1,11 @@
-"""Tests of the real-data path: load_annotated (official JSON and JSONL) and step truth by text similarity.
+"""Tests of the real-data path: load_annotated (every official format, JSON and JSONL) and step truth by text
+similarity.
 
-Every fixture is built here in tmp_path (a few A-OKVQA-style records, small generated JPEGs named like COCO's
-{image_id:012d}.jpg); nothing is downloaded and ../shared/data is never read. Layers: both formats load into
+Every fixture is built here in tmp_path (records in the A-OKVQA, ScienceQA and CulturalVQA shapes, small generated
+images named as each format's rule says: COCO's {image_id:012d}.jpg, CulturalVQA's {id}.jpg or {id}.png, a
+ScienceQA "image" path); nothing is downloaded and ../shared/data is never read. Layers: every format loads into
 make_dataset-shaped records; each bad input is one UserError naming the file, the record and the field; hand-
-computed similarity cases.
+computed similarity, answer and perception/reasoning cases.
 """
 import json
 import os
@@ -84,11 +86,13 @@ def check_records(records):
     assert [r["id"] for r in records] == ["q0", "q1", "q2"]
     assert [r["answer"] for r in records] == ["thirty", "umbrella", "red"]
     for r, src in zip(records, RECORDS):
-        # same keys as a shapes-world record, so the rest of the library takes either
-        assert set(r) == set(mb.make_dataset(1, 0)[0])
-        assert r["qtype"] == "real" and r["scene"] is None
+        # the keys of a shapes-world record (so the rest of the library takes either), plus direct_answers
+        assert set(r) == set(mb.make_dataset(1, 0)[0]) | {"direct_answers"}
+        assert r["qtype"] == "real" and r["scene"] is None and r["direct_answers"] == []
         assert r["choices"] == src["choices"] and r["correct_choice_idx"] == src["correct_choice_idx"]
         assert r["image"].shape == (mb.IMAGE_SIZE, mb.IMAGE_SIZE, 3) and r["image"].dtype == np.uint8
+        # writable: a read-only view of the PIL buffer makes torch warn wherever the image becomes a tensor
+        assert r["image"].flags.writeable
         color = COLORS[src["image_id"]]
         assert np.abs(r["image"].astype(int) - color).max() <= 8  # a flat colour survives JPEG and resizing
     # Image_level: present, absent, empty -> always a list
@@ -130,6 +134,97 @@ def test_image_size_and_library_use(tmp_path, images):
 def test_records_without_any_id_get_one(tmp_path, images):
     rows = bad(RECORDS, 0, question_id=...)
     assert mb.load_annotated(write_json(tmp_path / "v.json", rows), str(images))[0]["id"] == "v.json-0"
+
+
+def test_limit_keeps_the_first_records_but_checks_all(tmp_path, images):
+    path = write_json(tmp_path / "val.json", RECORDS)
+    assert [r["id"] for r in mb.load_annotated(path, str(images), limit=2)] == ["q0", "q1"]
+    os.remove(images / "000000000007.jpg")  # record 2's image is never read with limit=2 ...
+    assert len(mb.load_annotated(path, str(images), limit=2)) == 2
+    path = write_json(tmp_path / "bad.json", bad(RECORDS, 2, choices=...))  # ... but its schema is checked
+    with pytest.raises(mb.UserError, match="record 2 .*missing field 'choices'"):
+        mb.load_annotated(path, str(images), limit=1)
+
+
+# CulturalVQA: open-ended (no choices, no index), an "id" and no image path; the gold answer is the X of the last
+# Reasoning_level step. Image 2 is a JPEG, image 4 a PNG: the rule is {id}.jpg, else {id}.png.
+CVQA = [
+    {"question": "The delicacy in the picture is eaten while the solid is", "id": 2,
+     "general_output": "Thought: ... Answer: So the answer is hot.",  # the official file's extra field: ignored
+     "keys_filtered": {"Image_level": ["The third bowl contains a solid, grainy substance."],
+                       "Reasoning_level": ["Fufu is eaten warm.", "So, the answer is 'warm'."]}},
+    {"question": "Which people eat this dish?", "id": 4,
+     "keys_filtered": {"Reasoning_level": ["Naan is an Indian bread.", "So, the answer is Indian people."]}},
+]
+CVQA_IMAGES = {2: ("jpg", (200, 120, 40)), 4: ("png", (40, 120, 200))}
+
+
+@pytest.fixture
+def cvqa_images(tmp_path):
+    """tmp_path/cvqa/2.jpg and 4.png, flat colours."""
+    folder = tmp_path / "cvqa"
+    folder.mkdir()
+    for rid, (ext, color) in CVQA_IMAGES.items():
+        Image.new("RGB", (48, 64), color).save(folder / f"{rid}.{ext}", format="JPEG" if ext == "jpg" else "PNG")
+    return folder
+
+
+def test_load_culturalvqa(tmp_path, cvqa_images):
+    records = mb.load_annotated(write_json(tmp_path / "cvqa_mmb.json", CVQA), str(cvqa_images))
+    assert [r["id"] for r in records] == ["2", "4"]
+    assert [r["answer"] for r in records] == ["warm", "Indian people"]  # quotes and the final period dropped
+    for r in records:
+        assert set(r) == set(mb.make_dataset(1, 0)[0]) | {"direct_answers"}
+        assert r["choices"] == [] and r["correct_choice_idx"] is None and r["scene"] is None
+        assert mb.format_prompt(r) == f"question: {r['question']}"  # open-ended: no "choices:" in the prompt
+        assert r["image"].flags.writeable
+    assert np.abs(records[0]["image"].astype(int) - CVQA_IMAGES[2][1]).max() <= 8  # the JPEG
+    assert (records[1]["image"] == CVQA_IMAGES[4][1]).all()  # the PNG, lossless
+    assert records[1]["keys_filtered"]["Image_level"] == []
+    # the gold answer judges the answer step: "So, the answer is Indian people." is right, "Indian" is not
+    right, half = [mb.Step(0, 1, 1, t, None) for t in ("So, the answer is indian people.", "So, the answer is indian.")]
+    assert mb.answer_is_correct(records[1], [right]) and not mb.answer_is_correct(records[1], [half])
+    assert mb.judge_steps(records[1], [right, half]) == [True, False]
+
+
+def test_culturalvqa_jpg_before_png(tmp_path, cvqa_images):
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(cvqa_images / "4.jpg")  # now 4.jpg and 4.png both exist
+    records = mb.load_annotated(write_json(tmp_path / "cvqa.json", CVQA), str(cvqa_images))
+    assert np.abs(records[1]["image"].astype(int) - (0, 255, 0)).max() <= 8
+
+
+# ScienceQA's own names: "answer" is the index of the right choice, "image" a path under the images folder
+SQA = [{"question": "Which animal is a mammal?", "choices": ["frog", "whale", "shark"], "answer": 1,
+        "image": "train/5/image.png", "hint": "", "subject": "natural science",
+        "keys_filtered": {"Image_level": ["The image shows a whale."],
+                          "Reasoning_level": ["Whales feed their young milk.", "So, the answer is whale."]}}]
+
+
+def test_load_scienceqa(tmp_path):
+    folder = tmp_path / "sqa"
+    (folder / "train" / "5").mkdir(parents=True)
+    Image.new("RGB", (30, 20), (10, 220, 90)).save(folder / "train" / "5" / "image.png")
+    r, = mb.load_annotated(write_json(tmp_path / "sqa_val_mmb.json", SQA), str(folder))
+    assert r["answer"] == "whale" and r["correct_choice_idx"] == 1 and r["choices"] == SQA[0]["choices"]
+    assert r["id"] == "sqa_val_mmb.json-0" and (r["image"] == (10, 220, 90)).all()
+    assert "choices: frog; whale; shark" in mb.format_prompt(r)
+
+
+def test_jsonl_holds_every_format(tmp_path, images, cvqa_images):
+    """One JSONL, one record of each format, every image an "image" path (relative to --images, or absolute)."""
+    rows = [as_jsonl_records(RECORDS)[0], dict(SQA[0], image=str(cvqa_images / "2.jpg")),
+            dict(CVQA[1], image=str(cvqa_images / "4.png"))]
+    records = mb.load_annotated(write_jsonl(tmp_path / "mixed.jsonl", rows), str(images))
+    assert [r["answer"] for r in records] == ["thirty", "whale", "Indian people"]
+    assert [r["correct_choice_idx"] for r in records] == [3, 1, None]
+    assert (records[2]["image"] == CVQA_IMAGES[4][1]).all()
+
+
+def test_direct_answers_load(tmp_path, images):
+    rows = json.loads(json.dumps(RECORDS))
+    rows[0]["direct_answers"] = ["thirty"] * 8 + ["30th"] * 2
+    records = mb.load_annotated(write_json(tmp_path / "val.json", rows), str(images))
+    assert records[0]["direct_answers"] == rows[0]["direct_answers"] and records[1]["direct_answers"] == []
 
 
 # ---------------------------------------------------------------------------- #
@@ -200,6 +295,40 @@ def test_bad_record_names_record_and_field(tmp_path, images, index, changes, mes
     where = re.escape(f"{path}: record {index} (question_id 'q{index}')")
     with pytest.raises(mb.UserError, match=where + ": " + message):
         mb.load_annotated(path, str(images))
+
+
+@pytest.mark.parametrize("records, index, changes, message", [
+    # CulturalVQA: the last reference step is the gold answer, so it must be one
+    (CVQA, 0, {"keys_filtered": {"Reasoning_level": ["Fufu is eaten warm."]}},
+     "field 'keys_filtered.Reasoning_level' must end with \"So, the answer is X.\""),
+    (CVQA, 0, {"keys_filtered": {"Reasoning_level": ["So, the answer is ''."]}}, "field 'keys_filtered.Reason"),
+    (CVQA, 1, {"id": ...}, r"missing field 'id' \(the image is \{id\}.jpg or \{id\}.png"),
+    (CVQA, 1, {"id": "../4"}, "field 'id' must be a non-negative int or a file name"),
+    (CVQA, 1, {"id": 4.0}, "field 'id' must be"),
+    # an index without its choices is an error, never an open-ended record
+    (CVQA, 1, {"answer": 1}, r"missing field 'choices' \(field 'answer' is an index into it\)"),
+    (CVQA, 1, {"correct_choice_idx": 0}, "missing field 'choices'"),
+    # ScienceQA
+    (SQA, 0, {"answer": 3}, r"field 'answer' must be an int in 0\.\.2, got 3"),
+    (SQA, 0, {"answer": "whale"}, "field 'answer' must be an int"),
+    (SQA, 0, {"image": ...}, r"missing field 'image' \(a path\)"),
+    (SQA, 0, {"image": None}, "field 'image' must be a non-empty path string"),
+    (SQA, 0, {"answer": ...}, "missing field 'correct_choice_idx' \\(or ScienceQA's 'answer'"),
+    # A-OKVQA's direct answers
+    (RECORDS, 0, {"direct_answers": "thirty"}, "field 'direct_answers' must be a list of strings"),
+])
+def test_bad_record_of_each_format(tmp_path, cvqa_images, records, index, changes, message):
+    path = write_json(tmp_path / "data.json", bad(records, index, **changes))
+    with pytest.raises(mb.UserError, match=re.escape(f"{path}: record {index}") + ".*: " + message):
+        mb.load_annotated(path, str(cvqa_images))
+
+
+def test_culturalvqa_missing_image_names_both_names(tmp_path, cvqa_images):
+    os.remove(cvqa_images / "4.png")
+    path = write_json(tmp_path / "cvqa.json", CVQA)
+    with pytest.raises(mb.UserError, match=re.escape(f"{path}: record 1 (id 4): image file not found: "
+                                                     f"{cvqa_images / '4.jpg'} (nor 4.png)")):
+        mb.load_annotated(path, str(cvqa_images))
 
 
 def test_missing_image_file_names_the_path(tmp_path, images):
@@ -275,3 +404,4 @@ def test_judge_steps_by_reference_thresholds():
     # the answer step is judged by its answer, whatever τ
     assert mb.judge_steps_by_reference(["So, the answer is one."], reference, 0.0) == [False]
     assert mb.judge_steps_by_reference(["So the answer is 'thirty'"], reference, 1.0) == [True]
+
