@@ -717,7 +717,7 @@ def describe_step(scene, sentence):
 #                                                    ('warm' -> warm: quotes dropped)
 # In every format an "image" field wins over image_id / id: that is the JSONL form. A relative image path is taken
 # from --images, or from the data file's folder without it. A-OKVQA's "direct_answers" (ten annotators' free-form
-# answers), where a record has them, are kept as "direct_answers". Anything else is one UserError naming
+# answers), where a record has them, add right answers (accepted_answers). Anything else is one UserError naming
 # the file, the record and the field. Records load shaped like make_dataset's, with scene = None (no scene graph,
 # so verify_step cannot judge a step and judge_steps_by_reference below does) plus "direct_answers"; an
 # open-ended record has choices [] and correct_choice_idx None, and its prompt shows no choices (format_prompt).
@@ -928,7 +928,8 @@ def load_annotated(path, images_dir, image_size=IMAGE_SIZE, limit=None):
 # shapes world's words, so its embeddings mean nothing on COCO questions):
 #     sim(a, b) = F1 of the two bags of words (SQuAD's answer F1), a step is correct when max_ref sim >= τ.
 # τ = 0.5 is this project's choice (the paper gives no number for its cross-encoder): a step must share about
-# half its content words with some reference step. It is the --similarity-threshold flag. On the 6 sample records
+# half its content words with some reference step. One constant for training (judge_steps, R_KA) and evaluation
+# (evaluate.py --data: a_s, chain F1, the perception/reasoning split), so both judge alike. On the 6 sample records
 # of the official A-OKVQA file, 13 of the 14 steps that keys_filtered drops from keys score <= 0.3 against the
 # kept chain (one scores 0.72), and no step of another record's chain reaches 0.5 against it (max 0.44).
 # subtle: lexical F1 cannot see that one changed word flips the meaning ("there is a red cup" vs "there is a
@@ -967,19 +968,45 @@ def text_similarity(a, b):
     return f1
 
 
+def normalize_answer(text):
+    """An answer as the judge compares it: similarity_tokens joined by spaces (SQuAD's exact-match form).
+    Example: "The 30th!" -> "30th"; "'Warm'" -> "warm"."""
+    return " ".join(similarity_tokens(str(text)))
+
+
 def _answer_of(text):
     """The normalised X of "So, the answer is X.", or None. Example: "So, the answer is 'warm'." -> "warm"."""
     match = ANSWER_RE.match(text)
-    return " ".join(similarity_tokens(match.group(1))) if match else None
+    return normalize_answer(match.group(1)) if match else None
 
 
-def judge_steps_by_reference(steps_texts, reference_texts, threshold=SIMILARITY_THRESHOLD):
+DIRECT_ANSWER_VOTES = 3  # VQA accuracy = min(#annotators who gave the answer / 3, 1): 3 votes is full credit
+
+
+def accepted_answers(record):
+    """The normalised answers that count as right on a real record: its gold answer, the X of its reference
+    answer step(s), and each of its direct answers (A-OKVQA: ten annotators' free-form answers) that earns full
+    VQA credit, i.e. that at least DIRECT_ANSWER_VOTES annotators gave (all of them, when a record has fewer).
+    One set for both uses, so Acc (answer_is_correct) and the answer step's a_s (judge_steps) always agree.
+    Example: gold "icing", direct answers icing x5, frosting x3, whipped cream x1, cream x1
+      -> {"icing", "frosting"}; "cream", one annotator's word, is not enough.
+    Why votes: a step's a_s is 0 or 1, and on the official file single votes include "elephant" and "sheep" for
+    a question whose answer is "devil"; three votes is where the VQA metric itself stops discounting."""
+    direct = [normalize_answer(a) for a in record.get("direct_answers") or []]
+    votes = min(DIRECT_ANSWER_VOTES, len(direct))
+    answers = {normalize_answer(record["answer"])} | {a for a in direct if direct.count(a) >= votes}
+    answers |= {_answer_of(r) for r in reference_steps(record)}
+    return answers - {None, ""}
+
+
+def judge_steps_by_reference(steps_texts, reference_texts, threshold=SIMILARITY_THRESHOLD, answers=()):
     """a_s for each generated step on real data: True when some reference step has text_similarity >= threshold.
-    An answer step ("So, the answer is X.") is True only when a reference answer step has the same X.
+    An answer step ("So, the answer is X.") is True only when X is the X of a reference answer step, or one of
+    `answers` (normalised, as accepted_answers gives them).
     Example, reference ["The cake has candles on top.", "So, the answer is thirty."], threshold 0.5:
       ["The cake has no candles.", "A dog sleeps.", "So, the answer is one.", "So, the answer is Thirty."]
       -> [True (0.667), False (0.0), False (F1 would be 0.75, but one != thirty), True]"""
-    reference_answers = {_answer_of(r) for r in reference_texts} - {None}
+    reference_answers = ({_answer_of(r) for r in reference_texts} | set(answers)) - {None, ""}
     judged = []
     for text in steps_texts:
         answer = _answer_of(text)
@@ -990,6 +1017,40 @@ def judge_steps_by_reference(steps_texts, reference_texts, threshold=SIMILARITY_
             best = max((text_similarity(text, r) for r in reference_texts), default=0.0)
             judged.append(best >= threshold)
     return judged
+
+
+def restates_reference(text, reference, threshold=SIMILARITY_THRESHOLD):
+    """Does a generated step that the judge already called correct restate this reference step? Chain F1's recall
+    on real data (evaluate.py), with the judge's own test: text_similarity >= threshold; a correct answer step
+    restates the reference answer step whatever its words (its answer was accepted, e.g. "30th" for "thirty").
+    Example: "The cake has no candles." restates "The cake has candles on top." (0.667 >= 0.5); "A dog sleeps."
+    restates nothing (0.0)."""
+    if _answer_of(text) is not None and _answer_of(reference) is not None:
+        return True
+    return text_similarity(text, reference) >= threshold
+
+
+def step_levels_by_reference(steps_texts, record):
+    """"perception" or "reasoning" for each generated step of a real record: the level (Image_level or
+    Reasoning_level) of the reference step it is most similar to, so MECE splits on real data as on the shapes
+    world. Rules: an answer step is reasoning (the official chains end Reasoning_level with it); a tie goes to the
+    earlier reference step (Image_level comes first); a step that shares no word with any reference step is
+    reasoning (this project's choice: it restates nothing the annotators saw in the image).
+    Example: reference Image_level ["The cake has candles on top."], Reasoning_level ["So, the answer is thirty."]:
+      ["There are candles on the cake.", "So, the answer is one.", "Hello."] -> [perception, reasoning, reasoning]"""
+    keys = record.get("keys_filtered") or {}
+    levels = [(s, "perception") for s in keys.get("Image_level") or []]
+    levels += [(s, "reasoning") for s in keys.get("Reasoning_level") or []]
+    out = []
+    for text in steps_texts:
+        best, level = 0.0, "reasoning"
+        if _answer_of(text) is None:
+            for reference, kind in levels:
+                sim = text_similarity(text, reference)
+                if sim > best:  # strictly: the first of equals stays
+                    best, level = sim, kind
+        out.append(level)
+    return out
 
 
 # ---------------------------------------------------------------------------- #
@@ -1735,17 +1796,25 @@ def final_answer(steps):
 
 
 def answer_is_correct(record, steps):
-    """Acc: the stated final answer equals the gold answer (case and spacing normalised)."""
+    """Acc: the stated final answer equals the gold answer. Shapes world: case and spacing normalised. Real data
+    (no scene): normalize_answer'd and one of accepted_answers (the gold answer, the record's direct answers, its
+    reference answer), the very test judge_steps puts the answer step to, so Acc and that step's a_s agree."""
     answer = final_answer(steps)
-    return answer is not None and " ".join(answer.split()) == " ".join(str(record["answer"]).lower().split())
+    if answer is None:
+        return False
+    if record.get("scene") is None:
+        return normalize_answer(answer) in accepted_answers(record)
+    return " ".join(answer.split()) == " ".join(str(record["answer"]).lower().split())
 
 
 def judge_steps(record, steps, threshold=SIMILARITY_THRESHOLD):
     """a_s for every step: the exact verifier on the shapes world (None = unparseable = wrong); on real data
-    (no scene) similarity >= threshold to some reference step (judge_steps_by_reference). -> list of bool.
+    (no scene) similarity >= threshold to some reference step, an answer step by its answer
+    (judge_steps_by_reference with accepted_answers). -> list of bool.
     subtle: `is True` maps None to False, so a step the verifier cannot read earns no R_KA."""
     if record.get("scene") is None:
-        return judge_steps_by_reference([st.text for st in steps], reference_steps(record), threshold)
+        return judge_steps_by_reference([st.text for st in steps], reference_steps(record), threshold,
+                                        accepted_answers(record))
     return [verify_step(record["scene"], st.text) is True for st in steps]
 
 

@@ -405,3 +405,87 @@ def test_judge_steps_by_reference_thresholds():
     assert mb.judge_steps_by_reference(["So, the answer is one."], reference, 0.0) == [False]
     assert mb.judge_steps_by_reference(["So the answer is 'thirty'"], reference, 1.0) == [True]
 
+
+# ---------------------------------------------------------------------------- #
+# real records: the answer, the judge on paraphrases, perception or reasoning
+# ---------------------------------------------------------------------------- #
+
+def real_record(direct_answers=()):
+    """A loaded-shape real record: A-OKVQA's birthday question (no image needed by the judge)."""
+    return {"id": "q0", "question": "Which number birthday is it?", "choices": ["one", "ten", "nine", "thirty"],
+            "correct_choice_idx": 3, "answer": "thirty", "direct_answers": list(direct_answers), "qtype": "real",
+            "scene": None, "image": None,
+            "keys_filtered": {"Image_level": ["The image shows a birthday cake with the number 30 on it."],
+                              "Reasoning_level": ["The number 30 shows the age being celebrated.",
+                                                  "So, the answer is thirty."]}}
+
+
+def steps_of(*texts):
+    return [mb.Step(0, 1, 1, t, None) for t in texts]
+
+
+def test_accepted_answers_need_three_votes():
+    """Direct answers count as right when at least 3 annotators gave them (VQA's full credit), or every one when a
+    record has fewer than 3; gold and reference answers always count. Compared after SQuAD normalisation."""
+    votes = ["Thirty"] * 5 + ["30th"] * 3 + ["30"] * 1 + ["the cake"]
+    assert mb.accepted_answers(real_record(votes)) == {"thirty", "30th"}
+    assert mb.accepted_answers(real_record()) == {"thirty"}
+    assert mb.accepted_answers(real_record(["30"])) == {"thirty", "30"}  # one vote of one: all there is
+    assert mb.DIRECT_ANSWER_VOTES == 3
+    rec = real_record(votes)
+    for answer, ok in [("30th", True), ("The 30th!", True), ("30", False), ("cake", False), ("thirty", True)]:
+        steps = steps_of(f"So, the answer is {answer}.")
+        assert mb.answer_is_correct(rec, steps) is ok, answer
+        assert mb.judge_steps(rec, steps) == [ok], answer  # Acc and the answer step's a_s agree
+
+
+def test_judge_steps_on_paraphrases():
+    """token-F1 (SQuAD normalisation: lower case, no punctuation, no a/an/the) against the best reference step:
+    "There is a birthday cake with the number 30." -> [there, is, birthday, cake, with, number, 30] vs
+      [image, shows, birthday, cake, with, number, 30, on, it]: common 5, F1 = 2*5 / (7 + 9) = 0.625 >= 0.5: right
+    "The number 30 shows the age." -> [number, 30, shows, age] vs [number, 30, shows, age, being, celebrated]:
+      common 4, F1 = 2*4 / (4 + 6) = 0.8: right
+    "A dog sleeps on the sofa." -> [dog, sleeps, on, sofa]: best 2*1 / (4 + 9) = 0.15 (on): wrong
+    "The cake shows the number." -> [cake, shows, number] vs the Image_level step: common 3, 2*3 / (3 + 9) = 0.5:
+      right (the edge: >= τ)
+    "So, the answer is nine." shares 3 of 4 words with "So, the answer is thirty." (F1 0.75) but is judged by its
+      answer: wrong."""
+    steps = steps_of("There is a birthday cake with the number 30.", "The number 30 shows the age.",
+                     "A dog sleeps on the sofa.", "The cake shows the number.", "So, the answer is nine.")
+    assert mb.text_similarity(steps[0].text, real_record()["keys_filtered"]["Image_level"][0]) == pytest.approx(0.625)
+    assert mb.text_similarity(steps[3].text, real_record()["keys_filtered"]["Image_level"][0]) == pytest.approx(0.5)
+    assert mb.judge_steps(real_record(), steps) == [True, True, False, True, False]
+    assert not mb.answer_is_correct(real_record(), steps)
+
+
+def test_step_levels_by_reference():
+    """Each step takes the level of its most similar reference step (token-F1, as in the judge):
+    "There is a birthday cake with the number 30." -> Image_level 0.625, Reasoning_level step 1:
+      [number, 30] of 6 -> 2*2 / (7 + 6) = 0.31: perception
+    "The number 30 shows the age." -> Image_level [shows, number, 30] 2*3 / (4 + 9) = 0.46, Reasoning 0.8: reasoning
+    "A dog sleeps on the sofa." -> Image_level "on": 2*1 / (4 + 9) = 0.15, nothing else shared: perception, though
+      wrong (a hallucinated perception is a perception error)
+    "So, the answer is nine." -> an answer step: reasoning
+    "Hello." -> shares no word: reasoning (the rule for a step that matches nothing)"""
+    steps = ["There is a birthday cake with the number 30.", "The number 30 shows the age.",
+             "A dog sleeps on the sofa.", "So, the answer is nine.", "Hello."]
+    assert mb.step_levels_by_reference(steps, real_record()) == [
+        "perception", "reasoning", "perception", "reasoning", "reasoning"]
+    # a tie goes to the earlier reference step (Image_level first): [cake, number] vs [cake, and, number] and vs
+    # [number, and, cake] are both 2*2 / (2 + 3) = 0.8
+    tie = dict(real_record(), keys_filtered={"Image_level": ["Cake and number."],
+                                             "Reasoning_level": ["Number and cake!"]})
+    assert mb.step_levels_by_reference(["cake number"], tie) == ["perception"]
+    no_image = dict(real_record(), keys_filtered={"Reasoning_level": ["So, the answer is thirty."]})
+    assert mb.step_levels_by_reference(["There is a cake."], no_image) == ["reasoning"]
+
+
+def test_restates_reference():
+    """Chain F1's match on real data: the judge's own test, token-F1 >= 0.5; a correct answer step restates the
+    reference answer step ("30th", a direct answer, for "thirty": F1 2*3/(4+4) = 0.75 anyway)."""
+    ref = "The number 30 shows the age being celebrated."
+    assert mb.restates_reference("The number 30 shows the age.", ref)  # 0.8
+    assert not mb.restates_reference("A dog sleeps on the sofa.", ref)  # 0.0
+    assert mb.restates_reference("So, the answer is Indian.", "So, the answer is people from South India.")  # F1 0.6
+    assert mb.restates_reference("So, the answer is 30th.", "So, the answer is thirty.")
+    assert not mb.restates_reference("So, the answer is.", ref)
