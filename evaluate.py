@@ -23,13 +23,20 @@ Why greedy answers and the exact verifier: greedy is how the model is used, and 
 much as the truth it is compared with; the shapes world knows every step's truth exactly.
 Self-correction (--self-correct K) goes beyond the paper's metrics: it asks whether the statements are useful,
 i.e. whether resampling the steps the model says it doubts makes the answers better.
+Real data (--data FILE... --images DIR...): each file, in any official format (mb.load_annotated), is one dataset
+in place of the test and ood splits, side by side as in the paper's Table 1. There is no scene, so every step is
+judged as in training (mb.judge_steps: token-F1 >= mb.SIMILARITY_THRESHOLD against a reference step, an answer
+step by its answer), chain F1 matches steps by that same test, and a step is perception or reasoning by the level
+of the reference step it matches (perception_flags).
 
     python evaluate.py                                   # out/base out/warmup out/rl -> out/eval (~30 s, 2 CPU cores)
     python evaluate.py --checkpoints out/rl --self-correct 3
+    python evaluate.py --data aokvqa/val_mmb.json cvqa_mmb.json --images coco/val2017 cvqa_images
     python evaluate.py --ablations                       # the paper's Table 1 (trains what is missing; long)
     python evaluate.py --quick --checkpoints DIR ...     # seconds, for tests
 
-Outputs in --out: results.json, results.md, reliability_{label}_{split}.png (and ablations.json/.md).
+Outputs in --out: results.json ({label: {split: metrics}}; with --data the splits are the datasets' names),
+results.md, reliability_{label}_{split}.png (and ablations.json/.md).
 """
 import json
 import math
@@ -74,10 +81,19 @@ class EvalConfig:
     ablations: bool = field(default=False, metadata=note(
         "the paper's Table 1 instead of the main table: train the missing variants (long), then evaluate them"))
     ablations_dir: str = field(default="out/ablations", metadata=note("where --ablations keeps its variants"))
+    data: str = field(default="", metadata=note(
+        "real annotated data files (JSON or JSONL, any official format), space separated after the flag: each is "
+        "one dataset (named by its file's stem) in place of the shapes world's test and ood splits "
+        "(default: none, the shapes world)"))
+    images: str = field(default="", metadata=note(
+        "image folders for --data, space separated: one per file in the same order, or one for all "
+        "(default: each data file's own folder)"))
+    n_data: int = field(default=0, metadata=note("with --data: the first N records of each file (0 = all)",
+                                                 NON_NEGATIVE))
 
 
 # --quick: a handful of questions and short answers, so a smoke run of three checkpoints takes seconds
-QUICK = dict(n_test=12, n_ood=12, max_new_tokens=48)
+QUICK = dict(n_test=12, n_ood=12, n_data=12, max_new_tokens=48)
 
 # results.json: every label and split has exactly these keys (and "self_correct" with --self-correct). Outside
 # checks and the README's tables read them by name, so they are fixed here and a test pins the set.
@@ -97,18 +113,25 @@ LOW_LEVEL = 2  # self-correction resamples a step whose stated level is <= this 
 # Metrics of one set of answered questions (the paper's section 4)
 # ---------------------------------------------------------------------------- #
 
-def chain_f1(predicted, correct, reference):
+def chain_f1(predicted, correct, reference, restates=None):
     """Chain F1 of one response: predicted step texts, their truth (a_s), reference step texts -> (P, R, F1).
     precision = correct predicted steps / predicted steps
     recall    = reference steps restated by a correct predicted step / reference steps
-    Restated = equal after mb.normalize_step (case, spaces, final period). Empty response or reference -> 0.
+    Restated: restates(step, reference_step) for some correct step; the default (shapes world) is equality after
+    mb.normalize_step (case, spaces, final period); on real data chain_metrics passes mb.restates_reference, the
+    judge's own token-F1 >= τ, so a paraphrase counts. Empty response or reference -> 0.
     Example: predicted [A (correct), B (correct, not in the reference), C (wrong)], reference [A, D]
              -> P = 2/3, R = 1/2, F1 = 2 * (2/3)(1/2) / (2/3 + 1/2) = 4/7"""
     precision = sum(bool(a) for a in correct) / len(predicted) if predicted else 0.0
     # subtle: only a *correct* step may match; the verifier already says a restated reference step is true,
     # but on real data (similarity judge) a step can look like a reference step and still be judged wrong
-    restated = {mb.normalize_step(text) for text, a in zip(predicted, correct) if a}
-    recall = sum(mb.normalize_step(r) in restated for r in reference) / len(reference) if reference else 0.0
+    kept = [text for text, a in zip(predicted, correct) if a]
+    if restates is None:
+        restated = {mb.normalize_step(text) for text in kept}
+        recall = sum(mb.normalize_step(r) in restated for r in reference) / len(reference) if reference else 0.0
+    else:
+        # one step may restate two reference steps (and count for both): recall asks what the chain covers
+        recall = sum(any(restates(t, r) for t in kept) for r in reference) / len(reference) if reference else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     return precision, recall, f1
 
@@ -130,6 +153,15 @@ def is_perception(text):
     return parsed is not None and parsed[0] == "perception"
 
 
+def perception_flags(record, steps):
+    """Per step: True for a perception step. Shapes world: by its template (is_perception). Real data (no
+    scene): by the level, Image_level or Reasoning_level, of the reference step it matches most closely
+    (mb.step_levels_by_reference), the annotators' own split, so MECE splits on real data too."""
+    if record.get("scene") is None:
+        return [level == "perception" for level in mb.step_levels_by_reference([st.text for st in steps], record)]
+    return [is_perception(st.text) for st in steps]
+
+
 def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10):
     """Every metric of the paper's section 4 for answered questions.
     steps_per_response: per question a list of mb.Step; conf_per_response: per question one confidence per step
@@ -140,7 +172,7 @@ def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10):
     f1s, n_stated = [], 0
     for rec, steps, conf in zip(records, steps_per_response, conf_per_response):
         assert len(conf) == len(steps), "one confidence per step"
-        correct = mb.judge_steps(rec, steps)  # a_s: exact verifier, unparseable = wrong
+        correct = mb.judge_steps(rec, steps)  # a_s: exact verifier (unparseable = wrong), or on real data token-F1
         n_stated += sum(c is not None for c in conf)  # counted before the default fills the gaps
         conf = [UNSTATED_CONFIDENCE if c is None else float(c) for c in conf]
         # ECE is about the answer: the confidence stated on the answer step; no answer = 0.5 and wrong (a response
@@ -152,8 +184,9 @@ def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10):
         # claims the model may be wrong about
         step_conf += conf
         step_ok += correct
-        step_perc += [is_perception(st.text) for st in steps]
-        f1s.append(chain_f1([st.text for st in steps], correct, mb.reference_steps(rec))[2])
+        step_perc += perception_flags(rec, steps)
+        restates = mb.restates_reference if rec.get("scene") is None else None  # real data: the judge's match
+        f1s.append(chain_f1([st.text for st in steps], correct, mb.reference_steps(rec), restates)[2])
     step_conf, step_ok = np.array(step_conf, dtype=np.float64), np.array(step_ok, dtype=bool)
     step_perc = np.array(step_perc, dtype=bool)
     n_steps = int(step_ok.size)
@@ -425,6 +458,8 @@ def markdown_table(header, rows):
     return "\n".join(lines)
 
 
+# the paper's Table 1 columns per dataset, in its order (results.md's side-by-side table with --data)
+TABLE1_COLUMNS = [("ECE", "ece"), ("MECE", "mece"), ("Acc", "acc"), ("F1", "f1")]
 # the main table's columns: (header, results.json key)
 MAIN_COLUMNS = [("Acc", "acc"), ("F1", "f1"), ("ECE", "ece"), ("MECE", "mece"), ("MECE-perc", "mece_perception"),
                 ("MECE-reas", "mece_reasoning"), ("AUROC", "auroc"), ("Brier", "brier"), ("Stated", "stated_fraction")]
@@ -464,19 +499,32 @@ def row_legend(results, split, stages):
     return lines
 
 
-def results_markdown(results, cfg, command, split_info, wall, stages=None):
+def results_markdown(results, cfg, command, split_info, wall, stages=None, splits=SPLITS, real=False):
     """results.md: the main table per split, each followed by what its columns and rows mean; accuracy per
     question type; the self-correction table when it ran. stages: {label: stage} (see row_legend); without it
-    the rows are explained by their names, which fits the default folders out/base, out/warmup, out/rl."""
+    the rows are explained by their names, which fits the default folders out/base, out/warmup, out/rl.
+    splits: the shapes world's test and ood, or with --data (real=True) one name per dataset."""
     if stages is None:
         stages = {label: "internal" if label.endswith("-internal") else os.path.basename(label) for label in results}
+    truth = "step truth from the exact verifier"
+    if real:
+        truth = (f"step truth: token-F1 >= {mb.SIMILARITY_THRESHOLD} against a reference step, an answer step by its "
+                 f"answer (gold, or a direct answer {mb.DIRECT_ANSWER_VOTES} annotators gave), as in training; a "
+                 f"step's perception or reasoning kind is the level of the reference step it matches best")
     parts = ["# MMBoundary evaluation", "",
-             f"`python evaluate.py {command}` ({wall:.0f}s). Greedy answers; step truth from the exact verifier. "
+             f"`python evaluate.py {command}` ({wall:.0f}s). Greedy answers; {truth}. "
              f"Confidence = stated level -> (k-1)/4; a step stating nothing counts {UNSTATED_CONFIDENCE} (column Stated: "
              f"the fraction of steps that state one). ECE: answer step vs answer correctness; MECE: every step. "
              f"{cfg.n_bins} equal-width bins. Under each table: which way each column is good, and what each row is.",
              ""]
-    for split in SPLITS:
+    if real:
+        # the paper's Table 1 layout: every dataset's ECE, MECE, Acc and F1 on one row per model
+        header = ["model"] + [f"{split} {name}" for split in splits for name, _ in TABLE1_COLUMNS]
+        rows = [[label] + [fmt(results[label][split][key]) for split in splits for _, key in TABLE1_COLUMNS]
+                for label in results]
+        parts += ["## All datasets (the paper's Table 1 columns)", "", markdown_table(header, rows), "",
+                  "- Lower is better: ECE, MECE. Higher is better: Acc, F1.", ""]
+    for split in splits:
         parts += [f"## {split} ({split_info[split]})", ""]
         rows = [[label] + [fmt(results[label][split][key]) for _, key in MAIN_COLUMNS] for label in results]
         parts += [markdown_table(["model"] + [name for name, _ in MAIN_COLUMNS], rows), ""]
@@ -485,13 +533,13 @@ def results_markdown(results, cfg, command, split_info, wall, stages=None):
         parts += [f"- {line}" for line in [HIGHER_IS_BETTER, LOWER_IS_BETTER] + ([UNDEFINED] if undefined else [])]
         parts += ["", "Rows:", ""] + row_legend(results, split, stages) + [""]
         counts = next(iter(results.values()))[split].get("n_by_type", {})  # every label answers the same questions
-        if counts:
+        if counts and not real:  # real data has one type, "real": its table would repeat the Acc column
             rows = [[label] + [fmt(results[label][split]["acc_by_type"].get(t, math.nan)) for t in counts]
                     for label in results]
             parts += [f"Acc by question type ({split}):", "",
                       markdown_table(["model"] + [f"{t} ({n})" for t, n in counts.items()], rows), "",
                       "Higher is better (final-answer accuracy per question type; the question count in brackets).", ""]
-    sc_rows = [(label, split, results[label][split]["self_correct"]) for label in results for split in SPLITS
+    sc_rows = [(label, split, results[label][split]["self_correct"]) for label in results for split in splits
                if "self_correct" in results[label][split]]
     if sc_rows:
         parts += [f"## Self-correction (beyond the paper): resample a step stating level <= {LOW_LEVEL} up to "
@@ -571,6 +619,47 @@ def stage_of(path):
     return mb.read_json(os.path.join(path, "config.json")).get("stage")
 
 
+def data_files(cfg):
+    """--data and --images -> [(dataset name, data file, image folder or None)], checked before any work.
+    One image folder per data file in the same order, or one for all, or none (each file's own folder). A dataset
+    is named by its file's stem (aokvqa_val_mmb.json -> aokvqa_val_mmb); files that share a stem take their
+    folder's name in front (annotated_data/aokvqa/val_mmb.json -> aokvqa_val_mmb), as the official layout needs."""
+    paths = [os.path.normpath(p) for p in cfg.data.split(",") if p.strip()]
+    folders = [os.path.normpath(p) for p in cfg.images.split(",") if p.strip()]
+    if folders and not paths:  # an image folder alone would be silently ignored: the shapes world draws its own
+        raise UserError("--images needs --data")
+    if cfg.data and not paths:
+        raise UserError("--data: no file given")
+    if len(folders) not in (0, 1, len(paths)):
+        raise UserError(f"--images: {len(folders)} folders for {len(paths)} --data files (give one per file, in "
+                        f"the same order, or one for all)")
+    folders = folders * len(paths) if len(folders) == 1 else folders or [None] * len(paths)
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    names = [f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}_{n}" if stems.count(n) > 1 else n
+             for p, n in zip(paths, stems)]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise UserError(f"--data: {paths[i]} and {paths[names.index(name)]} would both be named {name!r} in "
+                            f"results.json (the same file twice?)")
+    return list(zip(names, paths, folders))
+
+
+def image_size_of(path):
+    """The image side a checkpoint's model reads (config.json), so real images load at the size it trained on."""
+    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
+        path = path + ".old"
+    config = mb.read_json(os.path.join(path, "config.json"))
+    try:
+        return int(config["model"]["image_size"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}/config.json: no model.image_size") from None
+
+
+def real_splits(files, image_size, n):
+    """{dataset name: records} for --data, images at image_size; the first n records of each file (0: all)."""
+    return {name: mb.load_annotated(path, folder, image_size, limit=n or None) for name, path, folder in files}
+
+
 def eval_splits(cfg):
     """{split: records}: test = the held-out questions of train_rl.py (seed + 1), ood with its own seed.
     Generated, not loaded: with --seed equal to the training runs' seed, no test question was trained on (the
@@ -637,7 +726,7 @@ def plot(records, steps, conf, label, split, metrics, cfg):
     draw_reliability(bins, f"{label} / {split}: MECE {fmt(metrics['mece'])}",
                      f"{metrics['n_steps']} steps of {metrics['n_questions']} questions, step accuracy "
                      f"{fmt(metrics['step_acc'])}, stated {fmt(metrics['stated_fraction'], 2)}",
-                     os.path.join(cfg.out, f"reliability_{safe}_{split}.png"))
+                     os.path.join(cfg.out, f"reliability_{safe}_{split.replace(os.sep, '_')}.png"))
 
 
 def print_line(label, split, m, seconds):
@@ -757,19 +846,36 @@ def run_ablations(cfg, command, device, t_start):
 def main(argv=None):
     """Parse, check every checkpoint, answer, score, write results.json, results.md and the diagrams."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg, = mb.parse_configs(join_list_flag(argv, "--checkpoints"), __doc__.splitlines()[0], [EvalConfig], QUICK)
+    joined = join_list_flag(join_list_flag(join_list_flag(argv, "--checkpoints"), "--data"), "--images")
+    cfg, = mb.parse_configs(joined, __doc__.splitlines()[0], [EvalConfig], QUICK)
     command = " ".join(argv)  # for the tables' provenance line
     t_start = time.time()
     mb.seed_everything(cfg.seed)  # greedy decoding draws nothing, but self-correction and any library sampling do
     device = mb.pick_device(cfg.device)
     mb.print_config(cfg)
+    files = data_files(cfg)  # [(name, file, images)]; [] = the shapes world
+    if cfg.ablations and files:
+        raise UserError("--ablations trains and evaluates on the shapes world; it takes no --data")
     if cfg.ablations:
         os.makedirs(cfg.out, exist_ok=True)
         run_ablations(cfg, command, device, t_start)
         print(f"evaluate: wall time {time.time() - t_start:.1f}s")
         return
-    # every checkpoint is checked before any work, so a typo costs nothing and leaves no empty --out behind
+    # every checkpoint (and --data record) is checked before any work, so a typo costs nothing and leaves no empty
+    # --out behind
     paths = resolve_checkpoints(cfg.checkpoints, explicit=flag_given(argv, "--checkpoints"))
+    if files:
+        loaded = {}  # image size -> {dataset name: records}
+
+        def data_of(path):
+            """Real data at the checkpoint's own image size (the size it trained on), loaded once per size."""
+            size = image_size_of(path)
+            if size not in loaded:
+                loaded[size] = real_splits(files, size, cfg.n_data)
+            return loaded[size]
+
+        split_info = {name: f"{len(records)} questions of {path}"
+                      for (name, path, _), records in zip(files, data_of(paths[0]).values())}
     os.makedirs(cfg.out, exist_ok=True)
     labels = checkpoint_labels(paths)
     stages = {p: stage_of(p) for p in paths}
@@ -778,11 +884,14 @@ def main(argv=None):
     warmup_path = next((p for p in paths if stages[p] == "warmup"), None)
     if base_path is None or warmup_path is None:
         print("note: the post-hoc internal-confidence row needs a base and a warm-up checkpoint; skipped", file=sys.stderr)
-    data = eval_splits(cfg)
-    split_info = {s: f"{len(r)} questions, make_dataset seed {cfg.seed + SPLIT_SEED[s]}" for s, r in data.items()}
+    if not files:
+        data = eval_splits(cfg)
+        split_info = {s: f"{len(r)} questions, make_dataset seed {cfg.seed + SPLIT_SEED[s]}" for s, r in data.items()}
     results = {}
     for path, label in zip(paths, labels):
         ck = mb.load_checkpoint(path, device)
+        if files:
+            data = data_of(path)
         results[label], answers = evaluate_checkpoint(ck, label, data, cfg, device)
         if path == base_path and warmup_path is not None:
             stats = mb.load_checkpoint(warmup_path, "cpu").stats  # confidence_stats.json of the warm-up
@@ -798,10 +907,11 @@ def main(argv=None):
     # what each row is, for results.md: the stage its checkpoint records; the post-hoc row is the base's "internal"
     row_stages = {label: stages[path] for path, label in zip(paths, labels)}
     row_stages.update({f"{label}-internal": "internal" for label in row_stages if f"{label}-internal" in results})
-    md = results_markdown(results, cfg, command, split_info, wall, row_stages)
+    splits = list(split_info)  # test, ood; or one per --data file, in the order given
+    md = results_markdown(results, cfg, command, split_info, wall, row_stages, splits, real=bool(files))
     mb.atomic_write_text(os.path.join(cfg.out, "results.md"), md)
     print(md)
-    print(f"evaluate: wrote {cfg.out}/results.json, results.md and {len(results) * len(SPLITS)} reliability diagrams; "
+    print(f"evaluate: wrote {cfg.out}/results.json, results.md and {len(results) * len(splits)} reliability diagrams; "
           f"wall time {wall:.1f}s")
 
 

@@ -46,6 +46,37 @@ def test_train_sft_rejects_bad_data_in_one_line(tmp_path, case, message):
     assert not out.exists()  # nothing half-written
 
 
+def test_evaluate_rejects_bad_data_in_one_line(quick_pipeline, tmp_path):
+    """A record that breaks its format stops evaluate.py before any work: one line naming record and field, exit
+    2, no --out folder."""
+    images, good = write_fixture(tmp_path)
+    # a CulturalVQA record (open-ended: the last reference step is its gold answer) whose chain never answers
+    cvqa = {"id": 7, "question": "Where is this dish from?",
+            "keys_filtered": {"Reasoning_level": ["Fufu is cooked in West Africa."]}}
+    (tmp_path / "good.json").write_text(json.dumps([good]))
+    (tmp_path / "cvqa.json").write_text(json.dumps([cvqa]))
+    out = tmp_path / "eval"
+    proc = run_script("evaluate.py", "--quick", "--device", "cpu", "--out", str(out),
+                      "--checkpoints", quick_pipeline["base"], "--data", str(tmp_path / "good.json"),
+                      str(tmp_path / "cvqa.json"), "--images", str(images), check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "cvqa.json: record 0 (id 7)" in lines[0], proc.stderr
+    assert "field 'keys_filtered.Reasoning_level' must end with" in lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--images", "x"], "--images needs --data"),
+    (["--data", "a.json", "b.json", "c.json", "--images", "x", "y"], "--images: 2 folders for 3 --data files"),
+    (["--data", "a.json", "--ablations"], "--ablations trains and evaluates on the shapes world"),
+])
+def test_evaluate_data_flag_errors(tmp_path, flags, message):
+    proc = run_script("evaluate.py", "--device", "cpu", "--out", str(tmp_path / "e"), *flags, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(f"error: {message}"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
+
+
 def test_evaluate_rejects_impossible_flag(tmp_path):
     proc = run_script("evaluate.py", "--n-test", "0", "--out", str(tmp_path), check=False)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --n-test must be > 0"), proc.stderr
