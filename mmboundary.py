@@ -705,8 +705,9 @@ def describe_step(scene, sentence):
 # The paper's annotated files (annotated_data/ in Zhitao-He/MMBoundary) are JSON lists of records; a JSONL file
 # (path ends in .jsonl, one record per line) holds the same records. Every record has a "question" and the
 # reference chain "keys_filtered": {"Image_level": [perception steps], "Reasoning_level": [reasoning steps, the
-# last "So, the answer is X"]}; Image_level may be absent, null or empty. Its fields say which format a record is
-# in, and each format has one rule for the gold answer and one for the image:
+# last "So, the answer is X"]}; Image_level may be absent, null or empty; each step loads as a sentence ending in
+# "." (_as_step), the unit split_steps cuts a response into. Its fields say which format a record is in, and each
+# format has one rule for the gold answer and one for the image:
 #   format        recognised by                      gold answer                      image file
 #   A-OKVQA       "choices" + "correct_choice_idx"   choices[correct_choice_idx]      "image_id" -> {image_id:012d}.jpg
 #                                                                                      (COCO 2017: 000000377368.jpg)
@@ -780,6 +781,21 @@ def _real_format(record, where):
     return "culturalvqa"
 
 
+def _as_step(text):
+    """A reference step as the sentence a response holds: spaces collapsed, ending in one ".".
+    Example: "So, the answer is thirty" -> "So, the answer is thirty."; "Is it hot? " -> "Is it hot."
+    Why: split_steps cuts a response into steps at "." only, and train_sft.py writes the reference chain as the
+    steps joined by spaces. A-OKVQA's official steps end with no period, so without it the model would learn
+    each chain as one long step (one statement, and no "So, the answer is X." step for Acc to find)."""
+    text = " ".join(text.split())
+    return text if text.endswith(".") else text.rstrip("!?;:, ") + "."
+
+
+def _chain(keys, level):
+    """keys_filtered[level] as a list of steps (_as_step); absent, null, [] and blank steps all give none."""
+    return [_as_step(s) for s in keys.get(level) or [] if s.strip()]
+
+
 def _open_answer(text):
     """The gold answer of an open-ended record from its last reference step, or None when that step is no answer.
     Example: "So, the answer is 'warm'." -> "warm"; "So, the answer is Indian people." -> "Indian people"."""
@@ -814,14 +830,14 @@ def _check_real_record(record, where):
     keys = record["keys_filtered"]
     if not isinstance(keys, dict):
         raise UserError(f"{where}: field 'keys_filtered' must be an object with 'Reasoning_level'")
-    if not _is_str_list(keys.get("Reasoning_level")) or not keys["Reasoning_level"]:
+    if not _is_str_list(keys.get("Reasoning_level")) or not _chain(keys, "Reasoning_level"):
         raise UserError(f"{where}: field 'keys_filtered.Reasoning_level' must be a non-empty list of strings")
     if keys.get("Image_level") is not None and not _is_str_list(keys["Image_level"]):
         # absent, null and [] all mean "no perception steps": the official file has records of each kind
         raise UserError(f"{where}: field 'keys_filtered.Image_level' must be a list of strings")
-    if fmt == "culturalvqa" and _open_answer(keys["Reasoning_level"][-1]) is None:
+    if fmt == "culturalvqa" and _open_answer(_chain(keys, "Reasoning_level")[-1]) is None:
         raise UserError(f"{where}: field 'keys_filtered.Reasoning_level' must end with \"So, the answer is X.\" "
-                        f"(an open-ended record's gold answer), got {keys['Reasoning_level'][-1]!r:.80}")
+                        f"(an open-ended record's gold answer), got {_chain(keys, 'Reasoning_level')[-1]!r:.80}")
     if "direct_answers" in record and not _is_str_list(record["direct_answers"]):
         raise UserError(f"{where}: field 'direct_answers' must be a list of strings")
     if "image" in record:
@@ -870,8 +886,8 @@ def load_annotated(path, images_dir, image_size=IMAGE_SIZE, limit=None):
 
     Each record: {"id", "question", "choices" ([] when open-ended), "correct_choice_idx" (None when open-ended),
     "answer" (the gold answer, by the format table above), "direct_answers" (A-OKVQA's, else []), "qtype": "real",
-    "keys_filtered": {"Image_level": [...], "Reasoning_level": [...]}, "scene": None,
-    "image": (image_size, image_size, 3) uint8}.
+    "keys_filtered": {"Image_level": [...], "Reasoning_level": [...]} (every step ending in ".", _as_step),
+    "scene": None, "image": (image_size, image_size, 3) uint8}.
     Images are found in images_dir (None: the data file's folder) by the format's rule, e.g. A-OKVQA image_id
     377368 -> 000000377368.jpg, CulturalVQA id 2 -> 2.jpg or 2.png. Every problem (missing file, bad JSON,
     missing or mistyped field, missing or unreadable image) is a UserError of one line naming the file, the
@@ -899,7 +915,7 @@ def load_annotated(path, images_dir, image_size=IMAGE_SIZE, limit=None):
     for index, ((line, record), fmt) in enumerate(zip(rows[:limit], formats)):
         where = _record_where(path, index, record, line)
         keys = record["keys_filtered"]
-        reasoning = list(keys["Reasoning_level"])
+        reasoning = _chain(keys, "Reasoning_level")
         if fmt == "culturalvqa":
             choices, correct, answer = [], None, _open_answer(reasoning[-1])
         else:
@@ -916,7 +932,7 @@ def load_annotated(path, images_dir, image_size=IMAGE_SIZE, limit=None):
             "answer": answer,
             "direct_answers": list(record.get("direct_answers") or []),
             "qtype": "real",
-            "keys_filtered": {"Image_level": list(keys.get("Image_level") or []), "Reasoning_level": reasoning},
+            "keys_filtered": {"Image_level": _chain(keys, "Image_level"), "Reasoning_level": reasoning},
             "scene": None,  # no scene graph: steps are judged by judge_steps_by_reference, not verify_step
             "image": _load_real_image(_image_path(record, fmt, base_dir, where), image_size, where),
         })

@@ -95,11 +95,26 @@ def check_records(records):
         assert r["image"].flags.writeable
         color = COLORS[src["image_id"]]
         assert np.abs(r["image"].astype(int) - color).max() <= 8  # a flat colour survives JPEG and resizing
-    # Image_level: present, absent, empty -> always a list
-    assert records[0]["keys_filtered"]["Image_level"] == RECORDS[0]["keys_filtered"]["Image_level"]
+    # Image_level: present, absent, empty -> always a list; every step a sentence ending in "." (A-OKVQA's have none)
+    assert records[0]["keys_filtered"]["Image_level"] == ["The image features a birthday cake with the number 30 on it."]
     assert records[1]["keys_filtered"]["Image_level"] == []
     assert records[2]["keys_filtered"]["Image_level"] == []
-    assert mb.reference_steps(records[1]) == ["It is raining", "So, the answer is umbrella"]
+    assert mb.reference_steps(records[1]) == ["It is raining.", "So, the answer is umbrella."]
+
+
+def test_reference_steps_become_the_steps_split_steps_finds(tmp_path, images):
+    """A-OKVQA's steps have no final period; train_sft.py writes a chain as its steps joined by spaces and
+    split_steps cuts at ".", so each step must end in one, or a learned chain reads back as a single step whose
+    answer Acc never finds. Blank steps are dropped; "?" and "!" endings become "."."""
+    rows = bad(RECORDS, 0, keys_filtered={"Image_level": ["A cake  with  30 on it ", "  ", "Is it a party?"],
+                                          "Reasoning_level": ["So, the answer is thirty"]})
+    record = mb.load_annotated(write_json(tmp_path / "val.json", rows), str(images))[0]
+    chain = mb.reference_steps(record)
+    assert chain == ["A cake with 30 on it.", "Is it a party.", "So, the answer is thirty."]
+    tokenizer = mb.build_tokenizer([record])
+    steps = mb.split_steps(tokenizer.encode(" ".join(chain)), tokenizer)
+    assert [st.text for st in steps] == ["a cake with 30 on it.", "is it a party.", "so, the answer is thirty."]
+    assert mb.answer_is_correct(record, steps) and mb.judge_steps(record, steps) == [True, True, True]
 
 
 def test_load_official_json(tmp_path, images):
@@ -302,6 +317,7 @@ def test_bad_record_names_record_and_field(tmp_path, images, index, changes, mes
     (CVQA, 0, {"keys_filtered": {"Reasoning_level": ["Fufu is eaten warm."]}},
      "field 'keys_filtered.Reasoning_level' must end with \"So, the answer is X.\""),
     (CVQA, 0, {"keys_filtered": {"Reasoning_level": ["So, the answer is ''."]}}, "field 'keys_filtered.Reason"),
+    (CVQA, 0, {"keys_filtered": {"Reasoning_level": [" ", ""]}}, "field 'keys_filtered.Reasoning_level' must be a non"),
     (CVQA, 1, {"id": ...}, r"missing field 'id' \(the image is \{id\}.jpg or \{id\}.png"),
     (CVQA, 1, {"id": "../4"}, "field 'id' must be a non-negative int or a file name"),
     (CVQA, 1, {"id": 4.0}, "field 'id' must be"),
