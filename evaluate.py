@@ -675,7 +675,7 @@ def answer_quadrant(record, steps):
     counts as confident: it said nothing to flag its doubt (as self-correction never resamples such a step)."""
     k = answer_step_index(steps)
     hedged = k is not None and steps[k].level is not None and steps[k].level <= LOW_LEVEL
-    right = mb.answer_is_correct(record, steps)
+    right = mb.answer_is_correct(record, steps)  # the same test as Acc, so the quadrants add up to the Acc column
     return ("right_" if right else "wrong_") + ("hedged" if hedged else "confident")
 
 
@@ -698,6 +698,7 @@ def knowledge_boundary(records, steps_per_response):
         "hedge_level": LOW_LEVEL,
         "overall": quadrant_counts(quadrants),
         "by_type": {t: quadrant_counts([q for r, q in zip(records, quadrants) if r.get("qtype") == t]) for t in types},
+        # the first in evaluation order, never the prettiest: a reader sees typical cases, not chosen ones
         "examples": {q: records[quadrants.index(q)]["id"] for q in QUADRANTS if q in quadrants},
     }
 
@@ -711,6 +712,7 @@ def boundary_table(results, split):
         kb = per_split[split].get("knowledge_boundary")
         if kb is None:  # states no confidence (base, base-internal): no quadrants
             continue
+        # "all" first: the row to read; the per-type rows show where the boundary lies (e.g. long-tail knowledge)
         for name, c in [("all", kb["overall"])] + list(kb["by_type"].items()):
             rows.append([label, name, c["n"]] + [c[q] for q in QUADRANTS] + [fmt(c["wrong_flagged"], 2)])
     return header, rows
@@ -734,7 +736,7 @@ def pick_examples(boundaries, records):
     -> [(question index, ["rl: wrong but confident", ...])] in page order (quadrant, then question order).
     Example: warmup's first right_confident is question 0, rl's is 0 too, rl's first wrong_hedged is 3
              -> [(0, ["warmup: right and confident", "rl: right and confident"]), (3, ["rl: wrong and hedged"])]"""
-    position = {r["id"]: i for i, r in enumerate(records)}
+    position = {r["id"]: i for i, r in enumerate(records)}  # results.json names questions by id
     reasons, order = {}, []  # question index -> why it is shown; the page order
     for quadrant in EXAMPLE_ORDER:
         new = []
@@ -753,11 +755,12 @@ def fused_internal_confidence(ck, records, responses, steps, device):
     """The fused internal confidence c_final of every step (section 3.2: four signals -> min-max -> mean), with the
     checkpoint's own stats, as mb.internal_confidence computes it before cutting it into levels.
     -> per response a list of floats in [0, 1]; None per step when the checkpoint has no TinyCLIP or stats."""
-    if ck.clip is None or ck.stats is None or not records:
+    if ck.clip is None or ck.stats is None or not records:  # nothing to score with, or nothing to score
         return [[None] * len(s) for s in steps]
     raw = mb.score_responses(ck.model, ck.clip, ck.tokenizer, records, responses, steps, device=device)  # (B, S_max)
     out = []
     for i, st in enumerate(steps):
+        # slots past a response's last step hold 0 in raw; only its own len(st) steps are read
         fused, _ = mb.signals_to_levels({k: raw[k][i, :len(st)] for k in ck.stats["signals"]}, ck.stats)  # (S,)
         out.append(fused.tolist())
     return out
@@ -765,7 +768,7 @@ def fused_internal_confidence(ck, records, responses, steps, device):
 
 def png_data_uri(image):
     """A PIL image -> "data:image/png;base64,...": the page carries its images inside, so it opens offline."""
-    buf = io.BytesIO()
+    buf = io.BytesIO()  # base64 makes it 4/3 larger; a 216 px example is a few KiB, a diagram about 15 KiB
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -782,40 +785,39 @@ def example_answer(record, response, steps, internal, tokenizer):
     return {"quadrant": answer_quadrant(record, steps), "answer": mb.final_answer(steps), "steps": shown}
 
 
-# Inline CSS only (no script, no web font, no network). Level colours run red (1) to green (5) and every chip also
-# prints its number, so the page reads in greyscale too; a step's left border repeats its verifier verdict.
+# Inline CSS only (no script, no web font, no network): the file must open alike offline, from an e-mail or a USB
+# stick. Level colours run red (1) to green (5) and every chip also prints its number and words, so the page reads
+# in greyscale and to a colour-blind reader too; a step's left border repeats the verifier's verdict (green / red).
+# Layout: flex and grid with minimum widths, so a card's columns sit side by side on a laptop and stack on a phone;
+# wide tables scroll sideways inside their own box instead of widening the page.
 PAGE_CSS = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;max-width:1180px;margin:0 auto;
- padding:12px}
-h1{font-size:1.45em;margin:.3em 0} h2{font-size:1.2em;margin-top:1.8em;border-bottom:2px solid #ddd}
-h3{font-size:1em;margin:0 0 .3em} p.read{background:#f4f6f8;border-left:4px solid #8aa;padding:6px 10px;max-width:62em}
-code{background:#f0f0f0;padding:0 3px;word-break:break-all}
-.scroll{overflow-x:auto} table{border-collapse:collapse;font-size:.88em;margin:.4em 0 1em}
+body{font:15px/1.45 system-ui,sans-serif;color:#222;max-width:1180px;margin:0 auto;padding:12px}
+h1{font-size:1.45em;margin:.3em 0} h2{font-size:1.2em;margin-top:1.8em;border-bottom:2px solid #ddd} h3{font-size:1em}
+p.read{background:#f4f6f8;border-left:4px solid #8aa;padding:6px 10px;max-width:62em} nav a{margin-right:1em}
+code{background:#f0f0f0;padding:0 3px;word-break:break-all} .scroll{overflow-x:auto}
+table{border-collapse:collapse;font-size:.88em;margin:.4em 0 1em}
 th,td{padding:3px 8px;border-bottom:1px solid #e4e4e4;text-align:right;white-space:nowrap}
 th:nth-child(-n+2),td:nth-child(-n+2){text-align:left}
 .plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:8px}
 .plots img{width:100%;height:auto;border:1px solid #ddd}
 .card{border:1px solid #bbb;border-radius:6px;padding:10px;margin:16px 0;display:flex;flex-wrap:wrap;gap:14px}
-.q{flex:0 1 232px;min-width:0} .q img{width:216px;max-width:100%;height:auto;image-rendering:pixelated;
- border:1px solid #888} .q ol{margin:.3em 0;padding-left:1.4em} .gold{font-weight:bold}
-.why{font-size:.85em;color:#555}
-.answers{flex:1 1 560px;min-width:0;display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:10px;
- align-items:start}
-.model{border:1px solid #e0e0e0;border-radius:4px;padding:6px 8px;min-width:0}
-.model h4{margin:0 0 4px;font-size:1em}
+.q{flex:0 1 232px;min-width:0} .q h3{margin:0 0 .3em} .q ol{margin:.3em 0;padding-left:1.4em} .gold{font-weight:bold}
+.q img{width:216px;max-width:100%;height:auto;image-rendering:pixelated;border:1px solid #888}
+.answers{flex:1 1 560px;min-width:0;display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:10px}
+.answers{align-items:start} .model{border:1px solid #e0e0e0;border-radius:4px;padding:6px 8px;min-width:0}
+.model h4{margin:0 0 4px;font-size:1em} .why{font-size:.85em;color:#555}
 .step{margin:5px 0;padding:2px 6px;border-left:4px solid #c62828;overflow-wrap:anywhere} .step.ok{border-color:#2e7d32}
 .meta{font-size:.85em;color:#444} .v-ok{color:#2e7d32;font-weight:bold} .v-bad{color:#c62828;font-weight:bold}
-.lv{display:inline-block;border-radius:3px;padding:0 5px;font-size:.85em}
+.lv,.quad{display:inline-block;border-radius:3px;padding:0 5px;font-size:.85em;font-weight:normal} .lv0{background:#ddd}
 .lv1{background:#c62828;color:#fff} .lv2{background:#ef6c00;color:#fff} .lv3{background:#fdd835}
-.lv4{background:#9ccc65} .lv5{background:#2e7d32;color:#fff} .lv0{background:#ddd}
-.quad{display:inline-block;border-radius:3px;padding:0 6px;font-size:.85em;font-weight:normal}
-.right_confident{background:#c8e6c9} .wrong_hedged{background:#bbdefb} .wrong_confident{background:#ffcdd2}
-.right_hedged{background:#ffe0b2}
+.lv4{background:#9ccc65} .lv5{background:#2e7d32;color:#fff} .right_confident{background:#c8e6c9}
+.wrong_hedged{background:#bbdefb} .wrong_confident{background:#ffcdd2} .right_hedged{background:#ffe0b2}
 """
 
 
 def html_table(header, rows):
-    """A plain HTML table (every cell escaped), in a div that scrolls sideways on a narrow screen."""
+    """A plain HTML table (every cell escaped), in a div that scrolls sideways on a narrow screen.
+    Example: (["model", "Acc"], [["rl", "0.61"]]) -> <div class="scroll"><table><tr><th>model</th>... </table></div>"""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
@@ -823,7 +825,7 @@ def html_table(header, rows):
 
 def level_chip(level, said=""):
     """A coloured chip "4 · and i'm quite sure of it"; a step that states nothing gets a grey "no statement"."""
-    if level is None:
+    if level is None:  # nothing parseable after the step: the metrics count it as 0.5, the page says so plainly
         return '<span class="lv lv0">no statement</span>'
     return f'<span class="lv lv{level}">{level}{" · " + html.escape(said) if said else ""}</span>'
 
@@ -834,20 +836,23 @@ def example_card(example, labels):
     rec = example["record"]
     choices = "".join(f'<li class="gold">{html.escape(c)} (gold)</li>' if i == rec["correct_choice_idx"]
                       else f"<li>{html.escape(c)}</li>" for i, c in enumerate(rec["choices"]))
+    # nearest neighbour, not bilinear: a 36 px image smoothed to 216 px turns the noise and the small shapes into
+    # the same blur, while blocks of 6x6 identical pixels show exactly what the model saw
     image = Image.fromarray(np.asarray(rec["image"], dtype=np.uint8))
     image = image.resize((image.width * EXAMPLE_SCALE, image.height * EXAMPLE_SCALE), Image.NEAREST)
     qtype = f" · {rec['qtype']} question" if rec.get("qtype") else ""
+    # width and height attributes reserve the image's box before it decodes; the CSS lets a phone shrink it
     out = [f'<div class="card"><div class="q"><h3>{html.escape(example["split"] + " · " + rec["id"] + qtype)}</h3>',
            f'<img src="{png_data_uri(image)}" alt="{html.escape("image of " + rec["id"])}" width="{image.width}" '
            f'height="{image.height}">',
            f"<p>{html.escape(rec['question'])}</p><ol>{choices}</ol>",
            f'<p class="why">picked as {html.escape("; ".join(example["picked"]))}</p></div><div class="answers">']
-    for label in labels:
+    for label in labels:  # one column per checkpoint, in evaluation order: warm-up left, RL right
         ans = example["answers"][label]
         out.append(f'<div class="model"><h4>{html.escape(label)} <span class="quad {ans["quadrant"]}">'
                    f'{QUADRANTS[ans["quadrant"]]}</span></h4>'
                    f'<div class="meta">final answer: {html.escape(str(ans["answer"] or "none"))}</div>')
-        for st in ans["steps"]:
+        for st in ans["steps"]:  # every step: content, what it stated, what its tokens say, what is true
             verdict = '<span class="v-ok">✓ verifier: true</span>' if st["true"] else \
                 '<span class="v-bad">✗ verifier: false</span>'
             out.append(f'<div class="step{" ok" if st["true"] else ""}">{html.escape(st["text"])}<br>'
@@ -862,7 +867,10 @@ def examples_page(results, diagrams, examples, command):
     """The whole page as one string. diagrams: [(label, split, PNG bytes)] of the reliability diagrams; examples:
     [{"split", "record", "picked": [reason], "answers": {label: example_answer}}]. Every text from the records, the
     models and the command line goes through html.escape: a question with "<" or "&" renders as text."""
+    # the checkpoints that state confidence (a knowledge_boundary entry): the columns of every example card
     labels = [label for label in results if any(results[label][s].get("knowledge_boundary") for s in SPLITS)]
+    # the legend shows each level with the first of its clauses (section 3.2's score -> statement mapping), so a
+    # reader meets the actual words the model writes, not a number it never says
     legend = " ".join(level_chip(k, mb.STATEMENTS[k][0]) for k in range(1, 6))
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -871,9 +879,11 @@ def examples_page(results, diagrams, examples, command):
            f"<p>A tiny vision-language model answers multiple-choice questions about a picture step by step and "
            f"after every step says in words how sure it is (five levels: {legend}). An exact verifier knows the "
            f"truth of every step. Written by <code>python evaluate.py {html.escape(command)}</code>; one file, "
-           f"no network: it opens offline in any browser.</p>"]
+           f"no network: it opens offline in any browser.</p>",
+           '<nav><a href="#results">results</a><a href="#diagrams">reliability diagrams</a><a href="#boundary">'
+           'knowledge boundary</a><a href="#examples">examples</a></nav>']  # plain anchors: jumps without a script
     # 1. the main table (as results.md) and how to read it
-    out.append("<h2>Results</h2>")
+    out.append('<h2 id="results">Results</h2>')
     rows = [[label, split] + [fmt(results[label][split][key]) for _, key in MAIN_COLUMNS]
             for split in SPLITS for label in results]
     out.append(html_table(["model", "split"] + [name for name, _ in MAIN_COLUMNS], rows))
@@ -883,8 +893,9 @@ def examples_page(results, diagrams, examples, command):
                "MECE is small when about half its steps are right, yet its AUROC is 0.5, because a constant near the "
                "mean accuracy is calibrated on average but ranks nothing: it cannot tell a right step from a wrong one."
                "</p>")
-    # 2. the reliability diagrams evaluate.py already drew, inlined
-    out.append("<h2>Reliability diagrams (every step)</h2>")
+    # 2. the reliability diagrams evaluate.py already drew, inlined byte for byte: the page shows the same pixels as
+    # the PNG files next to it, and drawing nothing twice keeps the page cheap
+    out.append('<h2 id="diagrams">Reliability diagrams (every step)</h2>')
     out.append('<p class="read">How to read: each bar is the accuracy of the steps whose confidence falls in that '
                "bin; a calibrated model's bars reach the dashed diagonal, a bar below it is overconfident, one "
                "above it underconfident; the numbers under the axis count the steps in each bin (a bin with few "
@@ -893,22 +904,23 @@ def examples_page(results, diagrams, examples, command):
         f'<img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" '
         f'alt="{html.escape(f"reliability diagram of {label} on {split}")}" width="{PLOT_SIZE[0]}" '
         f'height="{PLOT_SIZE[1]}">' for label, split, png in diagrams) + "</div>")
-    # 3. the knowledge boundary, as in results.md
-    out.append(f"<h2>Knowledge boundary of the final answer</h2><p class=\"read\">Every final answer is right or wrong "
-               f"(exact verifier) and confident or hedged (hedged = stated level &lt;= {LOW_LEVEL} on the answer step, "
-               f"the threshold self-correction uses; an answer that states nothing counts as confident). The last "
-               f"column is the share of its wrong answers the model flags: higher is better. "
+    # 3. the knowledge boundary, from the same boundary_table as results.md
+    out.append(f'<h2 id="boundary">Knowledge boundary of the final answer</h2><p class="read">Every final answer '
+               f"is right or wrong (exact verifier) and confident or hedged (hedged = stated level &lt;= {LOW_LEVEL} "
+               f"on the answer step, the threshold self-correction uses; an answer that states nothing counts as "
+               f"confident). The last column is the share of its wrong answers the model flags: higher is better. "
                f"{html.escape(PAPER_CONTEXT)}</p>")
     for split in SPLITS:
         out += [f"<h3>{split}</h3>", html_table(*boundary_table(results, split))]
-    # 4. the examples
-    out.append(f"<h2>Examples</h2><p class=\"read\">Picked by a fixed rule, not by hand: for each quadrant (right "
-               f"and confident, wrong and hedged, wrong but confident, right but hedged) and each model that states "
-               f"confidence, the first question of the split (in the evaluation's order) whose final answer falls "
-               f"there; results.json stores their ids under knowledge_boundary / examples. Each step shows its stated "
-               f"level, the fused internal confidence c_final of the four signals (section 3.2; what the model's "
-               f"tokens say, not its words) and the exact verifier's verdict. The same question is answered by "
-               f"{html.escape(' and '.join(labels)) or 'no model that states confidence'} side by side.</p>")
+    # 4. the examples, grouped by split (test, then ood: does the boundary hold on busier pictures?)
+    out.append(f'<h2 id="examples">Examples</h2><p class="read">Picked by a fixed rule, not by hand: for each '
+               f"quadrant (right and confident, wrong and hedged, wrong but confident, right but hedged) and each "
+               f"model that states confidence, the first question of the split (in the evaluation's order) whose "
+               f"final answer falls there; results.json stores their ids under knowledge_boundary / examples. Each "
+               f"step shows its stated level, the fused internal confidence c_final of the four signals (section 3.2: "
+               f"what the model's tokens say, not its words) and the exact verifier's verdict. The same question is "
+               f"answered by {html.escape(' and '.join(labels)) or 'no model that states confidence'} side by side."
+               "</p>")
     for split in SPLITS:
         chosen = [e for e in examples if e["split"] == split]
         out.append(f"<h3>{split} ({len(chosen)} question{'' if len(chosen) == 1 else 's'})</h3>")
@@ -923,12 +935,12 @@ def write_examples_page(cfg, results, data, stating, device, command):
     """Write cfg.out/examples.html (atomically, like every output). stating: {label: (Checkpoint, answers)} of the
     checkpoints that state confidence, answers as evaluate_checkpoint returns them. Reads the reliability PNGs
     already in cfg.out; scores only the picked questions, so it costs a small part of the evaluation."""
-    t0 = time.time()
+    t0 = time.time()  # the page's own cost is printed: it must stay a small part of the evaluation
     diagrams = []
     for label in results:
         for split in SPLITS:
             png = os.path.join(cfg.out, f"reliability_{label.replace(os.sep, '_')}_{split}.png")  # as plot() names it
-            if os.path.exists(png):
+            if os.path.exists(png):  # run_ablations draws none; a page without them is still a page
                 with open(png, "rb") as f:
                     diagrams.append((label, split, f.read()))
     examples = []
@@ -937,8 +949,10 @@ def write_examples_page(cfg, results, data, stating, device, command):
         chosen = [records[i] for i, _ in picks]
         shown = {}  # label -> one example_answer per picked question
         for label, (ck, answers) in stating.items():
+            # every checkpoint answers every picked question (one it did not pick too): that is the comparison
             responses, steps = answers[split]
             responses, steps = [responses[i] for i, _ in picks], [steps[i] for i, _ in picks]
+            # the four signals need a forward pass of the model and TinyCLIP: only on these few questions, not all
             internal = fused_internal_confidence(ck, chosen, responses, steps, device)
             shown[label] = [example_answer(*a, ck.tokenizer) for a in zip(chosen, responses, steps, internal)]
         examples += [{"split": split, "record": rec, "picked": why, "answers": {lb: shown[lb][n] for lb in shown}}

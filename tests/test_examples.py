@@ -127,7 +127,8 @@ def test_page_escapes_every_text_it_prints():
     results = fake_results([record(0, "color")], [[step(RIGHT, 5)]], labels)
     page = Page(ev.examples_page(results, [(labels[0], "test", png), ("r&l", "ood", png)], examples, "--out <dir>"))
     assert {t for t, _ in page.tags} <= {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "h4",
-                                         "p", "code", "div", "table", "tr", "th", "td", "img", "ol", "li", "span", "br"}
+                                         "p", "code", "div", "table", "tr", "th", "td", "img", "ol", "li", "span", "br",
+                                         "nav", "a"}
     text = "".join(page.text)
     for s in list(nasty.values()) + rec["choices"] + labels + ["<u>blue</u>", "At <script>alert(1)</script> & co.",
                                                                 '"<s>sure</s>"', "--out <dir>", "<em>warm</em>: x & y"]:
@@ -136,8 +137,9 @@ def test_page_escapes_every_text_it_prints():
     assert page.count("img") == 3 + 2
     alts = [a["alt"] for t, a in page.tags if t == "img"]
     assert alts.count(f"image of {nasty['id']}") == 3 and "reliability diagram of r&l on ood" in alts
-    # every image is inline: the page needs no other file and no network
+    # every image is inline and every link a jump within the page: it needs no other file and no network
     assert all(a["src"].startswith("data:image/png;base64,") for t, a in page.tags if t == "img")
+    assert all(a["href"].startswith("#") for t, a in page.tags if t == "a")
 
 
 def test_page_is_written_atomically(tmp_path, monkeypatch):
