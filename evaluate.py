@@ -752,17 +752,21 @@ def pick_examples(boundaries, records):
 
 
 def fused_internal_confidence(ck, records, responses, steps, device):
-    """The fused internal confidence c_final of every step (section 3.2: four signals -> min-max -> mean), with the
-    checkpoint's own stats, as mb.internal_confidence computes it before cutting it into levels.
-    -> per response a list of floats in [0, 1]; None per step when the checkpoint has no TinyCLIP or stats."""
+    """The fused internal confidence c_final of every step (section 3.2: four signals -> min-max -> mean) and its
+    level, with the checkpoint's own stats, as mb.internal_confidence computes them (R_CS pulls the stated level
+    towards this one). -> per response a list of (c_final in [0, 1], level 1..5); (None, None) per step when the
+    checkpoint has no TinyCLIP or stats."""
     if ck.clip is None or ck.stats is None or not records:  # nothing to score with, or nothing to score
-        return [[None] * len(s) for s in steps]
+        return [[(None, None)] * len(s) for s in steps]
     raw = mb.score_responses(ck.model, ck.clip, ck.tokenizer, records, responses, steps, device=device)  # (B, S_max)
     out = []
     for i, st in enumerate(steps):
+        if not st:  # a response without a step has nothing to score
+            out.append([])
+            continue
         # slots past a response's last step hold 0 in raw; only its own len(st) steps are read
-        fused, _ = mb.signals_to_levels({k: raw[k][i, :len(st)] for k in ck.stats["signals"]}, ck.stats)  # (S,)
-        out.append(fused.tolist())
+        fused, levels = mb.signals_to_levels({k: raw[k][i, :len(st)] for k in ck.stats["signals"]}, ck.stats)  # (S,)
+        out.append(list(zip(fused.tolist(), levels.tolist())))
     return out
 
 
@@ -775,13 +779,15 @@ def png_data_uri(image):
 
 def example_answer(record, response, steps, internal, tokenizer):
     """What the page shows of one checkpoint's answer: {"quadrant", "answer", "steps": [{"text", "said", "level",
-    "internal", "true"}]}. "said" is the statement as the model wrote it (the tokens after the step's content)."""
+    "internal", "internal_level", "true"}]}. "said" is the statement as the model wrote it (the tokens after the
+    step's content); internal: fused_internal_confidence's (c_final, level) of each step."""
     truth = mb.judge_steps(record, steps)  # the exact verifier, as chain_metrics judges the same steps
     shown = []
-    for st, ok, c in zip(steps, truth, internal):
+    for st, ok, (c, c_level) in zip(steps, truth, internal):
         # content ends at st.end; the statement runs to st.last (its period, or a truncated step's last token)
         said = tokenizer.decode(response[st.end:st.last + 1]).strip(" ,.") if st.level is not None else ""
-        shown.append({"text": st.text, "said": said, "level": st.level, "internal": c, "true": ok})
+        shown.append({"text": st.text, "said": said, "level": st.level, "internal": c, "internal_level": c_level,
+                      "true": ok})
     return {"quadrant": answer_quadrant(record, steps), "answer": mb.final_answer(steps), "steps": shown}
 
 
@@ -809,6 +815,7 @@ th:nth-child(-n+2),td:nth-child(-n+2){text-align:left}
 .step{margin:5px 0;padding:2px 6px;border-left:4px solid #c62828;overflow-wrap:anywhere} .step.ok{border-color:#2e7d32}
 .meta{font-size:.85em;color:#444} .v-ok{color:#2e7d32;font-weight:bold} .v-bad{color:#c62828;font-weight:bold}
 .lv,.quad{display:inline-block;border-radius:3px;padding:0 5px;font-size:.85em;font-weight:normal} .lv0{background:#ddd}
+.v-ok,.v-bad,.lv,.quad{white-space:nowrap}
 .lv1{background:#c62828;color:#fff} .lv2{background:#ef6c00;color:#fff} .lv3{background:#fdd835}
 .lv4{background:#9ccc65} .lv5{background:#2e7d32;color:#fff} .right_confident{background:#c8e6c9}
 .wrong_hedged{background:#bbdefb} .wrong_confident{background:#ffcdd2} .right_hedged{background:#ffe0b2}
@@ -824,7 +831,8 @@ def html_table(header, rows):
 
 
 def level_chip(level, said=""):
-    """A coloured chip "4 · and i'm quite sure of it"; a step that states nothing gets a grey "no statement"."""
+    """A coloured chip "4 · and i'm quite sure of it" (a bare "4" without words, as for the internal level); a step
+    that states nothing gets a grey "no statement"."""
     if level is None:  # nothing parseable after the step: the metrics count it as 0.5, the page says so plainly
         return '<span class="lv lv0">no statement</span>'
     return f'<span class="lv lv{level}">{level}{" · " + html.escape(said) if said else ""}</span>'
@@ -855,9 +863,11 @@ def example_card(example, labels):
         for st in ans["steps"]:  # every step: content, what it stated, what its tokens say, what is true
             verdict = '<span class="v-ok">✓ verifier: true</span>' if st["true"] else \
                 '<span class="v-bad">✗ verifier: false</span>'
+            # internal: c_final and the level it falls in, to hold against the stated level (what R_CS rewards)
+            internal = fmt(st["internal"], 2) + (" " + level_chip(st["internal_level"]) if st["internal_level"] else "")
             out.append(f'<div class="step{" ok" if st["true"] else ""}">{html.escape(st["text"])}<br>'
-                       f'<span class="meta">stated {level_chip(st["level"], st["said"])} · internal '
-                       f'{fmt(st["internal"], 2)} · {verdict}</span></div>')
+                       f'<span class="meta">stated {level_chip(st["level"], st["said"])} · internal {internal} · '
+                       f'{verdict}</span></div>')
         out.append("</div>")
     out.append("</div></div>")
     return "\n".join(out)

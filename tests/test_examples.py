@@ -119,8 +119,8 @@ def test_page_escapes_every_text_it_prints():
     labels = ["<em>warm</em>", "r&l"]
     answer = {"quadrant": "wrong_confident", "answer": "<u>blue</u>", "steps": [
         {"text": "At <script>alert(1)</script> & co.", "said": 'but "<s>sure</s>"', "level": 2, "internal": 0.25,
-         "true": False},
-        {"text": "Fine.", "said": "", "level": None, "internal": None, "true": True}]}
+         "internal_level": 4, "true": False},
+        {"text": "Fine.", "said": "", "level": None, "internal": None, "internal_level": None, "true": True}]}
     examples = [{"split": split, "record": rec, "picked": ["<em>warm</em>: x & y"],
                  "answers": {label: answer for label in labels}} for split in ("test", "test", "ood")]
     png = open(os.path.join(os.path.dirname(__file__), "..", "assets", "reliability_rl_test.png"), "rb").read()
