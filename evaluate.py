@@ -772,7 +772,7 @@ def fused_internal_confidence(ck, records, responses, steps, device):
 
 def png_data_uri(image):
     """A PIL image -> "data:image/png;base64,...": the page carries its images inside, so it opens offline."""
-    buf = io.BytesIO()  # base64 makes it 4/3 larger; a 216 px example is a few KiB, a diagram about 15 KiB
+    buf = io.BytesIO()  # base64 makes it 4/3 larger; a 216 px example is a few KiB, a diagram 15-18 KiB
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -815,7 +815,7 @@ th:nth-child(-n+2),td:nth-child(-n+2){text-align:left}
 .step{margin:5px 0;padding:2px 6px;border-left:4px solid #c62828;overflow-wrap:anywhere} .step.ok{border-color:#2e7d32}
 .meta{font-size:.85em;color:#444} .v-ok{color:#2e7d32;font-weight:bold} .v-bad{color:#c62828;font-weight:bold}
 .lv,.quad{display:inline-block;border-radius:3px;padding:0 5px;font-size:.85em;font-weight:normal} .lv0{background:#ddd}
-.v-ok,.v-bad,.lv,.quad{white-space:nowrap}
+.v-ok,.v-bad,.lv,.quad,.iv{white-space:nowrap}
 .lv1{background:#c62828;color:#fff} .lv2{background:#ef6c00;color:#fff} .lv3{background:#fdd835}
 .lv4{background:#9ccc65} .lv5{background:#2e7d32;color:#fff} .right_confident{background:#c8e6c9}
 .wrong_hedged{background:#bbdefb} .wrong_confident{background:#ffcdd2} .right_hedged{background:#ffe0b2}
@@ -866,8 +866,8 @@ def example_card(example, labels):
             # internal: c_final and the level it falls in, to hold against the stated level (what R_CS rewards)
             internal = fmt(st["internal"], 2) + (" " + level_chip(st["internal_level"]) if st["internal_level"] else "")
             out.append(f'<div class="step{" ok" if st["true"] else ""}">{html.escape(st["text"])}<br>'
-                       f'<span class="meta">stated {level_chip(st["level"], st["said"])} · internal {internal} · '
-                       f'{verdict}</span></div>')
+                       f'<span class="meta">stated {level_chip(st["level"], st["said"])} · '
+                       f'<span class="iv">internal {internal}</span> · {verdict}</span></div>')
         out.append("</div>")
     out.append("</div></div>")
     return "\n".join(out)
