@@ -669,12 +669,18 @@ PAPER_CONTEXT = ("For scale, the paper's motivating check (section 1) of LLaVA-1
                  "63 of which it still answered (wrong but confident): it flagged 17 of its 80 wrong answers (21%).")
 
 
+def answer_level(steps):
+    """The level stated on the final-answer step; None when there is no answer step or it states nothing."""
+    k = answer_step_index(steps)
+    return None if k is None else steps[k].level
+
+
 def answer_quadrant(record, steps):
     """The quadrant of one response's final answer: a key of QUADRANTS.
     subtle: a response that never answers is wrong, and one with no answer step or no parseable statement on it
     counts as confident: it said nothing to flag its doubt (as self-correction never resamples such a step)."""
-    k = answer_step_index(steps)
-    hedged = k is not None and steps[k].level is not None and steps[k].level <= LOW_LEVEL
+    level = answer_level(steps)
+    hedged = level is not None and level <= LOW_LEVEL
     right = mb.answer_is_correct(record, steps)  # the same test as Acc, so the quadrants add up to the Acc column
     return ("right_" if right else "wrong_") + ("hedged" if hedged else "confident")
 
@@ -690,14 +696,19 @@ def quadrant_counts(quadrants):
 
 def knowledge_boundary(records, steps_per_response):
     """results.json's "knowledge_boundary" of one checkpoint and split: {"hedge_level", "overall": quadrant_counts,
-    "by_type": {qtype: quadrant_counts}, "examples": {quadrant: id of the first question in it}}. "examples" is the
-    examples page's fixed rule, stored so a reader can find each shown question in the evaluation's records."""
+    "by_type": {qtype: quadrant_counts}, "answer_levels": {"right" / "wrong": {"1".."5", "none": answers}},
+    "examples": {quadrant: id of the first question in it}}. "examples" is the examples page's fixed rule, stored
+    so a reader can find each shown question in the evaluation's records."""
     quadrants = [answer_quadrant(r, s) for r, s in zip(records, steps_per_response)]
     types = sorted({r["qtype"] for r in records if r.get("qtype")})  # the order of chain_metrics' n_by_type
+    # the whole distribution behind the one threshold: a model may hedge its wrong answers at 3, not <= 2
+    levels = [str(answer_level(s) or "none") for s in steps_per_response]
     return {
         "hedge_level": LOW_LEVEL,
         "overall": quadrant_counts(quadrants),
         "by_type": {t: quadrant_counts([q for r, q in zip(records, quadrants) if r.get("qtype") == t]) for t in types},
+        "answer_levels": {side: {k: sum(lv == k and q.startswith(side) for lv, q in zip(levels, quadrants))
+                                 for k in ("1", "2", "3", "4", "5", "none")} for side in ("right", "wrong")},
         # the first in evaluation order, never the prettiest: a reader sees typical cases, not chosen ones
         "examples": {q: records[quadrants.index(q)]["id"] for q in QUADRANTS if q in quadrants},
     }
@@ -718,6 +729,18 @@ def boundary_table(results, split):
     return header, rows
 
 
+def answer_level_table(results, split):
+    """(header, rows): per checkpoint that states confidence, how many right and how many wrong answers state each
+    level on the answer step (none = no answer step, or no statement on it)."""
+    header = ["model", "answers", "1", "2", "3", "4", "5", "none"]
+    rows = []
+    for label, per_split in results.items():
+        kb = per_split[split].get("knowledge_boundary")
+        if kb is not None:  # states confidence
+            rows += [[label, side] + [kb["answer_levels"][side][k] for k in header[2:]] for side in ("right", "wrong")]
+    return header, rows
+
+
 def boundary_markdown(results):
     """results.md's knowledge-boundary section (a list of lines; empty when no checkpoint states confidence)."""
     if not any(results[label][s].get("knowledge_boundary") for label in results for s in SPLITS):
@@ -725,7 +748,9 @@ def boundary_markdown(results):
     parts = [f"## Knowledge boundary of the final answer (hedged = stated level <= {LOW_LEVEL} on the answer step)",
              "", PAPER_CONTEXT, ""]
     for split in SPLITS:
-        parts += [f"{split}:", "", markdown_table(*boundary_table(results, split)), ""]
+        parts += [f"{split}:", "", markdown_table(*boundary_table(results, split)), "",
+                  f"Level stated on the final-answer step ({split}):", "",
+                  markdown_table(*answer_level_table(results, split)), ""]
     return parts
 
 
@@ -919,9 +944,11 @@ def examples_page(results, diagrams, examples, command):
                f"is right or wrong (exact verifier) and confident or hedged (hedged = stated level &lt;= {LOW_LEVEL} "
                f"on the answer step, the threshold self-correction uses; an answer that states nothing counts as "
                f"confident). The last column is the share of its wrong answers the model flags: higher is better. "
-               f"{html.escape(PAPER_CONTEXT)}</p>")
+               f"The second table shows the levels behind that threshold: a model that knows its boundary states "
+               f"lower levels on its wrong answers than on its right ones. {html.escape(PAPER_CONTEXT)}</p>")
     for split in SPLITS:
-        out += [f"<h3>{split}</h3>", html_table(*boundary_table(results, split))]
+        out += [f"<h3>{split}</h3>", html_table(*boundary_table(results, split)),
+                html_table(*answer_level_table(results, split))]
     # 4. the examples, grouped by split (test, then ood: does the boundary hold on busier pictures?)
     out.append(f'<h2 id="examples">Examples</h2><p class="read">Picked by a fixed rule, not by hand: for each '
                f"quadrant (right and confident, wrong and hedged, wrong but confident, right but hedged) and each "
@@ -934,6 +961,11 @@ def examples_page(results, diagrams, examples, command):
     for split in SPLITS:
         chosen = [e for e in examples if e["split"] == split]
         out.append(f"<h3>{split} ({len(chosen)} question{'' if len(chosen) == 1 else 's'})</h3>")
+        # say which quadrants stayed empty, so a missing kind of example reads as a finding, not a bug
+        empty = [QUADRANTS[q] for q in EXAMPLE_ORDER
+                 if not any(q in results[label][split]["knowledge_boundary"]["examples"] for label in labels)]
+        if empty and labels:
+            out.append(f"<p>No final answer of {html.escape(' or '.join(labels))} falls in: {', '.join(empty)}.</p>")
         out += [example_card(e, labels) for e in chosen]
     out.append("</body></html>\n")
     # subtle: characters outside ASCII (·, ✓) become &#...; references, so the file is plain ASCII and reads the

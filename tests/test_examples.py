@@ -67,6 +67,7 @@ def test_knowledge_boundary_hand_built():
     q5 count  right, no statement           -> right and confident: it said nothing to flag
     overall: 2 / 1 / 2 / 1 of n 6; wrong flagged 1 / (2 + 1) = 1/3
     color:   1 / 1 / 1 / 0 of n 3; wrong flagged 0 / 1 = 0;   count: 1 / 0 / 1 / 1 of n 3; flagged 1 / 2
+    answer levels: right q0 5, q1 2, q5 none; wrong q2 3, q3 1, q4 none (no answer step).
     examples: the first question of each quadrant: q0, q1, q2, q3."""
     records = [record(i, t) for i, t in enumerate(["color"] * 3 + ["count"] * 3)]
     steps = [[step(CIRCLE, 1), step(RIGHT, 5)], [step(RIGHT, 2)], [step(WRONG, 3)], [step(WRONG, 1)],
@@ -79,6 +80,8 @@ def test_knowledge_boundary_hand_built():
                                           n=3, wrong_flagged=0.0)
     assert kb["by_type"]["count"] == dict(right_confident=1, right_hedged=0, wrong_confident=1, wrong_hedged=1,
                                           n=3, wrong_flagged=0.5)
+    assert kb["answer_levels"] == {"right": {"1": 0, "2": 1, "3": 0, "4": 0, "5": 1, "none": 1},
+                                   "wrong": {"1": 1, "2": 0, "3": 1, "4": 0, "5": 0, "none": 1}}
     assert kb["examples"] == {"right_confident": "test-0-0", "right_hedged": "test-0-1",
                               "wrong_confident": "test-0-2", "wrong_hedged": "test-0-3"}
     # nothing wrong: the flagged share is undefined (nan in memory, null in results.json, "-" in the tables)
@@ -134,6 +137,8 @@ def test_page_escapes_every_text_it_prints():
                                                                 '"<s>sure</s>"', "--out <dir>", "<em>warm</em>: x & y"]:
         assert s in text, s
     assert page.count("div", "card") == 3 and page.count("div", "model") == 6
+    # the fake answers are all right and confident: the other three quadrants are named as empty, per split
+    assert text.count("falls in: wrong and hedged, wrong but confident, right but hedged.") == 2
     assert page.count("img") == 3 + 2
     alts = [a["alt"] for t, a in page.tags if t == "img"]
     assert alts.count(f"image of {nasty['id']}") == 3 and "reliability diagram of r&l on ood" in alts
