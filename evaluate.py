@@ -827,7 +827,8 @@ h1{font-size:1.45em;margin:.3em 0} h2{font-size:1.2em;margin-top:1.8em;border-bo
 p.read{background:#f4f6f8;border-left:4px solid #8aa;padding:6px 10px;max-width:62em} nav a{margin-right:1em}
 code{background:#f0f0f0;padding:0 3px;word-break:break-all} .scroll{overflow-x:auto}
 table{border-collapse:collapse;font-size:.88em;margin:.4em 0 1em}
-th,td{padding:3px 8px;border-bottom:1px solid #e4e4e4;text-align:right;white-space:nowrap}
+th,td{padding:3px 8px;border-bottom:1px solid #e4e4e4;text-align:right;white-space:nowrap} th{white-space:normal}
+th{vertical-align:bottom} @media (max-width:600px){th,td{padding:2px 4px}}
 th:nth-child(-n+2),td:nth-child(-n+2){text-align:left}
 .plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:8px}
 .plots img{width:100%;height:auto;border:1px solid #ddd}
@@ -948,6 +949,7 @@ def examples_page(results, diagrams, examples, command):
                f"lower levels on its wrong answers than on its right ones. {html.escape(PAPER_CONTEXT)}</p>")
     for split in SPLITS:
         out += [f"<h3>{split}</h3>", html_table(*boundary_table(results, split)),
+                f"<p>Level stated on the final-answer step ({split}):</p>",
                 html_table(*answer_level_table(results, split))]
     # 4. the examples, grouped by split (test, then ood: does the boundary hold on busier pictures?)
     out.append(f'<h2 id="examples">Examples</h2><p class="read">Picked by a fixed rule, not by hand: for each '
