@@ -876,7 +876,7 @@ def example_card(example, labels):
     image = image.resize((image.width * EXAMPLE_SCALE, image.height * EXAMPLE_SCALE), Image.NEAREST)
     qtype = f" · {rec['qtype']} question" if rec.get("qtype") else ""
     # width and height attributes reserve the image's box before it decodes; the CSS lets a phone shrink it
-    out = [f'<div class="card"><div class="q"><h3>{html.escape(example["split"] + " · " + rec["id"] + qtype)}</h3>',
+    out = [f'<div class="card"><div class="q"><h3>{html.escape(rec["id"] + qtype)}</h3>',
            f'<img src="{png_data_uri(image)}" alt="{html.escape("image of " + rec["id"])}" width="{image.width}" '
            f'height="{image.height}">',
            f"<p>{html.escape(rec['question'])}</p><ol>{choices}</ol>",
@@ -891,9 +891,10 @@ def example_card(example, labels):
                 '<span class="v-bad">✗ verifier: false</span>'
             # internal: c_final and the level it falls in, to hold against the stated level (what R_CS rewards)
             internal = fmt(st["internal"], 2) + (" " + level_chip(st["internal_level"]) if st["internal_level"] else "")
+            # the verdict leads the line: the truth first, then what the model said and what its tokens say
             out.append(f'<div class="step{" ok" if st["true"] else ""}">{html.escape(st["text"])}<br>'
-                       f'<span class="meta">stated {level_chip(st["level"], st["said"])} · '
-                       f'<span class="iv">internal {internal}</span> · {verdict}</span></div>')
+                       f'<span class="meta">{verdict} · stated {level_chip(st["level"], st["said"])} · '
+                       f'<span class="iv">internal {internal}</span></span></div>')
         out.append("</div>")
     out.append("</div></div>")
     return "\n".join(out)
