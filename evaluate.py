@@ -38,6 +38,9 @@ of the reference step it matches (perception_flags).
 Outputs in --out: results.json ({label: {split: metrics}}; with --data the splits are the datasets' names),
 results.md, reliability_{label}_{split}.png (and ablations.json/.md).
 """
+import base64
+import html
+import io
 import json
 import math
 import os
@@ -99,7 +102,7 @@ QUICK = dict(n_test=12, n_ood=12, n_data=12, max_new_tokens=48)
 # checks and the README's tables read them by name, so they are fixed here and a test pins the set.
 REQUIRED_KEYS = ("acc", "f1", "ece", "mece", "mece_perception", "mece_reasoning", "auroc", "brier",
                  "n_questions", "n_steps")
-METRIC_KEYS = REQUIRED_KEYS + ("step_acc", "stated_fraction", "acc_by_type", "n_by_type")
+METRIC_KEYS = REQUIRED_KEYS + ("step_acc", "stated_fraction", "acc_by_type", "n_by_type", "knowledge_boundary")
 SPLITS = ("test", "ood")
 # seed offsets per split: test = seed + 1 is train_rl.py's held-out set; ood gets its own (seed + 2 is RL's train pool)
 SPLIT_SEED = {"test": 1, "ood": 3}
@@ -539,6 +542,7 @@ def results_markdown(results, cfg, command, split_info, wall, stages=None, split
             parts += [f"Acc by question type ({split}):", "",
                       markdown_table(["model"] + [f"{t} ({n})" for t, n in counts.items()], rows), "",
                       "Higher is better (final-answer accuracy per question type; the question count in brackets).", ""]
+    parts += boundary_markdown(results)
     sc_rows = [(label, split, results[label][split]["self_correct"]) for label in results for split in splits
                if "self_correct" in results[label][split]]
     if sc_rows:
@@ -684,6 +688,7 @@ def evaluate_checkpoint(ck, label, data, cfg, device, plots=True):
         responses, steps = answer(ck, records, cfg, device)
         conf = [stated_confidences(st) for st in steps]
         metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins)
+        metrics[split]["knowledge_boundary"] = knowledge_boundary(records, steps) if ck.stats is not None else None
         answers[split] = (responses, steps)
         if cfg.self_correct > 0 and ck.stats is not None:  # only a model that states confidence can self-correct
             # one generator per split, seeded alike: every checkpoint draws its resamples from the same stream
@@ -712,6 +717,7 @@ def internal_row(base, stats, data, answers, cfg, device, label):
         responses, steps = answers[split]  # the base row's own answers: no second decoding, the same chains
         conf = mb.internal_confidence(base.model, base.clip, base.tokenizer, records, responses, steps, stats, device)
         metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins)
+        metrics[split]["knowledge_boundary"] = None  # no words, no stated level: no quadrants
         plot(records, steps, conf, label, split, metrics[split], cfg)
         print_line(label, split, metrics[split], time.time() - t0)
     return metrics
@@ -840,6 +846,373 @@ def run_ablations(cfg, command, device, t_start):
 
 
 # ---------------------------------------------------------------------------- #
+# The knowledge boundary of the final answer, and the examples page (examples.html)
+# ---------------------------------------------------------------------------- #
+# The paper's motivating question (section 1): does the model know where its knowledge ends? Each final answer lands
+# in one of four quadrants, right or wrong (exact verifier) x confident or hedged (the level stated on the
+# final-answer step; hedged = level <= LOW_LEVEL, the threshold self-correction resamples at). A model that knows its
+# boundary puts its wrong answers in "wrong and hedged" and its right ones in "right and confident".
+QUADRANTS = {  # results.json key -> words on the page and in results.md; table order: right row, then wrong row
+    "right_confident": "right and confident",
+    "right_hedged": "right but hedged",
+    "wrong_confident": "wrong but confident",
+    "wrong_hedged": "wrong and hedged",
+}
+# the page teaches in this order: the two good quadrants first, then the two failures
+EXAMPLE_ORDER = ("right_confident", "wrong_hedged", "wrong_confident", "right_hedged")
+EXAMPLE_SCALE = 6  # nearest-neighbour upscale of an example image: 36 px -> 216 px, every shape's pixels visible
+# the paper's motivating check (section 1), for scale: 120 right, 14 of them refused; 80 wrong, 63 still answered
+PAPER_CONTEXT = ("For scale, the paper's motivating check (section 1) of LLaVA-1.5 on 200 A-OKVQA questions of one "
+                 "category counts 120 right (14 of which it refused when allowed to: right but hedged) and 80 wrong, "
+                 "63 of which it still answered (wrong but confident): it flagged 17 of its 80 wrong answers (21%).")
+
+
+def answer_level(steps):
+    """The level stated on the final-answer step; None when there is no answer step or it states nothing."""
+    k = answer_step_index(steps)
+    return None if k is None else steps[k].level
+
+
+def answer_quadrant(record, steps):
+    """The quadrant of one response's final answer: a key of QUADRANTS.
+    subtle: a response that never answers is wrong, and one with no answer step or no parseable statement on it
+    counts as confident: it said nothing to flag its doubt (as self-correction never resamples such a step)."""
+    level = answer_level(steps)
+    hedged = level is not None and level <= LOW_LEVEL
+    right = mb.answer_is_correct(record, steps)  # the same test as Acc, so the quadrants add up to the Acc column
+    return ("right_" if right else "wrong_") + ("hedged" if hedged else "confident")
+
+
+def quadrant_counts(quadrants):
+    """["right_confident", "wrong_hedged", "wrong_confident"] -> {"right_confident": 1, "right_hedged": 0,
+    "wrong_confident": 1, "wrong_hedged": 1, "n": 3, "wrong_flagged": 0.5}; wrong_flagged = wrong and hedged /
+    wrong (nan when nothing is wrong): the share of its wrong answers the model itself flags."""
+    counts = {q: quadrants.count(q) for q in QUADRANTS}
+    wrong = counts["wrong_confident"] + counts["wrong_hedged"]
+    return dict(counts, n=len(quadrants), wrong_flagged=counts["wrong_hedged"] / wrong if wrong else math.nan)
+
+
+def splits_of(results):
+    """The splits every row was evaluated on, in order: test and ood, or one per --data file (its stem)."""
+    return list(next(iter(results.values()))) if results else []
+
+
+def knowledge_boundary(records, steps_per_response):
+    """results.json's "knowledge_boundary" of one checkpoint and split: {"hedge_level", "overall": quadrant_counts,
+    "by_type": {qtype: quadrant_counts}, "answer_levels": {"right" / "wrong": {"1".."5", "none": answers}},
+    "examples": {quadrant: id of the first question in it}}. "examples" is the examples page's fixed rule, stored
+    so a reader can find each shown question in the evaluation's records."""
+    quadrants = [answer_quadrant(r, s) for r, s in zip(records, steps_per_response)]
+    types = sorted({r["qtype"] for r in records if r.get("qtype")})  # the order of chain_metrics' n_by_type
+    # the whole distribution behind the one threshold: a model may hedge its wrong answers at 3, not <= 2
+    levels = [str(answer_level(s) or "none") for s in steps_per_response]
+    return {
+        "hedge_level": LOW_LEVEL,
+        "overall": quadrant_counts(quadrants),
+        "by_type": {t: quadrant_counts([q for r, q in zip(records, quadrants) if r.get("qtype") == t]) for t in types},
+        "answer_levels": {side: {k: sum(lv == k and q.startswith(side) for lv, q in zip(levels, quadrants))
+                                 for k in ("1", "2", "3", "4", "5", "none")} for side in ("right", "wrong")},
+        # the first in evaluation order, never the prettiest: a reader sees typical cases, not chosen ones
+        "examples": {q: records[quadrants.index(q)]["id"] for q in QUADRANTS if q in quadrants},
+    }
+
+
+def boundary_table(results, split):
+    """(header, rows) of the knowledge-boundary table of one split: per checkpoint that states confidence, the
+    overall row, then one row per question type. Shared by results.md and the page, so the two never disagree."""
+    header = ["model", "questions", "n"] + list(QUADRANTS.values()) + ["wrong flagged"]
+    rows = []
+    for label, per_split in results.items():
+        kb = per_split[split].get("knowledge_boundary")
+        if kb is None:  # states no confidence (base, base-internal): no quadrants
+            continue
+        # "all" first: the row to read; the per-type rows show where the boundary lies (e.g. long-tail knowledge)
+        for name, c in [("all", kb["overall"])] + list(kb["by_type"].items()):
+            rows.append([label, name, c["n"]] + [c[q] for q in QUADRANTS] + [fmt(c["wrong_flagged"], 2)])
+    return header, rows
+
+
+def answer_level_table(results, split):
+    """(header, rows): per checkpoint that states confidence, how many right and how many wrong answers state each
+    level on the answer step (none = no answer step, or no statement on it)."""
+    header = ["model", "answers", "1", "2", "3", "4", "5", "none"]
+    rows = []
+    for label, per_split in results.items():
+        kb = per_split[split].get("knowledge_boundary")
+        if kb is not None:  # states confidence
+            rows += [[label, side] + [kb["answer_levels"][side][k] for k in header[2:]] for side in ("right", "wrong")]
+    return header, rows
+
+
+def boundary_markdown(results):
+    """results.md's knowledge-boundary section (a list of lines; empty when no checkpoint states confidence)."""
+    if not any(results[label][s].get("knowledge_boundary") for label in results for s in splits_of(results)):
+        return []
+    parts = [f"## Knowledge boundary of the final answer (hedged = stated level <= {LOW_LEVEL} on the answer step)",
+             "", PAPER_CONTEXT, ""]
+    for split in splits_of(results):
+        parts += [f"{split}:", "", markdown_table(*boundary_table(results, split)), "",
+                  f"Level stated on the final-answer step ({split}):", "",
+                  markdown_table(*answer_level_table(results, split)), ""]
+    return parts
+
+
+def pick_examples(boundaries, records):
+    """The page's fixed rule: for every quadrant (EXAMPLE_ORDER) and every checkpoint that states confidence, the
+    first question of the split in that quadrant (knowledge_boundary's "examples"); a question picked more than
+    once is shown once, with every reason. boundaries: {label: knowledge_boundary of this split}.
+    -> [(question index, ["rl: wrong but confident", ...])] in page order (quadrant, then question order).
+    Example: warmup's first right_confident is question 0, rl's is 0 too, rl's first wrong_hedged is 3
+             -> [(0, ["warmup: right and confident", "rl: right and confident"]), (3, ["rl: wrong and hedged"])]"""
+    position = {r["id"]: i for i, r in enumerate(records)}  # results.json names questions by id
+    reasons, order = {}, []  # question index -> why it is shown; the page order
+    for quadrant in EXAMPLE_ORDER:
+        new = []
+        for label, kb in boundaries.items():
+            if quadrant in kb["examples"]:
+                i = position[kb["examples"][quadrant]]
+                if i not in reasons:  # a question already shown for an earlier quadrant stays where it is
+                    reasons[i] = []
+                    new.append(i)
+                reasons[i].append(f"{label}: {QUADRANTS[quadrant]}")
+        order += sorted(new)  # two checkpoints may pick different questions: question order within a quadrant
+    return [(i, reasons[i]) for i in order]
+
+
+def fused_internal_confidence(ck, records, responses, steps, device):
+    """The fused internal confidence c_final of every step (section 3.2: four signals -> min-max -> mean) and its
+    level, with the checkpoint's own stats, as mb.internal_confidence computes them (R_CS pulls the stated level
+    towards this one). -> per response a list of (c_final in [0, 1], level 1..5); (None, None) per step when the
+    checkpoint has no TinyCLIP or stats."""
+    if ck.clip is None or ck.stats is None or not records:  # nothing to score with, or nothing to score
+        return [[(None, None)] * len(s) for s in steps]
+    raw = mb.score_responses(ck.model, ck.clip, ck.tokenizer, records, responses, steps, device=device)  # (B, S_max)
+    out = []
+    for i, st in enumerate(steps):
+        if not st:  # a response without a step has nothing to score
+            out.append([])
+            continue
+        # slots past a response's last step hold 0 in raw; only its own len(st) steps are read
+        fused, levels = mb.signals_to_levels({k: raw[k][i, :len(st)] for k in ck.stats["signals"]}, ck.stats)  # (S,)
+        out.append(list(zip(fused.tolist(), levels.tolist())))
+    return out
+
+
+def png_data_uri(image):
+    """A PIL image -> "data:image/png;base64,...": the page carries its images inside, so it opens offline."""
+    buf = io.BytesIO()  # base64 makes it 4/3 larger; a 216 px example is a few KiB, a diagram 15-18 KiB
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def example_answer(record, response, steps, internal, tokenizer):
+    """What the page shows of one checkpoint's answer: {"quadrant", "answer", "steps": [{"text", "said", "level",
+    "internal", "internal_level", "true"}]}. "said" is the statement as the model wrote it (the tokens after the
+    step's content); internal: fused_internal_confidence's (c_final, level) of each step."""
+    truth = mb.judge_steps(record, steps)  # the exact verifier, as chain_metrics judges the same steps
+    shown = []
+    for st, ok, (c, c_level) in zip(steps, truth, internal):
+        # content ends at st.end; the statement runs to st.last (its period, or a truncated step's last token)
+        said = tokenizer.decode(response[st.end:st.last + 1]).strip(" ,.") if st.level is not None else ""
+        shown.append({"text": st.text, "said": said, "level": st.level, "internal": c, "internal_level": c_level,
+                      "true": ok})
+    return {"quadrant": answer_quadrant(record, steps), "answer": mb.final_answer(steps), "steps": shown}
+
+
+# Inline CSS only (no script, no web font, no network): the file must open alike offline, from an e-mail or a USB
+# stick. Level colours run red (1) to green (5) and every chip also prints its number and words, so the page reads
+# in greyscale and to a colour-blind reader too; a step's left border repeats the verifier's verdict (green / red).
+# Layout: flex and grid with minimum widths, so a card's columns sit side by side on a laptop and stack on a phone;
+# wide tables scroll sideways inside their own box instead of widening the page.
+PAGE_CSS = """
+body{font:15px/1.45 system-ui,sans-serif;color:#222;max-width:1180px;margin:0 auto;padding:12px}
+h1{font-size:1.45em;margin:.3em 0} h2{font-size:1.2em;margin-top:1.8em;border-bottom:2px solid #ddd} h3{font-size:1em}
+p.read{background:#f4f6f8;border-left:4px solid #8aa;padding:6px 10px;max-width:62em} nav a{margin-right:1em}
+code{background:#f0f0f0;padding:0 3px;word-break:break-all} .scroll{overflow-x:auto}
+table{border-collapse:collapse;font-size:.88em;margin:.4em 0 1em}
+th,td{padding:3px 8px;border-bottom:1px solid #e4e4e4;text-align:right;white-space:nowrap} th{white-space:normal}
+th{vertical-align:bottom} @media (max-width:600px){th,td{padding:2px 4px}}
+th:nth-child(-n+2),td:nth-child(-n+2){text-align:left}
+.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:8px}
+.plots img{width:100%;height:auto;border:1px solid #ddd}
+.card{border:1px solid #bbb;border-radius:6px;padding:10px;margin:16px 0;display:flex;flex-wrap:wrap;gap:14px}
+.q{flex:0 1 232px;min-width:0} .q h3{margin:0 0 .3em} .q ol{margin:.3em 0;padding-left:1.4em} .gold{font-weight:bold}
+.q img{width:216px;max-width:100%;height:auto;image-rendering:pixelated;border:1px solid #888}
+.answers{flex:1 1 560px;min-width:0;display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:10px}
+.answers{align-items:start} .model{border:1px solid #e0e0e0;border-radius:4px;padding:6px 8px;min-width:0}
+.model h4{margin:0 0 4px;font-size:1em} .why{font-size:.85em;color:#555}
+.step{margin:5px 0;padding:2px 6px;border-left:4px solid #c62828;overflow-wrap:anywhere} .step.ok{border-color:#2e7d32}
+.meta{font-size:.85em;color:#444} .v-ok{color:#2e7d32;font-weight:bold} .v-bad{color:#c62828;font-weight:bold}
+.lv,.quad{display:inline-block;border-radius:3px;padding:0 5px;font-size:.85em;font-weight:normal} .lv0{background:#ddd}
+.v-ok,.v-bad,.lv,.quad,.iv{white-space:nowrap}
+.lv1{background:#c62828;color:#fff} .lv2{background:#ef6c00;color:#fff} .lv3{background:#fdd835}
+.lv4{background:#9ccc65} .lv5{background:#2e7d32;color:#fff} .right_confident{background:#c8e6c9}
+.wrong_hedged{background:#bbdefb} .wrong_confident{background:#ffcdd2} .right_hedged{background:#ffe0b2}
+"""
+
+
+def html_table(header, rows):
+    """A plain HTML table (every cell escaped), in a div that scrolls sideways on a narrow screen.
+    Example: (["model", "Acc"], [["rl", "0.61"]]) -> <div class="scroll"><table><tr><th>model</th>... </table></div>"""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
+
+
+def level_chip(level, said=""):
+    """A coloured chip "4 · and i'm quite sure of it" (a bare "4" without words, as for the internal level); a step
+    that states nothing gets a grey "no statement"."""
+    if level is None:  # nothing parseable after the step: the metrics count it as 0.5, the page says so plainly
+        return '<span class="lv lv0">no statement</span>'
+    return f'<span class="lv lv{level}">{level}{" · " + html.escape(said) if said else ""}</span>'
+
+
+def example_card(example, labels):
+    """One question: image, question, choices with the gold answer, why it was picked, then every checkpoint's
+    answer side by side (columns wrap under each other on a narrow screen)."""
+    rec = example["record"]
+    choices = "".join(f'<li class="gold">{html.escape(c)} (gold)</li>' if i == rec["correct_choice_idx"]
+                      else f"<li>{html.escape(c)}</li>" for i, c in enumerate(rec["choices"]))
+    # nearest neighbour, not bilinear: a 36 px image smoothed to 216 px turns the noise and the small shapes into
+    # the same blur, while blocks of 6x6 identical pixels show exactly what the model saw
+    image = Image.fromarray(np.asarray(rec["image"], dtype=np.uint8))
+    image = image.resize((image.width * EXAMPLE_SCALE, image.height * EXAMPLE_SCALE), Image.NEAREST)
+    qtype = f" · {rec['qtype']} question" if rec.get("qtype") else ""
+    # width and height attributes reserve the image's box before it decodes; the CSS lets a phone shrink it
+    out = [f'<div class="card"><div class="q"><h3>{html.escape(rec["id"] + qtype)}</h3>',
+           f'<img src="{png_data_uri(image)}" alt="{html.escape("image of " + rec["id"])}" width="{image.width}" '
+           f'height="{image.height}">',
+           f"<p>{html.escape(rec['question'])}</p><ol>{choices}</ol>",
+           f'<p class="why">picked as {html.escape("; ".join(example["picked"]))}</p></div><div class="answers">']
+    for label in labels:  # one column per checkpoint, in evaluation order: warm-up left, RL right
+        ans = example["answers"][label]
+        out.append(f'<div class="model"><h4>{html.escape(label)} <span class="quad {ans["quadrant"]}">'
+                   f'{QUADRANTS[ans["quadrant"]]}</span></h4>'
+                   f'<div class="meta">final answer: {html.escape(str(ans["answer"] or "none"))}</div>')
+        for st in ans["steps"]:  # every step: content, what it stated, what its tokens say, what is true
+            verdict = '<span class="v-ok">✓ verifier: true</span>' if st["true"] else \
+                '<span class="v-bad">✗ verifier: false</span>'
+            # internal: c_final and the level it falls in, to hold against the stated level (what R_CS rewards)
+            internal = fmt(st["internal"], 2) + (" " + level_chip(st["internal_level"]) if st["internal_level"] else "")
+            # the verdict leads the line: the truth first, then what the model said and what its tokens say
+            out.append(f'<div class="step{" ok" if st["true"] else ""}">{html.escape(st["text"])}<br>'
+                       f'<span class="meta">{verdict} · stated {level_chip(st["level"], st["said"])} · '
+                       f'<span class="iv">internal {internal}</span></span></div>')
+        out.append("</div>")
+    out.append("</div></div>")
+    return "\n".join(out)
+
+
+def examples_page(results, diagrams, examples, command):
+    """The whole page as one string. diagrams: [(label, split, PNG bytes)] of the reliability diagrams; examples:
+    [{"split", "record", "picked": [reason], "answers": {label: example_answer}}]. Every text from the records, the
+    models and the command line goes through html.escape: a question with "<" or "&" renders as text."""
+    # the checkpoints that state confidence (a knowledge_boundary entry): the columns of every example card
+    labels = [label for label in results if any(results[label][s].get("knowledge_boundary") for s in splits_of(results))]
+    # the legend shows each level with the first of its clauses (section 3.2's score -> statement mapping), so a
+    # reader meets the actual words the model writes, not a number it never says
+    legend = " ".join(level_chip(k, mb.STATEMENTS[k][0]) for k in range(1, 6))
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           "<title>MMBoundary: where the models' knowledge ends</title>", f"<style>{PAGE_CSS}</style></head><body>",
+           "<h1>MMBoundary on the shapes world: does the model know where its knowledge ends?</h1>",
+           f"<p>A tiny vision-language model answers multiple-choice questions about a picture step by step and "
+           f"after every step says in words how sure it is (five levels: {legend}). An exact verifier knows the "
+           f"truth of every step. Written by <code>python evaluate.py {html.escape(command)}</code>; one file, "
+           f"no network: it opens offline in any browser.</p>",
+           '<nav><a href="#results">results</a><a href="#diagrams">reliability diagrams</a><a href="#boundary">'
+           'knowledge boundary</a><a href="#examples">examples</a></nav>']  # plain anchors: jumps without a script
+    # 1. the main table (as results.md) and how to read it
+    out.append('<h2 id="results">Results</h2>')
+    rows = [[label, split] + [fmt(results[label][split][key]) for _, key in MAIN_COLUMNS]
+            for split in splits_of(results) for label in results]
+    out.append(html_table(["model", "split"] + [name for name, _ in MAIN_COLUMNS], rows))
+    out.append('<p class="read">How to read: Acc, F1 and AUROC are better higher; ECE, MECE and Brier better lower. '
+               "ECE compares the confidence stated on the answer step with the answer's correctness, MECE every step's "
+               f"with its truth. The base model states nothing, so each of its steps counts {UNSTATED_CONFIDENCE}: its "
+               "MECE is small when about half its steps are right, yet its AUROC is 0.5, because a constant near the "
+               "mean accuracy is calibrated on average but ranks nothing: it cannot tell a right step from a wrong one."
+               "</p>")
+    # 2. the reliability diagrams evaluate.py already drew, inlined byte for byte: the page shows the same pixels as
+    # the PNG files next to it, and drawing nothing twice keeps the page cheap
+    out.append('<h2 id="diagrams">Reliability diagrams (every step)</h2>')
+    out.append('<p class="read">How to read: each bar is the accuracy of the steps whose confidence falls in that '
+               "bin; a calibrated model's bars reach the dashed diagonal, a bar below it is overconfident, one "
+               "above it underconfident; the numbers under the axis count the steps in each bin (a bin with few "
+               "steps says little).</p>")
+    out.append('<div class="plots">' + "".join(
+        f'<img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" '
+        f'alt="{html.escape(f"reliability diagram of {label} on {split}")}" width="{PLOT_SIZE[0]}" '
+        f'height="{PLOT_SIZE[1]}">' for label, split, png in diagrams) + "</div>")
+    # 3. the knowledge boundary, from the same boundary_table as results.md
+    out.append(f'<h2 id="boundary">Knowledge boundary of the final answer</h2><p class="read">Every final answer '
+               f"is right or wrong (exact verifier) and confident or hedged (hedged = stated level &lt;= {LOW_LEVEL} "
+               f"on the answer step, the threshold self-correction uses; an answer that states nothing counts as "
+               f"confident). The last column is the share of its wrong answers the model flags: higher is better. "
+               f"The second table shows the levels behind that threshold: a model that knows its boundary states "
+               f"lower levels on its wrong answers than on its right ones. {html.escape(PAPER_CONTEXT)}</p>")
+    for split in splits_of(results):
+        out += [f"<h3>{split}</h3>", html_table(*boundary_table(results, split)),
+                f"<p>Level stated on the final-answer step ({split}):</p>",
+                html_table(*answer_level_table(results, split))]
+    # 4. the examples, grouped by split (test, then ood: does the boundary hold on busier pictures?)
+    out.append(f'<h2 id="examples">Examples</h2><p class="read">Picked by a fixed rule, not by hand: for each '
+               f"quadrant (right and confident, wrong and hedged, wrong but confident, right but hedged) and each "
+               f"model that states confidence, the first question of the split (in the evaluation's order) whose "
+               f"final answer falls there; results.json stores their ids under knowledge_boundary / examples. Each "
+               f"step shows its stated level, the fused internal confidence c_final of the four signals (section 3.2: "
+               f"what the model's tokens say, not its words) and the exact verifier's verdict. The same question is "
+               f"answered by {html.escape(' and '.join(labels)) or 'no model that states confidence'} side by side."
+               "</p>")
+    for split in splits_of(results):
+        chosen = [e for e in examples if e["split"] == split]
+        out.append(f"<h3>{split} ({len(chosen)} question{'' if len(chosen) == 1 else 's'})</h3>")
+        # say which quadrants stayed empty, so a missing kind of example reads as a finding, not a bug
+        empty = [QUADRANTS[q] for q in EXAMPLE_ORDER
+                 if not any(q in results[label][split]["knowledge_boundary"]["examples"] for label in labels)]
+        if empty and labels:
+            out.append(f"<p>No final answer of {html.escape(' or '.join(labels))} falls in: {', '.join(empty)}.</p>")
+        out += [example_card(e, labels) for e in chosen]
+    out.append("</body></html>\n")
+    # subtle: characters outside ASCII (·, ✓) become &#...; references, so the file is plain ASCII and reads the
+    # same whatever encoding the platform's open() defaults to
+    return "\n".join(out).encode("ascii", "xmlcharrefreplace").decode("ascii")
+
+
+def write_examples_page(cfg, results, data, stating, device, command):
+    """Write cfg.out/examples.html (atomically, like every output). stating: {label: (Checkpoint, answers)} of the
+    checkpoints that state confidence, answers as evaluate_checkpoint returns them. Reads the reliability PNGs
+    already in cfg.out; scores only the picked questions, so it costs a small part of the evaluation."""
+    t0 = time.time()  # the page's own cost is printed: it must stay a small part of the evaluation
+    diagrams = []
+    for label in results:
+        for split in splits_of(results):
+            png = os.path.join(cfg.out, f"reliability_{label.replace(os.sep, '_')}_{split}.png")  # as plot() names it
+            if os.path.exists(png):  # run_ablations draws none; a page without them is still a page
+                with open(png, "rb") as f:
+                    diagrams.append((label, split, f.read()))
+    examples = []
+    for split, records in data.items():
+        picks = pick_examples({label: results[label][split]["knowledge_boundary"] for label in stating}, records)
+        chosen = [records[i] for i, _ in picks]
+        shown = {}  # label -> one example_answer per picked question
+        for label, (ck, answers) in stating.items():
+            # every checkpoint answers every picked question (one it did not pick too): that is the comparison
+            responses, steps = answers[split]
+            responses, steps = [responses[i] for i, _ in picks], [steps[i] for i, _ in picks]
+            # the four signals need a forward pass of the model and TinyCLIP: only on these few questions, not all
+            internal = fused_internal_confidence(ck, chosen, responses, steps, device)
+            shown[label] = [example_answer(*a, ck.tokenizer) for a in zip(chosen, responses, steps, internal)]
+        examples += [{"split": split, "record": rec, "picked": why, "answers": {lb: shown[lb][n] for lb in shown}}
+                     for n, (rec, (_, why)) in enumerate(zip(chosen, picks))]
+    path = os.path.join(cfg.out, "examples.html")
+    mb.atomic_write_text(path, examples_page(results, diagrams, examples, command))
+    print(f"evaluate: wrote {path} ({len(examples)} questions, {os.path.getsize(path) / 1024:.0f} KiB) in "
+          f"{time.time() - t0:.2f}s", flush=True)
+    return path
+
+
+# ---------------------------------------------------------------------------- #
 # main
 # ---------------------------------------------------------------------------- #
 
@@ -887,12 +1260,14 @@ def main(argv=None):
     if not files:
         data = eval_splits(cfg)
         split_info = {s: f"{len(r)} questions, make_dataset seed {cfg.seed + SPLIT_SEED[s]}" for s, r in data.items()}
-    results = {}
+    results, stating = {}, {}  # stating: the checkpoints that state confidence, kept for the examples page
     for path, label in zip(paths, labels):
         ck = mb.load_checkpoint(path, device)
         if files:
             data = data_of(path)
         results[label], answers = evaluate_checkpoint(ck, label, data, cfg, device)
+        if ck.stats is not None:
+            stating[label] = (ck, answers)
         if path == base_path and warmup_path is not None:
             stats = mb.load_checkpoint(warmup_path, "cpu").stats  # confidence_stats.json of the warm-up
             if stats is None:
@@ -911,8 +1286,9 @@ def main(argv=None):
     md = results_markdown(results, cfg, command, split_info, wall, row_stages, splits, real=bool(files))
     mb.atomic_write_text(os.path.join(cfg.out, "results.md"), md)
     print(md)
-    print(f"evaluate: wrote {cfg.out}/results.json, results.md and {len(results) * len(splits)} reliability diagrams; "
-          f"wall time {wall:.1f}s")
+    write_examples_page(cfg, results, data, stating, device, command)
+    print(f"evaluate: wrote {cfg.out}/results.json, results.md, examples.html and {len(results) * len(splits)} "
+          f"reliability diagrams; wall time {time.time() - t_start:.1f}s")
 
 
 if __name__ == "__main__":
