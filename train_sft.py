@@ -201,27 +201,47 @@ def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_fr
     return model
 
 
+def clip_batch(pairs, rng, size):
+    """Draw one TinyCLIP batch: size (record, step) pairs, no step text twice, and the hard negatives: every
+    one-attribute edit of the batch's steps (mb.step_edits) that is not itself a caption of the batch.
+    -> (batch, negatives). The batch's other captions are the in-batch negatives (CLIP); the edits are NegCLIP's
+    hard ones, which differ from the true step in one attribute of one cell, the claim U_CLIPS must check.
+    subtle: one caption text at most once per batch. "So, the answer is two." is true of many images; two copies
+    would each be the other's negative, a target no encoder can reach. Likewise an edit that is a caption of the
+    batch is already a column (and true of its own image). A data set with fewer texts than size repeats them."""
+    n_texts = len({s for _, s in pairs})
+    batch, seen = [], set()
+    while len(batch) < size:
+        record, step = pairs[rng.randrange(len(pairs))]
+        if step not in seen or len(seen) >= n_texts:
+            batch.append((record, step))
+            seen.add(step)
+    negatives = [e for record, step in batch for _, e in mb.step_edits(step, rng, record.get("choices"))]
+    return batch, [e for e in dict.fromkeys(negatives) if e not in seen]  # dict.fromkeys: unique, in order
+
+
 def train_clip(clip, tokenizer, records, cfg, device):
-    """TinyCLIP on (image, one of its reference steps) pairs with the symmetric InfoNCE loss.
+    """TinyCLIP on (image, one of its reference steps) pairs with the symmetric InfoNCE loss, each step's
+    one-attribute edits joining the batch as hard negative captions (clip_batch).
     TinyCLIP serves twice: its image tower starts TinyVLM's vision encoder, and its image-text similarity is the
     CLIPScore signal of the warm-up (is this step about what the image shows?). So it learns from the steps
     themselves, e.g. "At the center there is a large red circle." against the image it describes."""
-    pairs = [(r["image"], s) for r in records for s in mb.reference_steps(r)]
+    pairs = [(r, s) for r in records for s in mb.reference_steps(r)]
     rank, _ = mb.rank_and_world()
     clip.train()
     ddp_clip = mb.wrap_ddp(clip, device)  # under torchrun: InfoNCE negatives are per rank
     opt = make_optimizer(clip, cfg.clip_lr, cfg.weight_decay)
     rng = random.Random(cfg.seed + 1 + rank)  # + 1: a stream apart from train_lm's, so the two do not mirror
     progress = mb.Progress(cfg.clip_steps, "clip")
+    encode = lambda texts: (t.to(device) for t in mb.pad_right([tokenizer.encode(t)[:clip.cfg.block_size] for t in texts]))
     for step in range(cfg.clip_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.clip_steps, cfg.clip_lr, cfg.warmup_iters)
-        # every other pair of the batch is a negative: a bigger batch makes the contrast harder (--clip-batch-size)
-        batch = [pairs[rng.randrange(len(pairs))] for _ in range(cfg.clip_batch_size)]
-        images = torch.stack([torch.as_tensor(im) for im, _ in batch]).to(device)
-        # the text tower has its own position table: a (rare) longer step keeps its beginning
-        ids, mask = mb.pad_right([tokenizer.encode(s)[:clip.cfg.block_size] for _, s in batch])
-        loss = ddp_clip(images, ids.to(device), mask.to(device))
+        batch, negatives = clip_batch(pairs, rng, cfg.clip_batch_size)
+        images = torch.stack([torch.as_tensor(r["image"]) for r, _ in batch]).to(device)
+        ids, mask = encode([s for _, s in batch])
+        neg_ids, neg_mask = encode(negatives) if negatives else (None, None)
+        loss = ddp_clip(images, ids, mask, neg_ids, neg_mask)
         if mb.any_rank(not torch.isfinite(loss)):
             raise UserError(f"clip: loss is {loss.item()} at step {step}; stopping (no checkpoint written for this stage)")
         opt.zero_grad(set_to_none=True)
@@ -276,11 +296,33 @@ def report(model, tokenizer, records, cfg, device, title):
             if d and d["kind"] == "perception":
                 add(f"perception: {d['size']}", ok)
                 add(f"perception: {'confusable' if d['confusable'] else 'distinct'} colour", ok)
+    # does the model need its image? The same questions, each with the next question's image: what is still right
+    # comes from text priors (and from the object names that compare and count questions already contain)
+    shuffled = [dict(rec, image=records[(i + 1) % len(records)]["image"]) for i, rec in enumerate(records)]
+    for rec, resp in zip(records, mb.generate_responses(model, tokenizer, shuffled, temperature=0.0,
+                                                        max_new_tokens=cfg.max_new_tokens, device=device)):
+        add("answer: all, shuffled images", mb.answer_is_correct(rec, mb.split_steps(resp, tokenizer)))
     print(f"--- {title}: {len(records)} test questions, greedy ({time.time() - t0:.1f}s)")
     for key in sorted(table):
         hit, n = table[key]
         print(f"{key:32s} {hit / n:6.1%}  ({hit}/{n})")
     return {k: hit / n for k, (hit, n) in table.items()}
+
+
+def clip_report(clip, tokenizer, cfg, test, image_size):
+    """How often TinyCLIP scores the true step above each of its one-attribute edits (mb.clip_edit_ranking), on the
+    held-out test questions and as many ood ones -> {"clip edit: colour": 0.96, "clip edit ood: colour": ...}.
+    0.5 is chance. The perception attributes (cell, size, colour, shape) are the claims U_CLIPS has to check."""
+    if not test:
+        return {}
+    ood = load_records(cfg, len(test), "ood", cfg.seed + 1, image_size)
+    out = {}
+    for split, records in (("", test), (" ood", ood)):
+        ranks = mb.clip_edit_ranking(clip, tokenizer, records, random.Random(cfg.seed))
+        out.update({f"clip edit{split}: {a}": v for a, v in ranks.items()})
+        print(f"TinyCLIP, true step above its edit{split or ' (test)'}: "
+              + ", ".join(f"{a} {v:.1%}" for a, v in ranks.items()))
+    return out
 
 
 def save_on_rank0(out, model, tokenizer, config, **kwargs):
@@ -345,8 +387,9 @@ def run_base(cfg, mcfg, out, device, resume_from=None):
     train_lm(model, examples, cfg, device, cfg.steps, cfg.lr, "base", save, resume_from)
     breakdown = {}
     if mb.is_main():  # one report is enough (every rank holds the same weights); seed + 1: the held-out questions
-        breakdown = report(model, tokenizer, load_records(cfg, cfg.n_eval, "test", cfg.seed + 1, mcfg.image_size),
-                           cfg, device, "base model")
+        test = load_records(cfg, cfg.n_eval, "test", cfg.seed + 1, mcfg.image_size)
+        breakdown = report(model, tokenizer, test, cfg, device, "base model")
+        breakdown.update(clip_report(clip, tokenizer, cfg, test, mcfg.image_size))
     save_on_rank0(out, model, tokenizer, config, clip=clip, extra_json={"report.json": breakdown})
     print(f"base: wrote {out} in {time.time() - t0:.0f}s")
 

@@ -209,13 +209,26 @@ HIGH_4 = "at the center there is a large blue circle, and i am fairly confident.
 HIGH_5 = "at the center there is a large red circle, with total certainty."  # level 5
 
 
-@pytest.mark.parametrize("k, samples, kept, n_samples", [
-    (0, [], "center there is a large red circle, but i'm not sure", 0),  # off: greedy
-    (1, [LOW_SAME], "center there is a large red circle, but i'm not sure", 1),  # a tie keeps the greedy version
-    (3, [LOW_1, HIGH_4, HIGH_5], "center there is a large blue circle, and i am fairly confident", 2),  # stop at level > 2
-    (2, [LOW_1, LOW_SAME], "center there is a large red circle, but i'm not sure", 2),  # nothing better: greedy kept
+# the scripted model's expected confidence of each content (a stand-in for expected_stated_confidence)
+CONTENT_SCORE = {"at the center there is a large red circle.": 0.3,  # the greedy version's content
+                 "at the center there is a small red circle.": 0.3,  # a tie with the greedy version
+                 "at the center there is a large blue circle.": 0.8}
+
+
+@pytest.mark.parametrize("k, samples, kept", [
+    (0, [], "center there is a large red circle, but i'm not sure"),  # off: greedy
+    (1, [LOW_SAME], "center there is a large red circle, but i'm not sure"),  # a tie keeps the greedy version
+    # the content the model is surest of wins, whatever its sampled statement said (LOW_1 states level 1); of two
+    # draws with the same content the earlier one is kept
+    (3, [HIGH_5, LOW_1, HIGH_4], "center there is a large blue circle, and this needs checking"),
+    (2, [HIGH_5, LOW_SAME], "center there is a large red circle, but i'm not sure"),  # a level-5 draw is no better
 ])
-def test_self_correction_keeps_the_most_confident_version(tokenizer, k, samples, kept, n_samples):
+def test_self_correction_keeps_the_version_with_the_highest_expected_confidence(tokenizer, monkeypatch, k, samples,
+                                                                                 kept):
+    def scores(model, tok, images, prefixes, contents, statements=True):
+        assert len(images) == len(prefixes) == len(contents) and statements
+        return torch.tensor([CONTENT_SCORE[tok.decode(c) + "."] for c in contents])
+    monkeypatch.setattr(ev, "expected_stated_confidence", scores)
     model = ScriptedModel(tokenizer, samples)
     recs = mb.make_dataset(2, 0, "test")
     responses, counts = ev.generate_self_corrected(model, tokenizer, recs, k, max_new_tokens=40)
@@ -224,10 +237,39 @@ def test_self_correction_keeps_the_most_confident_version(tokenizer, k, samples,
         assert kept in tokenizer.decode(r)
         assert len(steps) == 2 and steps[1].level == 5  # greedy decoding continued after the kept step
         assert mb.EOS not in r
-    assert counts["samples"] == 2 * n_samples  # two questions, each resampled n_samples times
+    assert counts["samples"] == 2 * k  # two questions, each drawn k times
     assert counts["resampled_steps"] == (2 if k else 0)
+    assert counts["replaced_steps"] == (2 if "blue" in kept else 0)
     # the answer step (level 5) is never resampled
     assert all(t == 0 for n, t in model.calls if n >= 1)
+
+
+def test_expected_stated_confidence_equals_a_loop_over_clauses(tokenizer, one_thread):
+    """The batched score equals, for each (prefix, content), Σ_k p(k) c_k with p(k) ∝ Σ_w p(", w ." | prefix +
+    content), each p computed by its own forward pass (50 clauses); the "(confidence k/5)" form likewise."""
+    torch.manual_seed(0)
+    model = mb.TinyVLM(mb.VLMConfig(n_layer=1, n_head=2, n_embd=16, vit_layers=1, vit_embd=8,
+                                    vocab_size=len(tokenizer), block_size=120)).eval()
+    recs = mb.make_dataset(2, 1, "test")
+    images = mb.images_to_tensor([r["image"] for r in recs], 36)
+    prefixes = [mb.prompt_ids(tokenizer, r) for r in recs]
+    contents = [tokenizer.encode("at the center there is a large red circle"), tokenizer.encode("so, the answer is two")]
+    for statements in (True, False):
+        got = ev.expected_stated_confidence(model, tokenizer, images, prefixes, contents, statements, batch_size=7)
+        for b in range(2):
+            p = torch.zeros(5)
+            for k in range(1, 6):
+                clauses = mb.STATEMENTS[k] if statements else [None]
+                for w in clauses:
+                    end = tokenizer.encode(f", {w}." if statements else f" {mb.confidence_number_statement(k)}.")
+                    ids = torch.tensor([prefixes[b] + contents[b] + end])
+                    with torch.no_grad():
+                        logits, _ = model(images[b:b + 1], ids)
+                    logprobs = torch.log_softmax(logits[0], -1)
+                    n = len(prefixes[b]) + len(contents[b])
+                    p[k - 1] += math.exp(sum(logprobs[n - 1 + i, t].item() for i, t in enumerate(end)))
+            expect = sum(p[k - 1] / p.sum() * mb.level_to_confidence(k) for k in range(1, 6))
+            assert abs(got[b].item() - expect) < 1e-4, (statements, b, got[b].item(), expect)
 
 
 # ---------------------------------------------------------------------------- #

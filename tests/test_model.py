@@ -1,7 +1,9 @@
 """TinyVLM, TinyCLIP, tokenizer and checkpoints: equivalence of two paths, round trips, and exact errors."""
 import dataclasses
 import json
+import math
 import os
+import random
 
 import numpy as np
 import pytest
@@ -181,19 +183,68 @@ def test_tokenizer_round_trip(tmp_path):
     assert mb.Tokenizer.load(tmp_path / "t.json").vocab == tok.vocab
 
 
-def test_clip_infonce_matches_hand_formula():
-    """Symmetric InfoNCE = mean of the two cross-entropies of the scaled cosine matrix."""
+def hand_readout(clip, images, text):
+    """TinyCLIP's read-out of image b for text row s, written as loops over patches: softmax over the 9 patches of
+    q_s . k_bn / sqrt(D), then the normalised weighted sum of the values."""
+    patches = clip.encode_patches(images)  # (B, N, n_embd)
+    out = torch.zeros(len(images), len(text), text.size(-1))
+    for b in range(len(images)):
+        for s in range(len(text)):
+            q = clip.text_query.weight @ text[s]
+            keys = [clip.patch_key.weight @ patches[b, n] + clip.patch_pos_key[n] for n in range(patches.size(1))]
+            values = [clip.patch_value.weight @ patches[b, n] + clip.patch_pos_value[n] for n in range(patches.size(1))]
+            a = torch.softmax(torch.stack([q @ k for k in keys]) / math.sqrt(text.size(-1)), dim=0)
+            v = sum(a[n] * values[n] for n in range(len(values)))
+            out[b, s] = v / v.norm()
+    return out
+
+
+def test_clip_readout_matches_hand_formula():
+    """The image embedding is the image read out for the text: (B,S,D) and (S,D) text both give the hand loops."""
+    torch.manual_seed(0)
+    clip = mb.TinyCLIP(mb.CLIPConfig(n_layer=1, n_embd=16, embed_dim=8, n_head=2, vocab_size=30)).eval()
+    images = random_images(2)
+    text = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    with torch.no_grad():
+        expect = hand_readout(clip, images, text)
+        shared = clip.readout(clip.encode_patches(images), text)  # the same 3 texts for both images
+        per_image = clip.embed_image(images, text.expand(2, 3, 8))  # (B, S, D) text
+        one = clip.embed_image(images, text[:2])  # (B, D) text: image b read out for text b
+    assert torch.allclose(shared, expect, atol=1e-5) and torch.allclose(per_image, expect, atol=1e-5)
+    assert torch.allclose(one, torch.stack([expect[0, 0], expect[1, 1]]), atol=1e-5)
+
+
+def test_clip_infonce_with_hard_negatives_matches_hand_formula():
+    """s_ij = exp(t) cos(image i read out for text j, text j) over the B captions and N negatives;
+    L = (CE(s[:, :B+N], I) + CE(s[:, :B]^T, I)) / 2: a negative caption competes for its image, never the other
+    way round (it has no image). Without negatives: CLIP's symmetric InfoNCE."""
     torch.manual_seed(0)
     clip = mb.TinyCLIP(mb.CLIPConfig(n_layer=1, n_embd=16, embed_dim=8, n_head=2, vocab_size=30))
-    images, ids = random_images(4), torch.randint(5, 30, (4, 7))
-    mask = torch.ones_like(ids)
-    loss = clip(images, ids, mask)
-    img, txt = clip.embed_image(images), clip.embed_text(ids, mask)
-    s = clip.logit_scale.exp() * img @ txt.t()
+    images, ids, neg = random_images(4), torch.randint(5, 30, (4, 7)), torch.randint(5, 30, (3, 6))
+    mask, neg_mask = torch.ones_like(ids), torch.ones_like(neg)
+    txt = torch.cat([clip.embed_text(ids, mask), clip.embed_text(neg, neg_mask)])  # (7, D)
+    s = clip.logit_scale.exp() * (hand_readout(clip, images, txt) * txt).sum(-1)  # (4, 7)
     lab = torch.arange(4)
-    expect = 0.5 * (torch.nn.functional.cross_entropy(s, lab) + torch.nn.functional.cross_entropy(s.t(), lab))
-    assert torch.allclose(loss, expect, atol=1e-6)
-    assert torch.allclose(img.norm(dim=-1), torch.ones(4), atol=1e-5)
+    ce = torch.nn.functional.cross_entropy
+    assert torch.allclose(clip(images, ids, mask, neg, neg_mask), 0.5 * (ce(s, lab) + ce(s[:, :4].t(), lab)), atol=1e-5)
+    assert torch.allclose(clip(images, ids, mask), 0.5 * (ce(s[:, :4], lab) + ce(s[:, :4].t(), lab)), atol=1e-5)
+
+
+def test_clip_edit_ranking_counts_wins_per_attribute(monkeypatch):
+    """A TinyCLIP stand-in scores a text by how many of its words sit where the true step has the same word (the
+    true step is the first text of each call). Every edit changes at least one such word, so the true step
+    wins every pair: each attribute ranks 1.0; with the scores negated, 0.0."""
+    records = mb.make_dataset(6, 3, "train")
+    tok = mb.build_tokenizer(records)
+    for sign, expect in ((1, 1.0), (-1, 0.0)):
+        def fake_text(clip, tokenizer, texts):
+            true = texts[0].split()
+            return torch.tensor([[sign * sum(a == b for a, b in zip(t.split(), true)) / 100.0] for t in texts])
+        monkeypatch.setattr(mb, "clip_embed_text", fake_text)
+        monkeypatch.setattr(mb, "clip_embed_image", lambda clip, images, text: torch.ones_like(text))
+        ranks = mb.clip_edit_ranking(None, tok, records, random.Random(0))
+        assert {"cell", "size", "colour", "shape"} <= set(ranks) and all(v == expect for v in ranks.values()), ranks
+        monkeypatch.undo()
 
 
 def make_checkpoint(path):
@@ -325,3 +376,18 @@ def test_warmup_examples_hand_computed():
     with pytest.raises(ValueError, match="3 steps but 2 levels"):
         mb.warmup_examples(tok, records, chains, [5, 2], random.Random(0), block_size=160)
 
+
+
+def test_clip_batch_has_no_repeated_caption_and_no_caption_as_negative():
+    """A TinyCLIP batch never holds one step text twice (two copies would each be the other's negative), and its
+    hard negatives are unique and never a caption of the batch (a caption is true of its own image). That each
+    edit is false of its scene: test_world.test_step_edits_are_false_and_change_one_attribute."""
+    import train_sft
+    records = mb.make_dataset(40, 2, "train")
+    pairs = [(r, s) for r in records for s in mb.reference_steps(r)]
+    rng = random.Random(0)
+    for _ in range(20):
+        batch, negatives = train_sft.clip_batch(pairs, rng, 32)
+        captions = [s for _, s in batch]
+        assert len(batch) == 32 and len(set(captions)) == 32
+        assert negatives and not set(negatives) & set(captions) and len(set(negatives)) == len(negatives)

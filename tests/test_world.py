@@ -405,3 +405,25 @@ def test_longest_chain_with_statements_fits_the_generation_budget():
     budgets = {evaluate.EvalConfig().max_new_tokens, train_rl.RLConfig().max_new_tokens}
     assert need == 114 and all(need <= b for b in budgets), (need, budgets)
     assert prompt + max(budgets) <= mb.VLMConfig().block_size, (prompt, budgets)
+
+
+def test_step_edits_are_false_and_change_one_attribute():
+    """Every one-attribute edit of every true reference step is false of its scene (train and ood scenes), a
+    perception step gets exactly a cell, size, colour and shape edit, and the colour edit of a confusable colour is
+    its look-alike (the hard case NegCLIP-style training is for)."""
+    rng = random.Random(0)
+    kinds = set()
+    for split in ("train", "ood"):
+        for rec in mb.make_dataset(60, 5, split):
+            for step in mb.reference_steps(rec):
+                assert mb.verify_step(rec["scene"], step) is True, step
+                edits = mb.step_edits(step, rng, rec["choices"])
+                for attribute, edit in edits:
+                    kinds.add(attribute)
+                    assert edit != step and mb.verify_step(rec["scene"], edit) is False, (step, attribute, edit)
+                if mb.parse_step(step)[0] == "perception":
+                    assert [a for a, _ in edits] == ["cell", "size", "colour", "shape"], edits
+                    colour = mb.parse_step(step)[1][1]
+                    if colour in mb.CONFUSABLE:
+                        assert f" {mb.CONFUSABLE[colour]} " in dict(edits)["colour"], edits
+    assert kinds == set(mb.EDIT_ATTRIBUTES), kinds
