@@ -12,7 +12,8 @@ are trained from scratch on an embedded shapes world whose step truth is known e
 on a laptop CPU.
 
 Reading order (sections under # ---- rulers, in this order):
-  the shapes world                 make_dataset, render_scene, verify_step (exact step truth), describe_step
+  the shapes world                 make_dataset, render_scene, verify_step (exact step truth), describe_step,
+                                   step_edits (one-attribute edits: TinyCLIP's hard negatives)
   real annotated data              load_annotated (official JSON / JSONL), judge_steps_by_reference
   tokenizer and models             Tokenizer, TinyVLM (ViT -> projector -> GPT, KV cache, value head), TinyCLIP
   text                             format_prompt, generate_responses, split_steps, response_batch, judge_steps
@@ -32,6 +33,7 @@ Equation -> function:
   U_MTE(s)  = (1/L) Σ_l H_l,  H_l = -Σ_v p(v) log p(v)                u_mte(token_entropy, step_mask)
   U_TokenSAR(s) = Σ_l R~_l (-log p(y_l)),  R_l = 1 - g(x∪y, x∪y - y_l) u_tokensar(logprobs, relevance, step_mask)
   U_CLIPS(s) = max(cos(v, e_s), 0)                                     u_clipscore(image_emb, text_emb)
+    v = the image read out for step s (TinyCLIP.readout)               clip_embed_image(clip, images, text_emb)
   c = 1 - clip((U - lo)/(hi - lo), 0, 1)   (CLIPS: without the 1 -)    to_confidence(values, minmax)
   c_final = Σ_i w_i c_i / Σ_i w_i   ("w U_Max": max_i c_i)             fuse_confidence(conf, weights, mode)
   level = 1 + #{k : μ + kσ <= c_final},  k in (-1.5, -0.5, .5, 1.5)   confidence_levels(c, mu, sigma)

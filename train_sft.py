@@ -67,6 +67,7 @@ class SFTConfig:
     fusion: str = field(default="mean", metadata=note("warmup: mean (weighted) or max (the 'w U_Max' ablation)", choices=("mean", "max")))
     weights: str = field(default="", metadata=note("warmup: fusion weights, e.g. lnlp=2,mte=1 (default: every signal weighs 1)"))
     statements: bool = field(default=True, metadata=note("warmup: verbal statements; --no-statements writes '(confidence k/5)' (the 'w/o S-S mapping' ablation)"))
+    warmup_replay: float = field(default=1.0, metadata=note("warmup: reference chains replayed per self-answered question, statements read but not learned (0 = the paper's warm-up)", NON_NEGATIVE))
     max_new_tokens: int = field(default=128, metadata=note("longest generated response", POSITIVE))
     # fault tolerance: periodic checkpoints, stop and resume (module docstring)
     save_every: int = field(default=0, metadata=note("also write a resumable checkpoint every this many steps of a TinyVLM loop (0: only on Ctrl-C and at --stop-at)", NON_NEGATIVE))
@@ -443,8 +444,16 @@ def run_warmup(cfg, init, out, device, resume_from=None):
     n_mine = sum(len(st) for st in steps)  # this rank's steps sit at offset .. offset + n_mine of the pool
     examples = mb.warmup_examples(tokenizer, records, steps, levels[offset:offset + n_mine],
                                   random.Random(cfg.seed + rank), model.cfg.block_size, cfg.statements)
+    # 5. beyond the paper: replay the same questions' reference chains, each step followed by a statement of a random
+    # level that is read but not learned (mb.statement_reading_example, as RL's PPO-ptx). Why: most of the base's
+    # perception steps are wrong, and fine-tuning on its own chains alone teaches it that the perception words do not
+    # follow from the image; measured, the warm-up then rewrote right perception steps into wrong ones (a colour
+    # question's "large orange diamond" became "large green circle") and lost several points of accuracy.
+    replay = warmup_replay(tokenizer, records, cfg.warmup_replay, random.Random(cfg.seed + 7 + rank), model.cfg.block_size)
+    examples += replay
     # one example in full, so the log shows what the model is taught to write
-    print(f"warmup: {sum(mb.all_gather_objects(len(examples)))} self-answered chains, {len(fused)} scored steps, e.g.: "
+    print(f"warmup: {sum(mb.all_gather_objects(len(examples) - len(replay)))} self-answered chains "
+          f"(+ {sum(mb.all_gather_objects(len(replay)))} replayed reference chains), {len(fused)} scored steps, e.g.: "
           f"{tokenizer.decode(examples[0][1][examples[0][2]:]) if examples else ''}")
     if mb.any_rank(not examples):  # every rank needs batches to draw, or DDP's first all-reduce would hang
         raise UserError("warmup: the base model produced no steps to train on")
@@ -464,6 +473,14 @@ def run_warmup(cfg, init, out, device, resume_from=None):
     save_on_rank0(out, model, tokenizer, config, clip=clip,
                   extra_json={"confidence_stats.json": stats, "report.json": evidence})
     print(f"warmup: wrote {out} in {time.time() - t0:.0f}s")
+
+
+def warmup_replay(tokenizer, records, fraction, rng, block_size):
+    """The warm-up's replay (beyond the paper): the reference chains of the first fraction of its questions, a
+    random-level statement after every step, loss on the content only -> [(image, ids, start, hidden)] for
+    collate_sft. fraction 0: none, the paper's warm-up; 1: one reference chain per self-answered question."""
+    chosen = records[:round(fraction * len(records))]
+    return [e for e in (mb.statement_reading_example(tokenizer, r, rng, block_size) for r in chosen) if e is not None]
 
 
 def signal_evidence(pool, fused, levels, correct):

@@ -391,3 +391,21 @@ def test_clip_batch_has_no_repeated_caption_and_no_caption_as_negative():
         captions = [s for _, s in batch]
         assert len(batch) == 32 and len(set(captions)) == 32
         assert negatives and not set(negatives) & set(captions) and len(set(negatives)) == len(negatives)
+
+
+def test_warmup_replay_is_the_reference_chain_with_hidden_statements():
+    """The warm-up's replay: for the first fraction of the questions, the reference chain with a statement after
+    every step; collate_sft's loss covers exactly each step's content tokens and the final <eos>, never a statement
+    (nor its comma and period)."""
+    import train_sft
+    records = mb.make_dataset(10, 4, "train")
+    tok = mb.build_tokenizer(records)
+    assert train_sft.warmup_replay(tok, records, 0.0, random.Random(0), 160) == []
+    replay = train_sft.warmup_replay(tok, records, 0.5, random.Random(0), 160)
+    assert len(replay) == 5
+    _, _, targets, loss_mask = mb.collate_sft(replay)
+    for rec, (_, ids, start, _), t, m in zip(records, replay, targets, loss_mask):
+        steps = mb.split_steps(ids[start:], tok)
+        assert len(steps) == len(mb.reference_steps(rec)) and all(st.level is not None for st in steps)
+        learned = [int(x) for x, keep in zip(t, m) if keep]
+        assert learned == [x for step in mb.reference_steps(rec) for x in tok.encode(step.rstrip("."))] + [mb.EOS]
