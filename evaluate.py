@@ -812,6 +812,8 @@ ABLATIONS = [
     ("w/o R_EC", "wo_r_ec", None, ["--no-r-ec"]),
     ("w/o R_CS", "wo_r_cs", None, ["--no-r-cs"]),
     ("w/o RL", None, None, None),
+    # beyond the paper's table: the paper's own losses, without the warm-up's replay and RL's PPO-ptx and anchor
+    ("paper's losses only", "paper_losses", ["--warmup-replay", "0"], ["--ptx-coef", "0", "--anchor-coef", "0"]),
     ("MMBoundary", None, None, []),
 ]
 

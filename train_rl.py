@@ -19,6 +19,29 @@ pretraining data. Both 0 give the paper's loss.
     python train_rl.py                      # out/warmup -> out/rl
     python train_rl.py --quick --init DIR   # seconds, for tests
 
+The progress line (one per iteration, on that iteration's rollouts):
+    pg_loss          clipped policy loss, masked mean over response tokens: mean(max(-A·ratio, -A·clip(ratio, 1-ε,
+                     1+ε))), averaged over minibatches
+    v_loss           clipped value loss: 0.5·mean(max((V-R)², (V_old + clip(V-V_old, ±ε_v) - R)²))
+    approx_kl        k3 estimator of KL(π_old ‖ π) per token: mean((r-1) - log r), r = π/π_old; a jump means an
+                     update left the trust region
+    clipfrac         fraction of response tokens whose ratio left [1-ε, 1+ε]
+    entropy          mean token entropy of the policy at the sampling temperature (nats); a fall towards 0 means it
+                     stopped exploring
+    ptx              the --ptx-coef term before its weight: cross-entropy per content token on reference chains
+    anchor_kl        the --anchor-coef term before its weight: exact KL(π ‖ π_ref) per content token of the rollouts
+    score            step rewards summed over a response (with --mean-over-steps, its mean step reward), averaged,
+                     before the KL penalty
+    r_ka,            r_ec, r_cs mean of each reward over the steps that carry it (R_EC, R_CS: steps with a
+                     statement)
+    kl_ref           Σ_t (log π - log π_ref) over a response's sampled tokens (its <eos> only when sampled),
+                     averaged: how far the policy moved from the warm-up model
+    ev               explained variance of the value head, 1 - Var[R - V] / Var[R] (1: perfect critic; ≤ 0: useless)
+    step_acc         fraction of sampled steps the exact verifier accepts
+    mece             ECE over all sampled steps: stated confidence vs step correctness (no statement counts 0.5)
+    levels           histogram of stated levels 1/2/3/4/5 and none (no parseable statement); collapse to one level
+                     is the known failure mode
+
 The loop in train() reads top to bottom like CleanRL's ppo.py: 1. rollout, 2. judge the steps, 3. score the
 rollout, 4. rewards, 5. advantages, 6. PPO update, 7. log, 8. save. Each step is a few lines or a function
 beside the loop that tests/test_rl_loop.py and tests/test_ppo.py call with hand-computed cases.

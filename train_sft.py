@@ -4,7 +4,9 @@
                   and train TinyCLIP on (image, step) pairs                                       -> out/base
   --stage warmup  MMBoundary's confidence warm-up (paper section 3.2): the base model answers the training
                   questions itself, every step of its own chain is scored with the four internal signals, the
-                  fused score picks a level and a statement, and the model is fine-tuned on that text -> out/warmup
+                  fused score picks a level and a statement, and the model is fine-tuned on that text (mixed, beyond
+                  the paper, with the same questions' reference chains, whose statements it reads but does not
+                  learn: --warmup-replay)                                                         -> out/warmup
   --stage all     both (default): python train_sft.py
 
 Why two stages: the confidence statements must describe what *this* model knows. So the model first has to

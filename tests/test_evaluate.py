@@ -284,7 +284,8 @@ def test_ablation_plan_rows_and_flags(tmp_path):
                         quick=True, device="cpu")
     commands, rows = ev.ablation_plan(cfg)
     assert [r for r, _ in rows] == ["w/o U_LNLP", "w/o U_MTE", "w/o U_TSAR", "w/o U_CLIPS", "w U_Max",
-                                    "w/o S-S mapping", "w/o R_KA", "w/o R_EC", "w/o R_CS", "w/o RL", "MMBoundary"]
+                                    "w/o S-S mapping", "w/o R_KA", "w/o R_EC", "w/o R_CS", "w/o RL",
+                                    "paper's losses only", "MMBoundary"]
     checkpoint = dict(rows)
     assert checkpoint["w/o RL"] == warmup and checkpoint["MMBoundary"] == rl
     cmd = {name: argv for name, argv in commands}
@@ -315,6 +316,11 @@ def test_ablation_plan_rows_and_flags(tmp_path):
         assert flag in cmd[f"{name}/rl"] and flags(cmd[f"{name}/rl"], "--init") == warmup
         others = {"--no-r-ka", "--no-r-ec", "--no-r-cs"} - {flag}
         assert not others & set(cmd[f"{name}/rl"])
+    # the paper's losses: a warm-up without replay, and RL without PPO-ptx and the anchor, from that warm-up
+    assert flags(cmd["paper_losses/warmup"], "--warmup-replay") == "0"
+    r = cmd["paper_losses/rl"]
+    assert flags(r, "--ptx-coef") == "0" and flags(r, "--anchor-coef") == "0"
+    assert flags(r, "--init") == os.path.join(abl, "paper_losses", "warmup")
     # a variant whose folder exists is not retrained
     os.makedirs(os.path.join(abl, "wo_mte", "rl"))
     commands, _ = ev.ablation_plan(cfg)
