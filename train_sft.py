@@ -431,17 +431,20 @@ def run_warmup(cfg, init, out, device, resume_from=None):
     pool = {k: torch.cat([v[i, :len(st)] for i, st in enumerate(steps)]) for k, v in raw.items()}  # drop empty slots
     # the verifier's truth per step is not used to train, only to print whether the signals track it
     correct = torch.tensor([ok for rec, st in zip(records, steps) for ok in mb.judge_steps(rec, st)], dtype=torch.float32)
-    shards = mb.all_gather_objects((pool, correct))
-    offset = sum(len(c) for _, c in shards[:rank])  # where this rank's steps sit in the pooled order
-    pool = {k: torch.cat([p[k] for p, _ in shards]) for k in pool}
-    correct = torch.cat([c for _, c in shards])
+    perception = torch.tensor([bool(p) and p[0] == "perception" for p in (mb.parse_step(s.text) for st in steps for s in st)],
+                              dtype=torch.bool)  # the steps U_CLIPS can check: one object's attributes at one cell
+    shards = mb.all_gather_objects((pool, correct, perception))
+    offset = sum(len(c) for _, c, _ in shards[:rank])  # where this rank's steps sit in the pooled order
+    pool = {k: torch.cat([p[k] for p, _, _ in shards]) for k in pool}
+    correct = torch.cat([c for _, c, _ in shards])
+    perception = torch.cat([f for _, _, f in shards])
     # 3. normalise with the pool's min/max, fuse, and cut into five levels at mu +- 0.5 sigma, mu +- 1.5 sigma.
     # Cuts relative to the pool (not fixed at 0.2, 0.4, ...) use all five levels whatever the signals' scale.
     stats = mb.fit_confidence_stats(pool, signals, weights, cfg.fusion)
     fused, levels = mb.signals_to_levels(pool, stats)
     # stored as confidence_stats.json: train_rl.py and evaluate.py map new signals through the same cuts
     stats.update(statements=cfg.statements, n_steps=len(fused), temperature=cfg.warmup_temperature)
-    evidence = signal_evidence(pool, fused, levels, correct)
+    evidence = signal_evidence(pool, fused, levels, correct, perception)
     # 4. attach a statement to every step and fine-tune on the model's own chain with its statements
     n_mine = sum(len(st) for st in steps)  # this rank's steps sit at offset .. offset + n_mine of the pool
     examples = mb.warmup_examples(tokenizer, records, steps, levels[offset:offset + n_mine],
@@ -485,8 +488,9 @@ def warmup_replay(tokenizer, records, fraction, rng, block_size):
     return [e for e in (mb.statement_reading_example(tokenizer, r, rng, block_size) for r in chosen) if e is not None]
 
 
-def signal_evidence(pool, fused, levels, correct):
-    """Do the signals find the knowledge boundary? Level histogram, step accuracy per level, AUROC per signal.
+def signal_evidence(pool, fused, levels, correct, perception=None):
+    """Do the signals find the knowledge boundary? Level histogram, step accuracy per level, AUROC per signal, and
+    (perception: (N,) bool, the perception steps) AUROC per signal on the perception steps alone.
     If they do, step accuracy rises from level 1 to level 5 and every AUROC is above 0.5 (0.5 = chance). This is
     the check to read before any training: statements built from signals that rank nothing teach nothing."""
     print("--- warm-up pool: the base model's own chains, exact-verifier step accuracy per assigned level")
@@ -504,6 +508,12 @@ def signal_evidence(pool, fused, levels, correct):
         evidence["auroc"][name] = mb.auroc(c, correct)
     evidence["auroc"]["fused"] = mb.auroc(fused, correct)
     print("AUROC vs step correctness: " + ", ".join(f"{k} {v:.3f}" for k, v in evidence["auroc"].items()))
+    if perception is not None and perception.any():
+        # the same confidences, min-max fitted on the whole pool, ranked among the perception steps only
+        evidence["auroc_perception"] = {name: mb.auroc(mb.to_confidence({name: pool[name]}, mb.fit_minmax(
+            {name: pool[name]}))[name][perception], correct[perception]) for name in mb.SIGNALS}
+        evidence["auroc_perception"]["fused"] = mb.auroc(fused[perception], correct[perception])
+        print("AUROC on perception steps: " + ", ".join(f"{k} {v:.3f}" for k, v in evidence["auroc_perception"].items()))
     return evidence
 
 

@@ -409,3 +409,18 @@ def test_warmup_replay_is_the_reference_chain_with_hidden_statements():
         assert len(steps) == len(mb.reference_steps(rec)) and all(st.level is not None for st in steps)
         learned = [int(x) for x, keep in zip(t, m) if keep]
         assert learned == [x for step in mb.reference_steps(rec) for x in tok.encode(step.rstrip("."))] + [mb.EOS]
+
+
+def test_signal_evidence_ranks_each_signal_on_all_steps_and_on_perception_steps():
+    """Four steps, right = [1, 0, 1, 0], perception = [T, T, F, F]. clipscore [.9, .1, .2, .8] ranks the two
+    perception steps right (AUROC 1) but all four at 2/4 = 0.5 (pairs (right, wrong): (.9,.1) (.9,.8) yes,
+    (.2,.1) yes, (.2,.8) no -> 3/4). lnlp (an uncertainty) [1, 2, 2, 1]: on perception right 1 < wrong 2 -> 1."""
+    import train_sft
+    pool = {"lnlp": torch.tensor([1., 2., 2., 1.]), "mte": torch.tensor([1., 2., 1., 2.]),
+            "tokensar": torch.tensor([1., 2., 1., 2.]), "clipscore": torch.tensor([.9, .1, .2, .8])}
+    correct = torch.tensor([1., 0., 1., 0.])
+    evidence = train_sft.signal_evidence(pool, torch.tensor([.9, .1, .6, .4]), torch.tensor([5, 1, 4, 2]), correct,
+                                         torch.tensor([True, True, False, False]))
+    assert evidence["auroc"]["clipscore"] == 0.75 and evidence["auroc_perception"]["clipscore"] == 1.0
+    assert evidence["auroc"]["lnlp"] == 0.5 and evidence["auroc_perception"]["lnlp"] == 1.0
+    assert evidence["auroc_perception"]["fused"] == 1.0 and evidence["auroc"]["fused"] == 1.0
