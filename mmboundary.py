@@ -3042,7 +3042,7 @@ def read_json(path):
         raise UserError(f"{path}: not a UTF-8 text file") from None
 
 
-CHECKPOINT_FORMAT = 1  # bump when the folder layout or a file's meaning changes
+CHECKPOINT_FORMAT = 2  # bump when the folder layout or a file's meaning changes (2: TinyCLIP's read-out)
 
 
 def unique_state_dict(module):
@@ -3152,7 +3152,8 @@ def load_checkpoint(path, device="cpu", need_clip=False):
     if not isinstance(config, dict) or "model" not in config:
         raise UserError(f"{path}/config.json: no 'model' section")
     if config.get("format_version") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}/config.json: format_version {config.get('format_version')} != {CHECKPOINT_FORMAT}")
+        raise UserError(f"{path}/config.json: format_version {config.get('format_version')} != {CHECKPOINT_FORMAT} "
+                        f"(written by another version of this code: train it again)")
     tokenizer = Tokenizer.load(os.path.join(path, "tokenizer.json"))
     mcfg = dataclass_from_dict(VLMConfig, config["model"], f"{path}/config.json model")
     if mcfg.vocab_size != len(tokenizer):

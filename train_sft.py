@@ -69,7 +69,7 @@ class SFTConfig:
     fusion: str = field(default="mean", metadata=note("warmup: mean (weighted) or max (the 'w U_Max' ablation)", choices=("mean", "max")))
     weights: str = field(default="", metadata=note("warmup: fusion weights, e.g. lnlp=2,mte=1 (default: every signal weighs 1)"))
     statements: bool = field(default=True, metadata=note("warmup: verbal statements; --no-statements writes '(confidence k/5)' (the 'w/o S-S mapping' ablation)"))
-    warmup_replay: float = field(default=1.0, metadata=note("warmup: reference chains replayed per self-answered question, statements read but not learned (0 = the paper's warm-up)", NON_NEGATIVE))
+    warmup_replay: float = field(default=1.0, metadata=note("warmup: fraction of the self-answered questions whose reference chain is replayed, its statements read but not learned (0 = the paper's warm-up)", mb.UNIT_INTERVAL))
     max_new_tokens: int = field(default=128, metadata=note("longest generated response", POSITIVE))
     # fault tolerance: periodic checkpoints, stop and resume (module docstring)
     save_every: int = field(default=0, metadata=note("also write a resumable checkpoint every this many steps of a TinyVLM loop (0: only on Ctrl-C and at --stop-at)", NON_NEGATIVE))

@@ -424,3 +424,14 @@ def test_signal_evidence_ranks_each_signal_on_all_steps_and_on_perception_steps(
     assert evidence["auroc"]["clipscore"] == 0.75 and evidence["auroc_perception"]["clipscore"] == 1.0
     assert evidence["auroc"]["lnlp"] == 0.5 and evidence["auroc_perception"]["lnlp"] == 1.0
     assert evidence["auroc_perception"]["fused"] == 1.0 and evidence["auroc"]["fused"] == 1.0
+
+
+def test_checkpoint_of_another_format_version_is_refused_in_one_line(tmp_path):
+    """A checkpoint written by another version of the code (here: format_version 1, before TinyCLIP's read-out)
+    is refused with one line that names the file and says to retrain, not a key-mismatch traceback."""
+    make_checkpoint(str(tmp_path / "ck"))
+    path = tmp_path / "ck" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(config, format_version=1)))
+    with pytest.raises(mb.UserError, match=r"config.json: format_version 1 != 2 .*train it again"):
+        mb.load_checkpoint(str(tmp_path / "ck"))
