@@ -435,3 +435,19 @@ def test_checkpoint_of_another_format_version_is_refused_in_one_line(tmp_path):
     path.write_text(json.dumps(dict(config, format_version=1)))
     with pytest.raises(mb.UserError, match=r"config.json: format_version 1 != 2 .*train it again"):
         mb.load_checkpoint(str(tmp_path / "ck"))
+
+
+def test_base_report_answers_again_with_another_questions_image(monkeypatch):
+    """A stand-in model that answers right exactly when it sees the question's own image: the report's
+    "answer: all" is 1.0 and "answer: all, shuffled images" 0.0 (every question gets the next one's image)."""
+    import train_sft
+    records = mb.make_dataset(6, 8, "test")
+    tok = mb.build_tokenizer(records)
+    owner = {id(r["image"]): r["id"] for r in records}
+
+    def answers(model, tokenizer, recs, **kw):
+        return [tok.encode(" ".join(mb.reference_steps(r)) if owner[id(r["image"])] == r["id"]
+                           else "") for r in recs]  # no chain: no answer
+    monkeypatch.setattr(mb, "generate_responses", answers)
+    table = train_sft.report(None, tok, records, train_sft.SFTConfig(), "cpu", "stand-in")
+    assert table["answer: all"] == 1.0 and table["answer: all, shuffled images"] == 0.0

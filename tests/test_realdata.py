@@ -339,20 +339,18 @@ def test_bad_record_of_each_format(tmp_path, cvqa_images, records, index, change
         mb.load_annotated(path, str(cvqa_images))
 
 
-def test_culturalvqa_missing_image_names_both_names(tmp_path, cvqa_images):
-    os.remove(cvqa_images / "4.png")
-    path = write_json(tmp_path / "cvqa.json", CVQA)
-    with pytest.raises(mb.UserError, match=re.escape(f"{path}: record 1 (id 4): image file not found: "
-                                                     f"{cvqa_images / '4.jpg'} (nor 4.png)")):
-        mb.load_annotated(path, str(cvqa_images))
-
-
-def test_missing_image_file_names_the_path(tmp_path, images):
-    os.remove(images / "000000563603.jpg")
-    path = write_json(tmp_path / "val.json", RECORDS)
-    with pytest.raises(mb.UserError, match=re.escape(f"{path}: record 1 (question_id 'q1'): image file not found: "
-                                                     f"{images / '000000563603.jpg'}")):
-        mb.load_annotated(path, str(images))
+@pytest.mark.parametrize("fmt", ["culturalvqa", "aokvqa"])
+def test_missing_image_file_names_the_path(tmp_path, request, fmt):
+    """The error names the record and every file name tried (CulturalVQA tries {id}.jpg, then {id}.png)."""
+    folder = request.getfixturevalue("cvqa_images" if fmt == "culturalvqa" else "images")
+    removed, data, where, tried = (("4.png", CVQA, "record 1 (id 4)", f"{folder / '4.jpg'} (nor 4.png)")
+                                   if fmt == "culturalvqa" else
+                                   ("000000563603.jpg", RECORDS, "record 1 (question_id 'q1')",
+                                    f"{folder / '000000563603.jpg'}"))
+    os.remove(folder / removed)
+    path = write_json(tmp_path / "data.json", data)
+    with pytest.raises(mb.UserError, match=re.escape(f"{path}: {where}: image file not found: {tried}")):
+        mb.load_annotated(path, str(folder))
 
 
 def test_schema_checked_before_any_image(tmp_path, images):
