@@ -167,11 +167,11 @@ def test_join_list_flag_and_missing_defaults(tmp_path, capsys):
 
 class ScriptedModel:
     """Stands in for TinyVLM.generate: the next step depends on how many steps the prefix already holds.
-    Step 0: greedy states level 2; each question's samples come from `samples` in order. Step 1: the answer at
-    level 5. Then <eos>."""
+    Step 0: greedy states level 2; each question's samples come from `samples` in order; a prefix that ends in a
+    step's content (a kept draw being restated) gets RESTATED. Step 1: the answer at level 5. Then <eos>."""
 
-    def __init__(self, tokenizer, samples):
-        self.tok, self.samples, self.calls, self.drawn = tokenizer, list(samples), [], {}
+    def __init__(self, tokenizer, samples, greedy="at the center there is a large red circle, but i'm not sure."):
+        self.tok, self.samples, self.calls, self.drawn, self.greedy = tokenizer, list(samples), [], {}, greedy
         self.cfg = SimpleNamespace(image_size=36)
 
     def eval(self):
@@ -184,8 +184,12 @@ class ScriptedModel:
         for ids in prompt_ids.tolist():
             n_steps = ids.count(self.tok.index["."])  # the prompt holds no period
             self.calls.append((n_steps, temperature))
-            if n_steps == 0 and temperature == 0:
-                rows.append(self.tok.encode("at the center there is a large red circle, but i'm not sure."))
+            answered = ids[ids.index(mb.SEP) + 1:]  # the response so far
+            if n_steps == 0 and answered:
+                assert temperature == 0  # a restatement is greedy
+                rows.append(self.tok.encode(RESTATED))
+            elif n_steps == 0 and temperature == 0:
+                rows.append(self.tok.encode(self.greedy))
             elif n_steps == 0:
                 question = tuple(t for t in ids[:ids.index(mb.SEP)] if t != mb.PAD)
                 i = self.drawn[question] = self.drawn.get(question, -1) + 1  # this question's i-th sample
@@ -203,13 +207,15 @@ def tokenizer():
     return mb.build_tokenizer(mb.make_dataset(50, 0))
 
 
+RESTATED = ", and i am fairly confident."  # the scripted model's greedy statement after a kept draw's content
 LOW_SAME = "at the center there is a small red circle, but i have serious doubts."  # level 2: a tie
 LOW_1 = "at the center there is a large blue circle, and this needs checking."  # level 1
 HIGH_4 = "at the center there is a large blue circle, and i am fairly confident."  # level 4
 HIGH_5 = "at the center there is a large red circle, with total certainty."  # level 5
+GARBLED = "at the center there is a large blue circle, but i rather unsure."  # a statement split_steps cannot read
 
 
-# the scripted model's expected confidence of each content (a stand-in for expected_stated_confidence)
+# the scripted c_final of each content (a stand-in for the four signals)
 CONTENT_SCORE = {"at the center there is a large red circle.": 0.3,  # the greedy version's content
                  "at the center there is a small red circle.": 0.3,  # a tie with the greedy version
                  "at the center there is a large blue circle.": 0.8}
@@ -218,20 +224,27 @@ CONTENT_SCORE = {"at the center there is a large red circle.": 0.3,  # the greed
 @pytest.mark.parametrize("k, samples, kept", [
     (0, [], "center there is a large red circle, but i'm not sure"),  # off: greedy
     (1, [LOW_SAME], "center there is a large red circle, but i'm not sure"),  # a tie keeps the greedy version
-    # the content the model is surest of wins, whatever its sampled statement said (LOW_1 states level 1); of two
-    # draws with the same content the earlier one is kept
-    (3, [HIGH_5, LOW_1, HIGH_4], "center there is a large blue circle, and this needs checking"),
+    # the content the model is surest of wins, whatever its sampled statement said (LOW_1 states level 1), and is
+    # restated greedily; of two draws with the same content the earlier one is kept
+    (3, [HIGH_5, LOW_1, HIGH_4], "center there is a large blue circle, and i am fairly confident"),
     (2, [HIGH_5, LOW_SAME], "center there is a large red circle, but i'm not sure"),  # a level-5 draw is no better
+    (1, [GARBLED], "center there is a large blue circle, and i am fairly confident"),  # garbled: cut, not content
 ])
-def test_self_correction_keeps_the_version_with_the_highest_expected_confidence(tokenizer, monkeypatch, k, samples,
+def test_self_correction_keeps_the_version_with_the_highest_internal_confidence(tokenizer, monkeypatch, k, samples,
                                                                                  kept):
-    def scores(model, tok, images, prefixes, contents, statements=True):
-        assert len(images) == len(prefixes) == len(contents) and statements
-        return torch.tensor([CONTENT_SCORE[tok.decode(c) + "."] for c in contents])
-    monkeypatch.setattr(ev, "expected_stated_confidence", scores)
-    model = ScriptedModel(tokenizer, samples)
     recs = mb.make_dataset(2, 0, "test")
-    responses, counts = ev.generate_self_corrected(model, tokenizer, recs, k, max_new_tokens=40)
+
+    def c_final(ck, records, responses, steps, device):
+        assert len(records) == len(responses) == len(steps)
+        for r, rs in zip(records, responses):
+            assert mb.prompt_ids(tokenizer, r) and rs[-1] == tokenizer.index["."]
+        # each version is scored as the last step of its row's response; 0.1 for earlier steps
+        return [[(0.1, 3)] * (len(st) - 1) + [(CONTENT_SCORE[st[-1].text], 3)] for st in steps]
+    monkeypatch.setattr(ev, "fused_internal_confidence", c_final)
+    model = ScriptedModel(tokenizer, samples)
+    ck = SimpleNamespace(model=model, tokenizer=tokenizer)
+    responses, counts = ev.generate_self_corrected(ck, recs, k, max_new_tokens=40)
+    replaced = "blue" in kept
     for r in responses:
         steps = mb.split_steps(r, tokenizer)
         assert kept in tokenizer.decode(r)
@@ -239,37 +252,60 @@ def test_self_correction_keeps_the_version_with_the_highest_expected_confidence(
         assert mb.EOS not in r
     assert counts["samples"] == 2 * k  # two questions, each drawn k times
     assert counts["resampled_steps"] == (2 if k else 0)
-    assert counts["replaced_steps"] == (2 if "blue" in kept else 0)
+    assert counts["replaced_steps"] == (2 if replaced else 0)
+    drawn = sum(len(tokenizer.encode(x)) for x in samples) * 2
+    assert counts["sampled_tokens"] == drawn + (2 * len(tokenizer.encode(RESTATED)) if replaced else 0)
     # the answer step (level 5) is never resampled
     assert all(t == 0 for n, t in model.calls if n >= 1)
 
 
-def test_expected_stated_confidence_equals_a_loop_over_clauses(tokenizer, one_thread):
-    """The batched score equals, for each (prefix, content), Σ_k p(k) c_k with p(k) ∝ Σ_w p(", w ." | prefix +
-    content), each p computed by its own forward pass (50 clauses); the "(confidence k/5)" form likewise."""
+@pytest.mark.parametrize("statement, level, resampled", [("but i could be wrong", 3, True),
+                                                          ("and i am fairly confident", 4, False)])
+def test_self_correction_resamples_steps_stating_level_3_or_below(tokenizer, monkeypatch, statement, level,
+                                                                   resampled):
+    assert mb.level_of_statement(statement) == level and ev.RESAMPLE_LEVEL == 3
+    monkeypatch.setattr(ev, "fused_internal_confidence", lambda ck, records, responses, steps, device:
+                        [[(0.5, 3)] * len(st) for st in steps])
+    model = ScriptedModel(tokenizer, [HIGH_5], greedy=f"at the center there is a large red circle, {statement}.")
+    ck = SimpleNamespace(model=model, tokenizer=tokenizer)
+    _, counts = ev.generate_self_corrected(ck, mb.make_dataset(2, 0, "test")[:1], 1, max_new_tokens=40)
+    assert counts["resampled_steps"] == int(resampled) and counts["samples"] == int(resampled)
+
+
+def test_content_of_a_step_drops_its_statement_even_a_garbled_one(tokenizer):
+    """The content that self-correction scores: a recognised statement goes, a garbled one after a comma that a
+    clause opener starts goes too, and the comma of "so, the answer is" stays."""
+    cases = {"at the center there is a large red circle, with total certainty.": "at the center there is a large red circle",
+             "at the center there is a large red circle, but i rather unsure.": "at the center there is a large red circle",
+             "so, the answer is red, and i reasonably.": "so, the answer is red",
+             "so, the answer is red.": "so, the answer is red",
+             "at the center there is a large red circle.": "at the center there is a large red circle",
+             ".": ""}
+    for text, content in cases.items():
+        assert tokenizer.decode(ev._content(tokenizer.encode(text), tokenizer)) == content, text
+
+
+def test_self_correction_scores_each_version_by_the_four_signals_of_its_own_step(tokenizer, one_thread):
+    """fused_internal_confidence, as self-correction calls it, equals score_responses -> signals_to_levels read at
+    the response's last step, computed for each response alone."""
     torch.manual_seed(0)
     model = mb.TinyVLM(mb.VLMConfig(n_layer=1, n_head=2, n_embd=16, vit_layers=1, vit_embd=8,
                                     vocab_size=len(tokenizer), block_size=120)).eval()
+    clip = mb.TinyCLIP(mb.CLIPConfig(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=16, embed_dim=8)).eval()
     recs = mb.make_dataset(2, 1, "test")
-    images = mb.images_to_tensor([r["image"] for r in recs], 36)
-    prefixes = [mb.prompt_ids(tokenizer, r) for r in recs]
-    contents = [tokenizer.encode("at the center there is a large red circle"), tokenizer.encode("so, the answer is two")]
-    for statements in (True, False):
-        got = ev.expected_stated_confidence(model, tokenizer, images, prefixes, contents, statements, batch_size=7)
-        for b in range(2):
-            p = torch.zeros(5)
-            for k in range(1, 6):
-                clauses = mb.STATEMENTS[k] if statements else [None]
-                for w in clauses:
-                    end = tokenizer.encode(f", {w}." if statements else f" {mb.confidence_number_statement(k)}.")
-                    ids = torch.tensor([prefixes[b] + contents[b] + end])
-                    with torch.no_grad():
-                        logits, _ = model(images[b:b + 1], ids)
-                    logprobs = torch.log_softmax(logits[0], -1)
-                    n = len(prefixes[b]) + len(contents[b])
-                    p[k - 1] += math.exp(sum(logprobs[n - 1 + i, t].item() for i, t in enumerate(end)))
-            expect = sum(p[k - 1] / p.sum() * mb.level_to_confidence(k) for k in range(1, 6))
-            assert abs(got[b].item() - expect) < 1e-4, (statements, b, got[b].item(), expect)
+    texts = ["at the center there is a large red circle, but i'm not sure. so, the answer is red.",
+             "at the top left there is a small blue square."]
+    responses = [tokenizer.encode(t) for t in texts]
+    steps = [mb.split_steps(r, tokenizer) for r in responses]
+    stats = {"signals": list(mb.SIGNALS), "minmax": {k: (-1.0, 3.0) for k in mb.SIGNALS}, "weights": None,
+             "fusion": "mean", "mu": 0.5, "sigma": 0.1}
+    ck = SimpleNamespace(model=model, tokenizer=tokenizer, clip=clip, stats=stats)
+    got = ev.fused_internal_confidence(ck, recs, responses, steps, "cpu")
+    for i in range(2):
+        raw = mb.score_responses(model, clip, tokenizer, recs[i:i + 1], responses[i:i + 1], steps[i:i + 1])
+        last = len(steps[i]) - 1
+        c, level = mb.signals_to_levels({k: raw[k][0, last:last + 1] for k in mb.SIGNALS}, stats)
+        assert abs(got[i][-1][0] - c.item()) < 1e-5 and got[i][-1][1] == level.item()
 
 
 # ---------------------------------------------------------------------------- #
@@ -366,7 +402,8 @@ def test_stepwise_greedy_equals_generate_responses(tokenizer, one_thread):
     plain = mb.generate_responses(model, tokenizer, recs, max_new_tokens=30, batch_size=4)
     assert max(r.count(tokenizer.index["."]) for r in plain) >= 3  # several steps per answer
     assert min(len(r) for r in plain) < 30  # and a row that stops early
-    stepwise, counts = ev.generate_self_corrected(model, tokenizer, recs, 0, max_new_tokens=30, batch_size=4)
+    ck = SimpleNamespace(model=model, tokenizer=tokenizer)
+    stepwise, counts = ev.generate_self_corrected(ck, recs, 0, max_new_tokens=30, batch_size=4)
     assert stepwise == plain
     assert counts["samples"] == 0
 
