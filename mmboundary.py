@@ -2168,28 +2168,31 @@ def response_batch(tokenizer, records, responses, device="cpu", ended=None):
 def tokensar_relevance(clip, tokenizer, records, responses, steps, T, offsets):
     """R_l = 1 - g(x ∪ y, x ∪ y \\ y_l) for every content token of every step, laid out as (B, T) like the targets.
     g = cosine of TinyCLIP text embeddings; x ∪ y is the question followed by the step (our choice: the paper's
-    cross-encoder read the question and the generation). All L deletions of all steps are embedded in one batch."""
+    cross-encoder read the question and the generation). Each step's x ∪ y is embedded once, its L deletions in batches."""
     device = clip.logit_scale.device
     relevance = torch.zeros(len(records), T)  # (B, T); 0 on the prompt, statements and padding (never read there)
-    full_texts, deleted_texts, where = [], [], []  # one (x ∪ y, x ∪ y \ y_l) pair per content token, and its (b, t)
+    # one x ∪ y per step, and one x ∪ y \ y_l per content token with the index of its step and its (b, t)
+    full_texts, deleted_texts, step_of, where = [], [], [], []
     for b, (rec, resp, sts) in enumerate(zip(records, responses, steps)):
         question = tokenizer.encode(rec["question"])
         for st in sts:
             content = list(resp[st.start:st.end])
             for l in range(len(content)):
-                full_texts.append(question + content)
                 deleted_texts.append(question + content[:l] + content[l + 1:])
+                step_of.append(len(full_texts))
                 where.append((b, offsets[b] + st.start + l))
+            full_texts.append(question + content)
     limit = clip.cfg.block_size
-    # chunks of 512 pairs bound the memory of one TinyCLIP pass. subtle: t[-limit:] keeps the LAST block_size tokens,
-    # so a long question loses its beginning, never the step being scored
-    for i in range(0, len(full_texts), 512):
-        a_ids, a_mask = pad_right([t[-limit:] for t in full_texts[i:i + 512]])
-        d_ids, d_mask = pad_right([t[-limit:] for t in deleted_texts[i:i + 512]])
-        g = (clip.embed_text(a_ids.to(device), a_mask.to(device)) *
-             clip.embed_text(d_ids.to(device), d_mask.to(device))).sum(-1)  # cosine of unit vectors
-        for (b, t), r in zip(where[i:i + 512], (1 - g).tolist()):
-            relevance[b, t] = r  # at the token's target index, where token_logprobs puts its log p
+
+    def embed(texts):  # -> (N, D) unit vectors, in chunks of 512 texts that bound the memory of one TinyCLIP pass
+        # subtle: t[-limit:] keeps the LAST block_size tokens, so a long question loses its beginning, never the step
+        out = [clip.embed_text(*(x.to(device) for x in pad_right([t[-limit:] for t in texts[i:i + 512]])))
+               for i in range(0, len(texts), 512)]
+        return torch.cat(out) if out else torch.zeros(0, clip.cfg.embed_dim, device=device)
+    full, deleted = embed(full_texts), embed(deleted_texts)  # each x ∪ y is embedded once, not once per token
+    g = (full[torch.tensor(step_of, dtype=torch.long, device=device)] * deleted).sum(-1)  # cosine of unit vectors
+    for (b, t), r in zip(where, (1 - g).tolist()):
+        relevance[b, t] = r  # at the token's target index, where token_logprobs puts its log p
     return relevance
 
 
