@@ -2197,21 +2197,24 @@ def tokensar_relevance(clip, tokenizer, records, responses, steps, T, offsets):
 
 
 @torch.no_grad()
-def score_responses(model, clip, tokenizer, records, responses, steps, device="cpu", batch_size=64):
+def score_responses(model, clip, tokenizer, records, responses, steps, device="cpu", batch_size=64, logits=None):
     """The four raw signals of §3.2 for every step: {"lnlp","mte","tokensar","clipscore"} -> (B, S_max).
     Uncertainties come from the model's own distribution (temperature 1) on its own tokens (teacher forcing);
-    CLIPScore compares the image with the step's text. Empty step slots hold 0."""
+    CLIPScore compares the image with the step's text. Empty step slots hold 0.
+    logits: the model's (B, T, V) logits on response_batch(records, responses) when the caller already has them
+    (train_rl.py's rollout scoring runs the same forward pass), so the pass is not run twice."""
     model.eval()
     S = max(1, max((len(s) for s in steps), default=1))  # S_max over all responses; a batch's S_b may be smaller
     out = {k: torch.zeros(len(records), S) for k in SIGNALS}  # {name: (B, S_max)}
     for i in range(0, len(records), batch_size):
         recs, resps, sts = records[i:i + batch_size], responses[i:i + batch_size], steps[i:i + batch_size]
         images, inputs, targets, text_mask, _, offsets = response_batch(tokenizer, recs, resps, device)
-        logits, _ = model(images, inputs, text_mask=text_mask)
         T = targets.size(1)
+        # right padding: the rows' real positions are the same in a longer batch, so the caller's logits are sliced
+        chunk_logits = model(images, inputs, text_mask=text_mask)[0] if logits is None else logits[i:i + len(recs), :T]
         step_mask = step_mask_from_steps(sts, offsets, T).to(device)  # (b, S_b, T)
-        logprobs = token_logprobs(logits, targets)  # (b, T)
-        entropy = token_entropy(logits)  # (b, T)
+        logprobs = token_logprobs(chunk_logits, targets)  # (b, T)
+        entropy = token_entropy(chunk_logits)  # (b, T)
         relevance = tokensar_relevance(clip, tokenizer, recs, resps, sts, T, offsets).to(device)
         texts = [[st.text for st in s] + [""] * (step_mask.size(1) - len(s)) for s in sts]
         S_b = step_mask.size(1)
@@ -2227,12 +2230,12 @@ def score_responses(model, clip, tokenizer, records, responses, steps, device="c
 
 
 
-def internal_confidence(model, clip, tokenizer, records, responses, steps, stats, device="cpu"):
+def internal_confidence(model, clip, tokenizer, records, responses, steps, stats, device="cpu", logits=None):
     """u_s for every step: the four signals of `model` on its own tokens, then the warm-up's recipe
     (signals_to_levels with the stored stats) -> level -> level_to_confidence. -> list (per response) of
     lists (per step) of floats in {0, .25, .5, .75, 1}. Used by R_CS (train_rl.py) and evaluate.py's
     internal-confidence row."""
-    raw = score_responses(model, clip, tokenizer, records, responses, steps, device=device)  # {name: (B, S_max)}
+    raw = score_responses(model, clip, tokenizer, records, responses, steps, device=device, logits=logits)  # (B, S_max) each
     out = []
     for i, st in enumerate(steps):
         if not st:  # a response without steps has no u_s (and train_rl.py pays it the missing penalty instead)

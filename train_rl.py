@@ -134,6 +134,7 @@ class Rollout:
     values: torch.Tensor  # (B, T) V_old(t), recorded before any update (the value clip's centre)
     kl: torch.Tensor  # (B, T) log π_old(y_t) - log π_ref(y_t) on the mask, 0 elsewhere
     ref_all: "torch.Tensor | None"  # (B, T, V) π_ref's log-softmax for the anchor term; None with --anchor-coef 0
+    logits: torch.Tensor  # (B, T, V) the policy's logits at temperature 1: the internal signals u_s read them
     score: "torch.Tensor | None" = None  # (B, T) step rewards before the KL penalty (step 4)
     advantages: "torch.Tensor | None" = None  # (B, T) whitened GAE advantages (step 5)
     returns: "torch.Tensor | None" = None  # (B, T) value targets (step 5)
@@ -160,7 +161,7 @@ def score_rollout(policy, ref, tokenizer, records, responses, steps, cfg, device
     # statements are what the rewards train; the anchor must leave them free and hold only the content
     stmt = mb.statement_mask(steps, offsets, mask.size(1)).to(device)  # (B, T) 1 on statement tokens
     return Rollout(images, inputs, targets, text_mask, mask, mask * (1.0 - stmt), offsets, old_logprobs, values,
-                   kl=(old_logprobs - ref_logprobs) * mask, ref_all=ref_all)
+                   kl=(old_logprobs - ref_logprobs) * mask, ref_all=ref_all, logits=logits)
 
 
 def step_rewards(cfg, steps, correct, internal):
@@ -349,12 +350,13 @@ def train(cfg, rank, world_size, device):
                                                      max_new_tokens=cfg.max_new_tokens, generator=gen,
                                                      device=device, return_ended=True)
             steps = [mb.split_steps(r, tokenizer) for r in responses]
-            # 2. judge every step: correctness a_s, and internal confidence u_s from the policy's own signals, so
-            # that R_CS rewards stating what the model itself believes (the stated e_s is in Step.level)
+            # 2. judge every step: correctness a_s
             correct = [mb.judge_steps(rec, st) for rec, st in zip(batch, steps)]
-            internal = mb.internal_confidence(policy, clip, tokenizer, batch, responses, steps, stats, device)
-            # 3. score the rollout: π_old's log-probs and values, π_ref's log-probs, all fixed for this iteration
+            # 3. score the rollout: π_old's log-probs and values, π_ref's log-probs, all fixed for this iteration;
+            # then the internal confidence u_s from the policy's own signals on the same forward pass, so that R_CS
+            # rewards stating what the model itself believes (the stated e_s is in Step.level)
             ro = score_rollout(policy, ref, tokenizer, batch, responses, steps, cfg, device, ended)
+            internal = mb.internal_confidence(policy, clip, tokenizer, batch, responses, steps, stats, device, ro.logits)
             # 4. rewards: r_s on the last token of each step, minus kl_coef·(log π_old - log π_ref) on every token
             per_response, seen = step_rewards(cfg, steps, correct, internal)
             ro.score = place_rewards(per_response, steps, ro.offsets, ro.mask, cfg.missing_penalty)

@@ -75,6 +75,26 @@ def test_score_rollout_records_temperature_logprobs_and_the_kl_to_the_reference(
     assert ro.ref_all is not None and ro.ref_all.shape == (*targets.shape, model.cfg.vocab_size)
 
 
+def test_internal_confidence_reads_the_rollouts_own_forward_pass():
+    """Step 3 hands the policy's temperature-1 logits to the four signals instead of a second forward pass: the
+    rollout's logits are the plain forward's, and the signals from them equal the signals computed from scratch,
+    bit for bit, also when the scorer cuts the batch into chunks shorter than the rollout (batch_size 4 of 6)."""
+    cfg = train_rl.RLConfig(temperature=0.7)
+    model, tok, records, responses, (images, inputs, targets, text_mask, mask, offsets) = tiny_setup()
+    _, _, ro = tiny_rollout(cfg)
+    with torch.no_grad():
+        assert torch.equal(ro.logits, model(images, inputs, text_mask=text_mask)[0])
+    clip = mb.TinyCLIP(mb.CLIPConfig(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16, embed_dim=8)).eval()
+    steps = [mb.split_steps(r, tok) for r in responses]
+    for batch_size in (64, 4):
+        fresh = mb.score_responses(model, clip, tok, records, responses, steps, batch_size=batch_size)
+        shared = mb.score_responses(model, clip, tok, records, responses, steps, batch_size=batch_size, logits=ro.logits)
+        for k in mb.SIGNALS:
+            assert torch.allclose(fresh[k], shared[k], atol=1e-6, rtol=0), k
+            if batch_size == 64:
+                assert torch.equal(fresh[k], shared[k]), k
+
+
 # ---- 1 and 3: a response the token budget cut off never sampled its <eos>
 
 def test_response_batch_covers_eos_only_where_it_was_sampled():
