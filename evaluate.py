@@ -746,6 +746,8 @@ def evaluate_checkpoint(ck, label, data, cfg, device, plots=True):
         metrics[split]["knowledge_boundary"] = knowledge_boundary(records, steps) if ck.stats is not None else None
         answers[split] = (responses, steps)
         # only a model that states confidence can self-correct, and its signals need TinyCLIP and the stats
+        if cfg.self_correct > 0 and ck.stats is not None and ck.clip is None:
+            print(f"note: {ck.path} has no TinyCLIP; --self-correct skipped for {label}", file=sys.stderr)
         if cfg.self_correct > 0 and ck.stats is not None and ck.clip is not None:
             # one generator per split, seeded alike: every checkpoint draws its resamples from the same stream
             gen = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -259,6 +259,46 @@ def test_self_correction_keeps_the_version_with_the_highest_internal_confidence(
     assert all(t == 0 for n, t in model.calls if n >= 1)
 
 
+class LateDoubtModel(ScriptedModel):
+    """Step 0: a sure perception step (level 5, never resampled). Step 1: greedy doubts (level 2); its draws come
+    from `samples`; a prefix ending in step 1's content gets RESTATED. Then <eos>."""
+
+    def generate(self, images, prompt_ids, prompt_mask=None, max_new_tokens=64, temperature=0.0, generator=None,
+                 eos_id=mb.EOS):
+        period, rows = self.tok.index["."], []
+        for ids in prompt_ids.tolist():
+            answered = ids[ids.index(mb.SEP) + 1:]
+            n_steps = answered.count(period)
+            tail = answered[len(answered) - answered[::-1].index(period):] if n_steps else answered
+            if n_steps == 0:
+                rows.append(self.tok.encode("at the top left there is a small blue square, with total certainty."))
+            elif n_steps == 1 and tail:
+                rows.append(self.tok.encode(RESTATED))
+            elif n_steps == 1 and temperature == 0:
+                rows.append(self.tok.encode(self.greedy))
+            elif n_steps == 1:
+                rows.append(self.tok.encode(self.samples.pop(0)))
+            else:
+                rows.append([mb.EOS])
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [mb.PAD] * (width - len(r)) for r in rows])
+
+
+def test_self_correction_scores_the_resampled_step_not_the_steps_before_it(tokenizer, monkeypatch):
+    """Each version is scored as the LAST step of its row's response; the sure step before it scores 0.9 for every
+    version, so reading it instead would tie every version and keep greedy. Here the draw's own step scores higher
+    (0.8 against 0.3) and must win."""
+    def c_final(ck, records, responses, steps, device):
+        assert all(len(st) == 2 and st[0].text.startswith("at the top left") for st in steps)
+        return [[(0.9, 5), (CONTENT_SCORE[st[-1].text], 3)] for st in steps]
+    monkeypatch.setattr(ev, "fused_internal_confidence", c_final)
+    model = LateDoubtModel(tokenizer, [HIGH_4])
+    ck = SimpleNamespace(model=model, tokenizer=tokenizer)
+    responses, counts = ev.generate_self_corrected(ck, mb.make_dataset(1, 0, "test"), 1, max_new_tokens=60)
+    assert counts["resampled_steps"] == 1 and counts["replaced_steps"] == 1
+    assert "large blue circle, and i am fairly confident" in tokenizer.decode(responses[0])
+
+
 @pytest.mark.parametrize("statement, level, resampled", [("but i could be wrong", 3, True),
                                                           ("and i am fairly confident", 4, False)])
 def test_self_correction_resamples_steps_stating_level_3_or_below(tokenizer, monkeypatch, statement, level,
