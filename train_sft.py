@@ -58,12 +58,13 @@ class SFTConfig:
     clip_batch_size: int = field(default=64, metadata=note("(image, step) pairs per TinyCLIP step; also the InfoNCE negatives", POSITIVE))
     clip_lr: float = field(default=5e-4, metadata=note("TinyCLIP learning rate", LEARNING_RATE))
     vit_from_clip: bool = field(default=True, metadata=note("base: start TinyVLM's vision encoder from the trained TinyCLIP image tower (LLaVA's recipe)"))
+    attr_weight: float = field(default=5.0, metadata=note("base: loss weight of the size, colour and shape words of perception steps (1: plain SFT)", POSITIVE))
     log_every: int = field(default=100, metadata=note("print a progress line every this many steps", POSITIVE))
     n_eval: int = field(default=300, metadata=note("held-out test questions for the end-of-stage report", NON_NEGATIVE))
     # stage 1, the confidence warm-up
     warmup_n: int = field(default=1000, metadata=note("warmup: training questions the base model answers itself", POSITIVE))
     warmup_temperature: float = field(default=0.0, metadata=note("warmup: temperature of those answers (0 = greedy, the model's most likely chain; 1 = its full distribution)", NON_NEGATIVE))
-    warmup_steps: int = field(default=300, metadata=note("warmup: fine-tuning steps", POSITIVE))
+    warmup_steps: int = field(default=600, metadata=note("warmup: fine-tuning steps", POSITIVE))
     warmup_lr: float = field(default=1e-3, metadata=note("warmup: peak learning rate", LEARNING_RATE))
     signals: str = field(default="lnlp,mte,tokensar,clipscore", metadata=note("warmup: signals fused into the confidence (drop one for the 'w/o U_X' ablations)"))
     fusion: str = field(default="mean", metadata=note("warmup: mean (weighted) or max (the 'w U_Max' ablation)", choices=("mean", "max")))
@@ -341,6 +342,20 @@ def save_on_rank0(out, model, tokenizer, config, **kwargs):
 # Stage 0: the base model (and TinyCLIP)
 # ---------------------------------------------------------------------------- #
 
+def base_examples(tokenizer, records, block_size, attr_weight):
+    """The base stage's data: each record's reference chain -> [(image, ids, start, [], weights)] for collate_sft,
+    where the words that say what the image shows weigh attr_weight times a plain token (mb.perception_word_weights)."""
+    examples = []
+    for r in records:
+        ids, start = mb.encode_example(tokenizer, r, " ".join(mb.reference_steps(r)))
+        # a reference chain is data: cutting it would teach answers that stop mid-step, so a chain longer than
+        # the block is an error that names --block-size (the warm-up, by contrast, cuts the model's own chains)
+        if len(ids) - 1 > block_size:
+            raise UserError(f"record {r.get('id')}: {len(ids)} tokens > --block-size {block_size}")
+        examples.append((r["image"], ids, start, [], mb.perception_word_weights(tokenizer, ids, start, attr_weight)))
+    return examples
+
+
 def run_base(cfg, mcfg, out, device, resume_from=None):
     """TinyCLIP, then TinyVLM on the reference chains (no statements: the base states no confidence) -> out."""
     t0 = time.time()
@@ -366,14 +381,7 @@ def run_base(cfg, mcfg, out, device, resume_from=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"base: {len(records)} training questions, vocab {len(tokenizer)}, TinyVLM {n_params / 1e6:.2f}M params, "
           f"TinyCLIP {sum(p.numel() for p in clip.parameters()) / 1e6:.2f}M params, device {device}")
-    examples = []
-    for r in records:
-        ids, start = mb.encode_example(tokenizer, r, " ".join(mb.reference_steps(r)))
-        # a reference chain is data: cutting it would teach answers that stop mid-step, so a chain longer than
-        # the block is an error that names --block-size (the warm-up, by contrast, cuts the model's own chains)
-        if len(ids) - 1 > mcfg.block_size:
-            raise UserError(f"record {r.get('id')}: {len(ids)} tokens > --block-size {mcfg.block_size}")
-        examples.append((r["image"], ids, start))
+    examples = base_examples(tokenizer, records, mcfg.block_size, cfg.attr_weight)
     # 1. TinyCLIP first: (image, step) pairs, symmetric InfoNCE. A resumed run reloads it from the stopped run.
     if resume_from:
         mb.load_weights(clip, os.path.join(resume_from, "clip.safetensors"))
@@ -384,6 +392,9 @@ def run_base(cfg, mcfg, out, device, resume_from=None):
             # the language loss collapses to image-independent features (shuffling the images leaves the loss
             # unchanged after 500 steps), while the CLIP-initialised one keeps using the image.
             model.vit.load_state_dict(clip.vit.state_dict())
+        # the (frozen) tower's features whitened once, on a sample of the training images: 2000 images give 18000
+        # patch features for a 64 x 64 covariance (TinyVLM.fit_whitening; a resumed run reloads the buffers)
+        model.fit_whitening(mb.images_to_tensor([r["image"] for r in records[:2000]], mcfg.image_size, device))
     # 2. TinyVLM: (image, question) -> reference chain, loss on the answer only. Stopped runs hold both models.
     save = lambda step, extra_json, extra_tensors: save_on_rank0(out, model, tokenizer, config, clip=clip,
                                                                   extra_json=extra_json, extra_tensors=extra_tensors)
@@ -454,7 +465,9 @@ def run_warmup(cfg, init, out, device, resume_from=None):
     # perception steps are wrong, and fine-tuning on its own chains alone teaches it that the perception words do not
     # follow from the image; measured, the warm-up then rewrote right perception steps into wrong ones (a colour
     # question's "large orange diamond" became "large green circle") and lost several points of accuracy.
-    replay = warmup_replay(tokenizer, records, cfg.warmup_replay, random.Random(cfg.seed + 7 + rank), model.cfg.block_size)
+    # The replay's perception words weigh --attr-weight, as in the base stage (600 steps: the table of things tried).
+    replay = warmup_replay(tokenizer, records, cfg.warmup_replay, random.Random(cfg.seed + 7 + rank), model.cfg.block_size,
+                           cfg.attr_weight)
     examples += replay
     # one example in full, so the log shows what the model is taught to write
     print(f"warmup: {sum(mb.all_gather_objects(len(examples) - len(replay)))} self-answered chains "
@@ -480,12 +493,14 @@ def run_warmup(cfg, init, out, device, resume_from=None):
     print(f"warmup: wrote {out} in {time.time() - t0:.0f}s")
 
 
-def warmup_replay(tokenizer, records, fraction, rng, block_size):
+def warmup_replay(tokenizer, records, fraction, rng, block_size, attr_weight=1.0):
     """The warm-up's replay (beyond the paper): the reference chains of the first fraction of its questions, a
-    random-level statement after every step, loss on the content only -> [(image, ids, start, hidden)] for
-    collate_sft. fraction 0: none, the paper's warm-up; 1: one reference chain per self-answered question."""
+    random-level statement after every step, loss on the content only, the perception words weighing attr_weight
+    -> [(image, ids, start, hidden, weights)] for collate_sft. fraction 0: none, the paper's warm-up; 1: one
+    reference chain per self-answered question."""
     chosen = records[:round(fraction * len(records))]
-    return [e for e in (mb.statement_reading_example(tokenizer, r, rng, block_size) for r in chosen) if e is not None]
+    examples = [e for e in (mb.statement_reading_example(tokenizer, r, rng, block_size) for r in chosen) if e is not None]
+    return [(*e, mb.perception_word_weights(tokenizer, e[1], e[2], attr_weight)) for e in examples]
 
 
 def signal_evidence(pool, fused, levels, correct, perception=None):

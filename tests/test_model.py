@@ -165,11 +165,33 @@ def test_value_head_zero_init_and_loss_mask():
     assert torch.allclose(loss, expect, atol=1e-6)
 
 
-def test_loss_gradient_reaches_vision_encoder():
+def test_loss_gradient_reaches_the_projector_not_the_frozen_tower():
+    """The ViT is frozen (its whitening is fitted once); the image still shapes the loss through the projector."""
     model = tiny_vlm()
     _, loss = model(random_images(2), torch.randint(5, 40, (2, 6)), torch.randint(5, 40, (2, 6)))
     loss.backward()
-    assert model.vit.patch_embed.weight.grad.abs().sum() > 0
+    assert model.projector[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in model.vit.parameters())
+
+
+def test_fit_whitening_gives_zero_mean_identity_covariance_features():
+    """After fit_whitening on N images, (ViT(x) - feat_mean) @ feat_whiten over those images has mean 0 and
+    covariance I (eps = 0 here; float64 fit, float32 buffers: 1e-3). ZCA: W is symmetric. Before the fit the
+    buffers are the identity, so a fresh model's encode_images is projector(ViT(x)) exactly."""
+    torch.manual_seed(0)
+    model = tiny_vlm()
+    images = random_images(64)
+    x = mb.images_to_tensor(images, model.cfg.image_size)
+    assert torch.equal(model.encode_images(x), model.projector(model.vit(x)))
+    # subtle: the ViT ends in a LayerNorm, whose outputs lie in a hyperplane (a zero-variance direction that eps
+    # guards in training); without it the features are full rank and eps = 0 can be checked exactly
+    model.vit.ln = torch.nn.Identity()
+    model.fit_whitening(x, eps=0.0)
+    with torch.no_grad():
+        z = ((model.vit(x) - model.feat_mean) @ model.feat_whiten).reshape(-1, model.cfg.vit_embd).double()
+    assert z.mean(0).abs().max() < 1e-3
+    assert torch.allclose(torch.cov(z.t()), torch.eye(z.size(1), dtype=z.dtype), atol=1e-3)
+    assert torch.allclose(model.feat_whiten, model.feat_whiten.t(), atol=1e-5)
 
 
 def test_tokenizer_round_trip(tmp_path):
@@ -321,6 +343,29 @@ def test_sft_loss_mask_covers_the_response_and_eos_only():
     assert images.shape == (2, 36, 36, 3) and images.dtype == torch.uint8
 
 
+def test_perception_words_weigh_attr_weight_in_the_sft_loss():
+    """Chain "at the center there is a small red circle . so , the answer is red ." at weight 5: the perception
+    step's "small", "red", "circle" get mask 5, every other response token 1 (the answer step's "red" too), so
+    the loss is (5·(n_s + n_r + n_c) + Σ_rest nll) / (3·5 + n_rest), checked against cross_entropy by hand."""
+    rec = mb.make_dataset(1, 3)[0]
+    tok = mb.build_tokenizer(mb.make_dataset(30, 3))
+    response = "At the center there is a small red circle. So, the answer is red."
+    ids, start = mb.encode_example(tok, rec, response)
+    weights = mb.perception_word_weights(tok, ids, start, 5.0)
+    assert sorted(tok.vocab[ids[p]] for p in weights) == ["circle", "red", "small"]
+    assert max(weights) < ids.index(tok.index["so"])  # the answer step's "red" is not weighted
+    _, inputs, targets, mask = mb.collate_sft([(rec["image"], ids, start, [], weights)])
+    assert sorted(mask[0].tolist()).count(5.0) == 3 and mask[0].sum().item() == 3 * 5 + (len(ids) - start - 3)
+    assert [tok.vocab[t] for t in targets[0][mask[0] == 5].tolist()] == ["small", "red", "circle"]
+    model = tiny_vlm(vocab=len(tok.vocab))
+    logits, loss = model(rec["image"][None], inputs, targets, mask)
+    nll = torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="none")
+    assert torch.allclose(loss, (nll * mask[0]).sum() / mask[0].sum(), atol=1e-6)
+    # no weights (or weight 1): the plain response mask
+    plain = mb.collate_sft([(rec["image"], ids, start)])[3]
+    assert torch.equal(mb.collate_sft([(rec["image"], ids, start, [], mb.perception_word_weights(tok, ids, start, 1.0))])[3], plain)
+
+
 def test_statement_reading_example_hides_exactly_the_statements():
     """The reading examples of train_rl.py's PPO-ptx term (--ptx-coef, on by default): the chain "a b . c d ." becomes "a b , X . c d , Y ." with ", X ." and ", Y ." hidden.
     So the tokens that keep their loss are the plain chain's tokens without its periods, then <eos>; and every
@@ -401,14 +446,17 @@ def test_warmup_replay_is_the_reference_chain_with_hidden_statements():
     records = mb.make_dataset(10, 4, "train")
     tok = mb.build_tokenizer(records)
     assert train_sft.warmup_replay(tok, records, 0.0, random.Random(0), 160) == []
-    replay = train_sft.warmup_replay(tok, records, 0.5, random.Random(0), 160)
+    replay = train_sft.warmup_replay(tok, records, 0.5, random.Random(0), 160, attr_weight=5.0)
     assert len(replay) == 5
     _, _, targets, loss_mask = mb.collate_sft(replay)
-    for rec, (_, ids, start, _), t, m in zip(records, replay, targets, loss_mask):
+    for rec, (_, ids, start, _, _), t, m in zip(records, replay, targets, loss_mask):
         steps = mb.split_steps(ids[start:], tok)
         assert len(steps) == len(mb.reference_steps(rec)) and all(st.level is not None for st in steps)
         learned = [int(x) for x, keep in zip(t, m) if keep]
         assert learned == [x for step in mb.reference_steps(rec) for x in tok.encode(step.rstrip("."))] + [mb.EOS]
+        # the perception steps' size, colour and shape words weigh 5, as in the base stage; nothing else does
+        n_perception = sum((mb.parse_step(s) or ("",))[0] == "perception" for s in mb.reference_steps(rec))
+        assert (m == 5.0).sum().item() == 3 * n_perception and set(m.unique().tolist()) <= {0.0, 1.0, 5.0}
 
 
 def test_signal_evidence_ranks_each_signal_on_all_steps_and_on_perception_steps():
@@ -433,7 +481,7 @@ def test_checkpoint_of_another_format_version_is_refused_in_one_line(tmp_path):
     path = tmp_path / "ck" / "config.json"
     config = json.loads(path.read_text())
     path.write_text(json.dumps(dict(config, format_version=1)))
-    with pytest.raises(mb.UserError, match=r"config.json: format_version 1 != 2 .*train it again"):
+    with pytest.raises(mb.UserError, match=r"config.json: format_version 1 != 3 .*train it again"):
         mb.load_checkpoint(str(tmp_path / "ck"))
 
 

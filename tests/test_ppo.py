@@ -173,6 +173,33 @@ def test_quick_rl_run_writes_a_loadable_checkpoint(quick_pipeline):
         assert f" {key} " in lines[0], key
 
 
+def test_the_vision_tower_is_frozen_and_whitened_through_every_stage(quick_pipeline):
+    """The quick pipeline's TinyVLM ViT is TinyCLIP's image tower, bit for bit, after the base, the warm-up and RL
+    (frozen in every stage), and the base stage fitted a whitening that every later stage keeps."""
+    base = mb.load_checkpoint(quick_pipeline["base"], need_clip=True)
+    for name, p in base.clip.vit.state_dict().items():
+        assert torch.equal(base.model.vit.state_dict()[name], p), name
+    assert not torch.equal(base.model.feat_whiten, torch.eye(base.model.cfg.vit_embd))
+    for stage in ("warmup", "rl"):
+        later = mb.load_checkpoint(quick_pipeline[stage]).model.state_dict()
+        for name, p in base.model.state_dict().items():
+            if name.startswith(("vit.", "feat_")):
+                assert torch.equal(later[name], p), (stage, name)
+
+
+def test_base_examples_weigh_the_perception_words():
+    """train_sft.base_examples: collate_sft's loss mask is attr_weight exactly at the size, colour, shape words
+    of perception steps (3 per perception step) and 1 on the rest of the response."""
+    import train_sft
+    records = mb.make_dataset(20, 5)
+    tok = mb.build_tokenizer(records)
+    examples = train_sft.base_examples(tok, records, 160, 5.0)
+    mask = mb.collate_sft(examples)[3]
+    n_perception = sum((mb.parse_step(s) or ("",))[0] == "perception" for r in records for s in mb.reference_steps(r))
+    assert n_perception > 10 and (mask == 5.0).sum().item() == 3 * n_perception
+    assert set(mask.unique().tolist()) == {0.0, 1.0, 5.0}
+
+
 def test_statement_mask_hand():
     """statement_mask marks ", <clause> ." of every stated step and nothing else. Response (token index):
         at(0) the(1) center(2) there(3) is(4) a(5) red(6) circle(7) ,(8) with(9) total(10) certainty(11) .(12)
@@ -270,7 +297,7 @@ def ddp_gradient_check(pg_file):
         (3.0 * ddp(*ptx_batch)[1]).backward()
     main_loss(ddp).backward()
     differ = [name for (name, p), q in zip(plain.named_parameters(), ddp.module.parameters())
-              if not torch.allclose(p.grad, q.grad, atol=1e-6)]
+              if p.requires_grad and not torch.allclose(p.grad, q.grad, atol=1e-6)]  # the ViT is frozen: no grad
     print("differ: " + ", ".join(differ) if differ else "same", flush=True)
     # subtle: no teardown. Freeing the gloo group from Python once deadlocked the test run: its destructor waits
     # for a worker thread that is itself waiting for the GIL this thread holds. Exiting here skips it.
