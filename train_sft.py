@@ -57,7 +57,7 @@ class SFTConfig:
     clip_steps: int = field(default=600, metadata=note("base: optimizer steps for TinyCLIP", POSITIVE))
     clip_batch_size: int = field(default=64, metadata=note("(image, step) pairs per TinyCLIP step; also the InfoNCE negatives", POSITIVE))
     clip_lr: float = field(default=5e-4, metadata=note("TinyCLIP learning rate", LEARNING_RATE))
-    vit_from_clip: bool = field(default=True, metadata=note("base: start TinyVLM's vision encoder from the trained TinyCLIP image tower (LLaVA's recipe)"))
+    vit_from_clip: bool = field(default=True, metadata=note("base: start TinyVLM's (frozen) vision encoder from the trained TinyCLIP image tower (LLaVA's recipe); off: a random frozen tower"))
     attr_weight: float = field(default=5.0, metadata=note("base: loss weight of the size, colour and shape words of perception steps (1: plain SFT)", POSITIVE))
     log_every: int = field(default=100, metadata=note("print a progress line every this many steps", POSITIVE))
     n_eval: int = field(default=300, metadata=note("held-out test questions for the end-of-stage report", NON_NEGATIVE))
@@ -388,9 +388,10 @@ def run_base(cfg, mcfg, out, device, resume_from=None):
     else:
         train_clip(clip, tokenizer, records, cfg, device)
         if cfg.vit_from_clip:
-            # LLaVA starts from a pretrained CLIP vision tower. Measured here: a from-scratch ViT trained only through
-            # the language loss collapses to image-independent features (shuffling the images leaves the loss
-            # unchanged after 500 steps), while the CLIP-initialised one keeps using the image.
+            # LLaVA starts from a pretrained CLIP vision tower (and freezes it, as TinyVLM does). Measured here,
+            # before the tower was frozen: a from-scratch ViT trained only through the language loss collapsed to
+            # image-independent features (shuffling the images left the loss unchanged after 500 steps), while the
+            # CLIP-initialised one kept using the image. --no-vit-from-clip now leaves a random, frozen tower.
             model.vit.load_state_dict(clip.vit.state_dict())
         # the (frozen) tower's features whitened once, on a sample of the training images: 2000 images give 18000
         # patch features for a 64 x 64 covariance (TinyVLM.fit_whitening; a resumed run reloads the buffers)
