@@ -1860,9 +1860,10 @@ def perception_word_weights(tokenizer, ids, start, weight):
     ids[start:], for collate_sft's weighted loss (train_sft.py --attr-weight).
     e.g. "... <sep> at the center there is a small red circle . so , the answer is red . <eos>"
       -> {p("small"): w, p("red"): w, p("circle"): w}: the answer step's "red" is not a perception word.
-    Why: these few words are all the chain says about the pixels; every other token follows from the question or
-    from earlier steps. At weight 1 they are ~5% of the loss, and the base model learned to copy colour and shape
-    from the question and to guess the size."""
+    Why: these words are all the chain says about the pixels; every other token follows from the question or
+    from earlier steps. They are about 16% of a reference chain's tokens (500 training questions); at weight 1 the
+    base model learned to copy colour and shape from the question and to guess the size, at weight 5 they carry
+    about half of the loss."""
     words = {tokenizer.index[w] for w in SIZES + list(COLORS) + SHAPES if w in tokenizer.index}
     out = {}
     for step in split_steps(ids[start:], tokenizer):

@@ -58,7 +58,7 @@ class SFTConfig:
     clip_batch_size: int = field(default=64, metadata=note("(image, step) pairs per TinyCLIP step; also the InfoNCE negatives", POSITIVE))
     clip_lr: float = field(default=5e-4, metadata=note("TinyCLIP learning rate", LEARNING_RATE))
     vit_from_clip: bool = field(default=True, metadata=note("base: start TinyVLM's (frozen) vision encoder from the trained TinyCLIP image tower (LLaVA's recipe); off: a random frozen tower"))
-    attr_weight: float = field(default=5.0, metadata=note("base: loss weight of the size, colour and shape words of perception steps (1: plain SFT)", POSITIVE))
+    attr_weight: float = field(default=5.0, metadata=note("base and the warm-up's replay: loss weight of the size, colour and shape words of perception steps (1: plain SFT)", POSITIVE))
     log_every: int = field(default=100, metadata=note("print a progress line every this many steps", POSITIVE))
     n_eval: int = field(default=300, metadata=note("held-out test questions for the end-of-stage report", NON_NEGATIVE))
     # stage 1, the confidence warm-up
