@@ -23,6 +23,7 @@ holds it finished, and --resume reloads it. The warm-up's self-answered pool is 
 resume (it is deterministic per seed). torchrun --nproc_per_node N train_sft.py ... trains with DDP: each rank
 draws its own batches (seed + rank) of --batch-size sequences and answers its share of the warm-up questions.
 """
+import contextlib
 import dataclasses
 import os
 import random
@@ -173,16 +174,12 @@ def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_fr
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, lr, cfg.warmup_iters)  # a function of the step: resume needs no schedule state
             picks = [rng.randrange(len(examples)) for _ in range(cfg.batch_size)]
-            # collate_sft's loss mask covers the response and <eos> only: the question is given at test time, so
-            # learning to predict it would spend capacity on text the model never has to write
-            images, inputs, targets, loss_mask = mb.collate_sft([examples[i] for i in picks], device)
-            _, loss = ddp_model(images, inputs, targets, loss_mask)
+            opt.zero_grad(set_to_none=True)
+            loss = batch_backward(ddp_model, [examples[i] for i in picks], device)
             # a NaN/inf loss would poison the weights and every later checkpoint: stop before the step is applied
-            if mb.any_rank(not torch.isfinite(loss)):  # all ranks stop together, or the others hang in backward
+            if mb.any_rank(not torch.isfinite(loss)):  # all ranks stop together
                 kept = f"{saved[1]} keeps the last good checkpoint, step {saved[0]}" if saved else "no checkpoint written"
                 raise UserError(f"{name}: loss is {loss.item()} at step {step}; stopping ({kept})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             # clipping bounds the step a rare batch of long, badly predicted chains can take
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
@@ -203,6 +200,32 @@ def train_lm(model, examples, cfg, device, steps, lr, name, save=None, resume_fr
                                     f"continue with: {mb.resume_command()}", 0)
     model.eval()
     return model
+
+
+def batch_backward(ddp_model, batch, device):
+    """The loss of one optimizer step's batch, Σ m·nll / Σ m over all its loss positions, and its gradient
+    (accumulated into .grad) -> the loss, detached. The batch runs as two halves sorted by length, each padded only
+    to its own longest sequence; each half's mean loss is weighted by its share of Σ m, so the sum is the whole
+    batch's loss and the gradient the whole batch's (up to float rounding).
+    Why halves: a batch is padded to its longest sequence, and the warm-up's chains with statements vary most in
+    length (82 tokens on average, the longest of 32 often 123): halves cut a warm-up step's time by a fifth
+    (measured on 2 CPU cores; the base's shorter chains gain nothing, and lose nothing).
+    collate_sft's loss mask covers the response and <eos> only: the question is given at test time, so learning to
+    predict it would spend capacity on text the model never has to write."""
+    batch = sorted(batch, key=lambda e: len(e[1]))
+    halves = [h for h in (batch[:len(batch) // 2], batch[len(batch) // 2:]) if h]
+    collated = [mb.collate_sft(h, device) for h in halves]
+    total = sum(c[3].sum() for c in collated).clamp(min=1)  # Σ m over the whole batch
+    loss = 0.0
+    for i, (images, inputs, targets, loss_mask) in enumerate(collated):
+        last = i == len(collated) - 1
+        # under DDP the first half's gradient stays local (no_sync) and joins the last half's all-reduce: one
+        # all-reduce per step, as gradient accumulation does (two would give the same sum, at twice the traffic)
+        with (contextlib.nullcontext() if last else mb.no_sync(ddp_model)):
+            part = ddp_model(images, inputs, targets, loss_mask)[1] * (loss_mask.sum() / total)
+            part.backward()
+        loss = loss + part.detach()
+    return loss
 
 
 def clip_batch(pairs, rng, size):

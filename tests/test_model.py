@@ -1,4 +1,5 @@
 """TinyVLM, TinyCLIP, tokenizer and checkpoints: equivalence of two paths, round trips, and exact errors."""
+import copy
 import dataclasses
 import json
 import math
@@ -499,3 +500,27 @@ def test_base_report_answers_again_with_another_questions_image(monkeypatch):
     monkeypatch.setattr(mb, "generate_responses", answers)
     table = train_sft.report(None, tok, records, train_sft.SFTConfig(), "cpu", "stand-in")
     assert table["answer: all"] == 1.0 and table["answer: all, shuffled images"] == 0.0
+
+
+def test_batch_backward_in_two_halves_is_the_whole_batch():
+    """train_sft.batch_backward runs a batch as two halves sorted by length, each padded to its own longest
+    sequence, and weighs each half's mean loss by its share of the loss weight Σ m. Loss and gradient must equal one
+    forward and backward of the whole batch: e.g. halves with Σ m = 10 and 30 and mean losses 2 and 4 give
+    (10·2 + 30·4) / 40 = 3.5, where a plain mean of the two means would give 3. Seven chains (an odd batch), with
+    hidden statements and weighted perception words, so that the halves' Σ m differ."""
+    import train_sft
+    records = mb.make_dataset(7, 3)
+    tok = mb.build_tokenizer(mb.make_dataset(40, 3))
+    torch.manual_seed(0)
+    model = mb.TinyVLM(mb.VLMConfig(n_layer=1, n_head=2, n_embd=32, vit_layers=1, vit_embd=16, vocab_size=len(tok)))
+    batch = train_sft.warmup_replay(tok, records, 1.0, random.Random(0), 160, attr_weight=5.0)
+    assert len(batch) == 7 and len({len(e[1]) for e in batch}) > 3
+    whole = copy.deepcopy(model)
+    expected = whole(*mb.collate_sft(batch))[1]
+    expected.backward()
+    loss = train_sft.batch_backward(model, batch, "cpu")
+    assert torch.allclose(loss, expected, rtol=1e-6, atol=0)
+    for (name, p), q in zip(whole.named_parameters(), model.parameters()):
+        assert (p.grad is None) == (q.grad is None), name  # the frozen ViT and the unused value head: none
+        if p.grad is not None:
+            assert torch.allclose(q.grad, p.grad, rtol=1e-4, atol=1e-7), name

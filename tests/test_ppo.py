@@ -298,6 +298,15 @@ def ddp_gradient_check(pg_file):
     main_loss(ddp).backward()
     differ = [name for (name, p), q in zip(plain.named_parameters(), ddp.module.parameters())
               if p.requires_grad and not torch.allclose(p.grad, q.grad, atol=1e-6)]  # the ViT is frozen: no grad
+    # train_sft.batch_backward under DDP: the short half in no_sync, the long half through the all-reduce
+    import train_sft
+    sft = [mb.statement_reading_example(tok, r, random.Random(i), 96) for i, r in enumerate(records)]
+    plain = copy.deepcopy(model).train()
+    plain(*mb.collate_sft(sft))[1].backward()
+    ddp = DistributedDataParallel(copy.deepcopy(model).train(), find_unused_parameters=True)  # as train_lm wraps it
+    train_sft.batch_backward(ddp, sft, "cpu")
+    differ += ["halves " + name for (name, p), q in zip(plain.named_parameters(), ddp.module.parameters())
+               if p.grad is not None and not torch.allclose(p.grad, q.grad, atol=1e-6)]
     print("differ: " + ", ".join(differ) if differ else "same", flush=True)
     # subtle: no teardown. Freeing the gloo group from Python once deadlocked the test run: its destructor waits
     # for a worker thread that is itself waiting for the GIL this thread holds. Exiting here skips it.
@@ -309,8 +318,9 @@ def test_ptx_gradient_joins_the_ddp_all_reduce(tmp_path):
     mb.no_sync, then the PPO forward and backward through DDP. The gradient DDP leaves must be the sum of both
     terms' gradients, as a plain module computes them in one backward (one process, gloo: the all-reduce is the
     identity, so any difference is DDP dropping or overwriting the accumulated ptx gradient). Running the ptx
-    forward outside no_sync instead raises "mark a variable ready only once" (the child exits non-zero). In a
-    child process, so that it can exit without the gloo group's teardown (ddp_gradient_check)."""
+    forward outside no_sync instead raises "mark a variable ready only once" (the child exits non-zero). The same
+    for train_sft.batch_backward's two halves against one plain backward of the whole batch. In a child process,
+    so that it can exit without the gloo group's teardown (ddp_gradient_check)."""
     proc = run_script("-c", "import sys; sys.path.insert(0, 'tests'); import test_ppo; test_ppo.ddp_gradient_check(sys.argv[1])",
                       str(tmp_path / "pg"), timeout=120)
     assert proc.stdout.strip().splitlines()[-1] == "same", proc.stdout[-2000:]
