@@ -1747,15 +1747,20 @@ def clip_edit_ranking(clip, tokenizer, records, rng):
     Example: a perfect checker gives {"cell": 1.0, "size": 1.0, "colour": 1.0, "shape": 1.0, ...}."""
     wins = {}  # attribute -> (true step higher, pairs)
     for rec in records:
+        texts, groups = [], []  # all of the record's steps and edits, scored in one pass; (index of the step, edits)
         for step in reference_steps(rec):
             edits = step_edits(step, rng, rec.get("choices"))
-            if not edits:
-                continue
-            text = clip_embed_text(clip, tokenizer, [step] + [e for _, e in edits])[None]  # (1, 1 + E, D)
-            score = (clip_embed_image(clip, [rec["image"]], text) * text).sum(-1)[0]  # (1 + E,) cosines
-            for (attribute, _), edited in zip(edits, score[1:].tolist()):
+            if edits:
+                groups.append((len(texts), edits))
+                texts += [step] + [e for _, e in edits]
+        if not texts:
+            continue
+        text = clip_embed_text(clip, tokenizer, texts)[None]  # (1, N, D)
+        score = (clip_embed_image(clip, [rec["image"]], text) * text).sum(-1)[0].tolist()  # (N,) cosines
+        for i, edits in groups:  # score[i]: the true step; score[i + 1 + j]: its edit j
+            for j, (attribute, _) in enumerate(edits):
                 hit, n = wins.get(attribute, (0, 0))
-                wins[attribute] = (hit + int(score[0].item() > edited), n + 1)
+                wins[attribute] = (hit + int(score[i] > score[i + 1 + j]), n + 1)
     return {a: hit / n for a, (hit, n) in wins.items()}
 
 
