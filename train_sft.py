@@ -49,7 +49,7 @@ class SFTConfig:
     seed: int = field(default=1337, metadata=note("seed for data, init and sampling"))
     quick: bool = field(default=False, metadata=note("tiny model and few steps: a seconds-long smoke run"))
     n_train: int = field(default=6000, metadata=note("training questions generated from the shapes world", POSITIVE))
-    steps: int = field(default=800, metadata=note("base: optimizer steps for TinyVLM", POSITIVE))
+    steps: int = field(default=2400, metadata=note("base: optimizer steps for TinyVLM", POSITIVE))
     batch_size: int = field(default=32, metadata=note("sequences per optimizer step", POSITIVE))
     lr: float = field(default=2e-3, metadata=note("peak AdamW learning rate (linear warm-up, cosine decay)", LEARNING_RATE))
     weight_decay: float = field(default=0.01, metadata=note("AdamW weight decay on matrices", NON_NEGATIVE))
