@@ -1245,9 +1245,9 @@ class Tokenizer:
 # size (chance after 1200 steps). Whitened, it does.
 # Why the decoder is only 64 wide (4 blocks, 4 heads of 16): reading the image is learned slowly, step by step, not
 # limited by width. Held-out training questions, base stage, same tower: 128 wide, 800 steps -> perception steps
-# 0.30, answers 0.68; 128 wide, 1600 steps -> 0.52, 0.77; 64 wide, 2400 steps (about the time of 1600 at 128, since
-# a step costs a third of the FLOPs but pays the same per-op overhead) -> 0.56, 0.79. The narrower model also makes
-# the warm-up and RL faster, which pays for the extra base steps within the CPU budget.
+# 0.30, answers 0.68; 128 wide, 1600 steps -> 0.52, 0.77; 64 wide, 2400 steps -> 0.56, 0.79, in two thirds of the
+# time of 1600 steps at 128 (332 s against 492 s on one thread: a step costs a third of the FLOPs, but the per-op
+# overhead stays). The narrower model also makes the warm-up and RL faster, which pays for the extra base steps.
 
 @dataclass
 class VLMConfig:
