@@ -257,29 +257,14 @@ def _level_of(tokens, tokenizer):
     return steps[-1].level if steps else None
 
 
-# the first words of the statement clauses ("with", "and", "but", "though", ...): after a step's last comma they
-# open a statement, even one that a draw garbled past recognition
-STATEMENT_OPENERS = frozenset(clause.split()[0] for clauses in mb.STATEMENTS.values() for clause in clauses)
-
-
 def _content(tokens, tokenizer):
     """A one-step token list -> its content tokens (statement, comma and period dropped); [] for no step.
-    subtle: a draw often garbles its statement (", but i rather unsure"), which split_steps then keeps as content;
-    scored as content it would change the step being judged. So a step with no recognised statement is still cut
-    at its last comma when a clause opener follows.
-    e.g. "at the center there is a red circle , but i rather unsure ." -> "at the center there is a red circle";
-    "so , the answer is red ." stays whole ("the" opens no clause)."""
+    subtle: a draw often garbles its statement (", but i am pretty confident"); split_steps cuts such an unreadable
+    statement off the content (mb.is_unreadable_statement), so the step scored is the step the draw wrote.
+    e.g. "at the center there is a red circle , but i am pretty confident ." -> "at the center there is a red circle";
+    "so , the answer is red ." stays whole ("the answer is red" is no statement)."""
     steps = mb.split_steps(tokens, tokenizer)
-    if not steps:
-        return []
-    body = list(tokens[steps[-1].start:steps[-1].end])
-    comma = tokenizer.index.get(",")
-    if steps[-1].level is None and comma in body:
-        j = len(body) - 1 - body[::-1].index(comma)  # the last comma, as split_steps
-        after = tokenizer.decode(body[j + 1:]).split()
-        if after and after[0] in STATEMENT_OPENERS:
-            body = body[:j]
-    return body
+    return list(tokens[steps[-1].start:steps[-1].end]) if steps else []
 
 
 @torch.no_grad()

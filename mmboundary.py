@@ -1886,7 +1886,7 @@ def perception_word_weights(tokenizer, ids, start, weight):
 class Step:
     """One step of a generated response, as token index ranges into the response ids."""
     start: int  # first content token
-    end: int  # one past the last content token (statement, its comma and the period excluded)
+    end: int  # one past the last content token (statement, readable or not, its comma and the period excluded)
     last: int  # the step's last token (its period, or the last token of a truncated step): rewards go here
     text: str  # the content as a sentence, e.g. "At the center there is a small red circle."
     level: "int | None"  # the stated level 1..5, None when there is no parseable statement
@@ -1898,7 +1898,10 @@ def split_steps(response, tokenizer):
     or a "(confidence k/5)" number statement; otherwise the step has no statement (level None).
     e.g. "at the center there is a red circle , with total certainty . so , the answer is red , but i'm not sure ."
       -> [Step(text="at the center there is a red circle.", level=5), Step(text="so, the answer is red.", level=2)]
-    subtle: "so , the answer is red" has a comma of its own; "the answer is red" is no clause, so it stays content."""
+    subtle: "so , the answer is red" has a comma of its own; "the answer is red" is no clause, so it stays content.
+    A statement that names no level but is made of clause words only (is_unreadable_statement: "so , the answer is
+    one , but i am pretty confident .") is cut off the content all the same and the step states nothing (level None):
+    the content is judged as what it says ("so, the answer is one."), the missing statement as missing."""
     period, comma, lparen = tokenizer.index.get("."), tokenizer.index.get(","), tokenizer.index.get("(")
     ids = []
     # the response ends at its first <eos> or <pad>: generate pads finished rows, and nothing after is ever scored
@@ -1922,9 +1925,10 @@ def split_steps(response, tokenizer):
         if level is None and comma in body:
             # the LAST comma: content may hold commas of its own ("so , the answer is ..."), a clause never does
             j = len(body) - 1 - body[::-1].index(comma)
-            lvl = level_of_statement(tokenizer.decode(body[j + 1:]))
-            if lvl is not None:
-                end, level = start + j, lvl
+            tail = tokenizer.decode(body[j + 1:])
+            lvl = level_of_statement(tail)
+            if lvl is not None or is_unreadable_statement(tail):
+                end, level = start + j, lvl  # an unreadable statement: content ends at the comma, level None
         # subtle: an empty step ("." alone) is skipped, and so is a step that is only a statement (", but i'm not
         # sure ."): with no content there is nothing for the signals to measure or the verifier to judge
         if end > start:
@@ -2539,6 +2543,26 @@ def level_of_statement(text):
             if ratio > best_ratio or (best_level is None and ratio >= best_ratio):
                 best_level, best_ratio = level, ratio
     return best_level
+
+
+# The words of the statement clauses, and the words they open with ("with", "and", "but", "though", ...).
+STATEMENT_WORDS = frozenset(word for clauses in STATEMENTS.values() for clause in clauses for word in clause.split())
+STATEMENT_OPENERS = frozenset(clause.split()[0] for clauses in STATEMENTS.values() for clause in clauses)
+
+
+def is_unreadable_statement(text):
+    """A statement the model tried to write but that names no level: it opens like a clause and every word is a
+    clause word, yet it is no clause (level_of_statement finds none). str -> bool.
+    Why it matters: a word-level decoder that has half learned the clauses blends two levels' clauses into one of
+    neither. The warm-up (seed 1337, 300 held-out training questions) wrote "so, the answer is one, but i am pretty
+    confident." ("but i ..." of levels 1-3, "... i am pretty confident here" of level 4) on 14% of its steps; read as
+    content, its right answer "one, but i am pretty confident" was judged wrong, which was most of the warm-up's loss
+    of accuracy (0.713 judged so, 0.843 with the blend cut off; the base 0.82).
+    Examples: "but i am pretty confident" -> True;  "but i'm not sure" -> False (a clause, level 2);
+    "and the ball is red" -> False ("ball" and "red" are no clause words: a real step's own second half)."""
+    words = normalize_statement(text).split()
+    return bool(words) and words[0] in STATEMENT_OPENERS and all(w in STATEMENT_WORDS for w in words) \
+        and level_of_statement(text) is None
 
 
 _NUMBER_STATEMENT = re.compile(r"\(\s*confidence\s*([1-5])\s*/\s*5\s*\)")  # "(confidence 4/5)", spaces tolerated

@@ -212,6 +212,24 @@ def test_every_clause_maps_back_to_its_level():
     assert mb.level_of_statement("with totl certainty") == 5  # ratio 2*19/(20+19) = .974
 
 
+def test_an_unreadable_statement_is_cut_off_the_content_and_states_nothing():
+    """A blend of two levels' clauses ("but i" of levels 1-3 + "i am pretty confident" of level 4) names no level:
+    split_steps cuts it off the content at the last comma and gives level None, so "so, the answer is one, but i am
+    pretty confident." answers "one" (and states nothing). A real step's own second half ("and the dog is red": the
+    last two words are no clause words) and "so , the answer is one" stay content; a clause keeps its level."""
+    tok = mb.Tokenizer.build(["so, the answer is one, and the dog is red.", *[c for p in mb.STATEMENTS.values() for c in p]])
+    assert mb.is_unreadable_statement("but i am pretty confident") and mb.is_unreadable_statement("And I am on the fence.")
+    assert not mb.is_unreadable_statement("but i'm not sure")  # a clause: readable (level 2)
+    assert not mb.is_unreadable_statement("and the dog is red") and not mb.is_unreadable_statement("the answer is one")
+    assert not mb.is_unreadable_statement("") and not mb.is_unreadable_statement("i am pretty confident")  # no opener
+    steps = mb.split_steps(tok.encode("so, the answer is one, but i am pretty confident."), tok)
+    assert [(s.text, s.level) for s in steps] == [("so, the answer is one.", None)]
+    assert mb.final_answer(steps) == "one"
+    ids = tok.encode("so, the answer is one, and the dog is red. so, the answer is one, but i'm not sure.")
+    assert [(s.text, s.level) for s in mb.split_steps(ids, tok)] == [("so, the answer is one, and the dog is red.", None),
+                                                                     ("so, the answer is one.", 2)]
+
+
 def test_normalize_statement_hand():
     """lower-case, punctuation dropped, spaces around apostrophes removed, whitespace collapsed, ends stripped."""
     assert mb.normalize_statement("  But I ' M  not SURE. ") == "but i'm not sure"
