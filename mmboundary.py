@@ -21,7 +21,8 @@ Reading order (sections under # ---- rulers, in this order):
                                    score_responses (all four for every step of real responses)
   §3.2 normalise, fuse, level      fit_minmax, to_confidence, fuse_confidence, confidence_levels,
                                    fit_confidence_stats + signals_to_levels (the recipe), internal_confidence
-  §3.2 statements                  STATEMENTS, statement_for, level_of_statement, attach_statement
+  §3.2 statements                  STATEMENTS, statement_for, level_of_statement, is_unreadable_statement,
+                                   attach_statement
   §3.3 rewards and PPO maths       r_ka, r_ec, r_cs, masked_mean, masked_whiten, gae, ppo_policy_loss,
                                    ppo_value_loss, approx_kl_k3, exact_kl, explained_variance
   §4 metrics                       ece (MECE = ece over steps), reliability_bins, auroc, brier
@@ -73,6 +74,8 @@ output agrees within atol 1e-6 (the TinyVLM forward: 1e-5) and every integer out
   confidence_levels(c (N,), mu, sigma) -> (N,) long in 1..5                 [confidence_levels]
   level_to_confidence(level) -> float or tensor                             [level_to_confidence]
   STATEMENTS {level: [clauses]}; statement_for(level, rng); level_of_statement(text) -> int | None
+  is_unreadable_statement(text) -> bool   (a clause's first word, clause words only, no level: split_steps cuts it
+    off the step's content and gives the step level None)
   r_ka(correct (S,)); r_ec(expressed (S,), correct (S,)); r_cs(expressed (S,), internal (S,)) -> (S,)
   masked_mean(x, mask) -> scalar; masked_whiten(x, mask, shift_mean=True) (biased variance)
   gae(rewards (B,T), values (B,T), mask (B,T), gamma, lam) -> advantages, returns (B,T)  [gae_advantages, gae_returns]
