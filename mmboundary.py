@@ -1958,7 +1958,9 @@ def statement_mask(steps_per_row, offsets, T):
     """-> (B, T) float, 1 on the tokens of every parseable statement: from the comma (or "(") after a step's
     content through the step's last token, e.g. ", but i'm not sure ." ; 0 elsewhere (content, a step with no
     statement, prompt, padding). train_rl.py's KL anchor uses its complement: the anchor holds a step's content to
-    the warm-up model and leaves what the step says about itself free to learn."""
+    the warm-up model and leaves what the step says about itself free to learn.
+    subtle: an unreadable statement (is_unreadable_statement: level None) counts as no statement here, so its words
+    stay under the anchor like content; only the --missing-penalty reward pushes the policy away from them."""
     mask = torch.zeros(len(steps_per_row), T)
     for b, steps in enumerate(steps_per_row):
         for st in steps:
