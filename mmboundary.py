@@ -2401,13 +2401,20 @@ def fuse_confidence(conf, weights=None, mode="mean"):
     return fused
 
 
-LEVEL_CUTS = (-1.5, -0.5, 0.5, 1.5)  # cut points in units of σ around μ (this project's choice; the paper gives none)
+# Cut points in units of σ around μ (this project's choice; the paper gives none). Why these and not the symmetric
+# μ ± .5σ, μ ± 1.5σ: the pool is skewed (skewness about -1.4 at three seeds: most of the model's steps are plainly
+# sure, a tail is not), so its highest c_final sits 1.2σ to 1.3σ above μ and a cut at μ + 1.5σ would leave level 5
+# ("with total certainty", confidence 1) empty. Then no warm-up step ever states it, RL cannot explore it, and
+# R_CS's internal confidence tops out at .75 too. Measured on the three seeds' pools (train split): these cuts
+# give the levels 10 / 9 / 15 / 45 / 20% of the steps with step accuracy rising .26 / .54 / .74 / .84 / .97, and
+# on 500 held-out training questions RL's step MECE fell from .078 to .063 (mean of three seeds).
+LEVEL_CUTS = (-1.5, -0.75, 0.0, 0.75)
 
 
 # cut_k = μ + k σ for k in LEVEL_CUTS;   level(c) = 1 + #{ k : cut_k <= c }        (1 = least sure, 5 = most)
 def confidence_levels(c, mu, sigma):
     """Five confidence levels from the pool's mean and std of c_final: c (N,) -> (N,) long in 1..5.
-    Example: mu = .5, sigma = .25 -> cuts .125 .375 .625 .875;  c = [0, .125, .5, .9] -> [1, 2, 3, 5]"""
+    Example: mu = .5, sigma = .25 -> cuts .125 .3125 .5 .6875;  c = [0, .125, .5, .9] -> [1, 2, 4, 5]"""
     c = _as_float(c)
     assert sigma >= 0, f"confidence_levels: sigma must be >= 0, got {sigma}"
     assert bool(((c >= 0) & (c <= 1)).all()), "confidence_levels: c must be in [0, 1]"

@@ -149,18 +149,18 @@ def test_fuse_confidence_hand():
 
 
 def test_confidence_levels_at_cuts():
-    """mu = .5, sigma = .25 -> cuts .5 + .25 * (-1.5, -.5, .5, 1.5) = .125, .375, .625, .875 (exact in float32).
-    c == cut goes to the upper level: c = [0, .125, .2, .375, .5, .625, .7, .875, 1] -> [1, 2, 2, 3, 3, 4, 4, 5, 5]."""
-    c = torch.tensor([0.0, 0.125, 0.2, 0.375, 0.5, 0.625, 0.7, 0.875, 1.0])
+    """mu = .5, sigma = .25 -> cuts .5 + .25 * (-1.5, -.75, 0, .75) = .125, .3125, .5, .6875 (exact in float32).
+    c == cut goes to the upper level: c = [0, .125, .2, .3125, .4, .5, .6, .6875, 1] -> [1, 2, 2, 3, 3, 4, 4, 5, 5]."""
+    c = torch.tensor([0.0, 0.125, 0.2, 0.3125, 0.4, 0.5, 0.6, 0.6875, 1.0])
     levels = mb.confidence_levels(c, 0.5, 0.25)
     assert levels.dtype == torch.long
     assert levels.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5]
-    # mu = .3, sigma = .1: third cut .3 + .05 = .35, and float32(.35) < .35 in float64. A float32 c built from the
+    # mu = .35, sigma = .1: the third cut is mu itself, and float32(.35) < .35 in float64. A float32 c built from the
     # same python float still counts as reaching the cut: level 1 + 3 = 4 (a float64 comparison would give 3)
-    mu, sigma = 0.3, 0.1
-    at_cut = torch.tensor([mu + 0.5 * sigma])
+    mu, sigma = 0.35, 0.1
+    at_cut = torch.tensor([mu + 0.0 * sigma])
     assert mb.confidence_levels(at_cut, mu, sigma).tolist() == [4]
-    assert mb.confidence_levels(torch.tensor([mu + 0.5 * sigma], dtype=torch.float64), mu, sigma).tolist() == [4]
+    assert mb.confidence_levels(torch.tensor([mu + 0.0 * sigma], dtype=torch.float64), mu, sigma).tolist() == [4]
 
 
 def test_level_to_confidence():
