@@ -37,7 +37,7 @@ Equation -> function:
     v = the image read out for step s (TinyCLIP.readout)               clip_embed_image(clip, images, text_emb)
   c = 1 - clip((U - lo)/(hi - lo), 0, 1)   (CLIPS: without the 1 -)    to_confidence(values, minmax)
   c_final = Σ_i w_i c_i / Σ_i w_i   ("w U_Max": max_i c_i)             fuse_confidence(conf, weights, mode)
-  level = 1 + #{k : μ + kσ <= c_final},  k in (-1.5, -0.5, .5, 1.5)   confidence_levels(c, mu, sigma)
+  level = 1 + #{k : μ + kσ <= c_final},  k in (-1.5, -.75, 0, .75)    confidence_levels(c, mu, sigma)
   confidence of level k = (k - 1) / 4                                  level_to_confidence(level)
   R_KA = a_s,  R_EC = 1 - (e_s - a_s)²,  R_CS = 1 - (e_s - u_s)²       r_ka, r_ec, r_cs
   δ_t = r_t + γ V_{t+1} - V_t,  A_t = δ_t + γλ A_{t+1}                 gae(rewards, values, mask, gamma, lam)
