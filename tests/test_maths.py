@@ -163,6 +163,17 @@ def test_confidence_levels_at_cuts():
     assert mb.confidence_levels(torch.tensor([mu + 0.0 * sigma], dtype=torch.float64), mu, sigma).tolist() == [4]
 
 
+def test_a_pool_skewed_like_the_warm_ups_still_fills_level_5():
+    """The warm-up's pool is skewed: most steps are sure, a tail is not. U_LNLP alone, U = [8, 4, 2, 2, 0, 0, 0, 0]
+    -> min/max (0, 8), c = 1 - U/8 = [0, .5, .75, .75, 1, 1, 1, 1]; mu = 6/8 = .75, sigma² = (.75² + .25² + 4·.25²)/8
+    = .109375, sigma = .3307. Cuts mu + sigma·(-1.5, -.75, 0, .75) = .254, .502, .75, .998: levels [1, 2, 4, 4, 5, 5, 5,
+    5]. Symmetric cuts mu ± .5 sigma, mu ± 1.5 sigma would put the top cut at 1.246, above every step: level 5 empty."""
+    stats = mb.fit_confidence_stats({"lnlp": torch.tensor([8.0, 4, 2, 2, 0, 0, 0, 0])}, signals=["lnlp"])
+    assert stats["mu"] == pytest.approx(0.75) and stats["sigma"] == pytest.approx(0.109375 ** 0.5)
+    fused, levels = mb.signals_to_levels({"lnlp": torch.tensor([8.0, 4, 2, 2, 0, 0, 0, 0])}, stats)
+    assert levels.tolist() == [1, 2, 4, 4, 5, 5, 5, 5]
+
+
 def test_level_to_confidence():
     """(k - 1)/4: 1 -> 0, 2 -> .25, 3 -> .5, 4 -> .75, 5 -> 1; int -> float, tensor -> float tensor."""
     assert mb.level_to_confidence(5) == 1.0 and isinstance(mb.level_to_confidence(3), float)
