@@ -170,7 +170,7 @@ def test_a_pool_skewed_like_the_warm_ups_still_fills_level_5():
     5]. Symmetric cuts mu ± .5 sigma, mu ± 1.5 sigma would put the top cut at 1.246, above every step: level 5 empty."""
     stats = mb.fit_confidence_stats({"lnlp": torch.tensor([8.0, 4, 2, 2, 0, 0, 0, 0])}, signals=["lnlp"])
     assert stats["mu"] == pytest.approx(0.75) and stats["sigma"] == pytest.approx(0.109375 ** 0.5)
-    fused, levels = mb.signals_to_levels({"lnlp": torch.tensor([8.0, 4, 2, 2, 0, 0, 0, 0])}, stats)
+    _, levels = mb.signals_to_levels({"lnlp": torch.tensor([8.0, 4, 2, 2, 0, 0, 0, 0])}, stats)
     assert levels.tolist() == [1, 2, 4, 4, 5, 5, 5, 5]
 
 
