@@ -5,8 +5,8 @@
   --stage warmup  MMBoundary's confidence warm-up (paper section 3.2): the base model answers the training
                   questions itself, every step of its own chain is scored with the four internal signals, the
                   fused score picks a level and a statement, and the model is fine-tuned on that text (mixed, beyond
-                  the paper, with the same questions' reference chains, whose statements it reads but does not
-                  learn: --warmup-replay)                                                         -> out/warmup
+                  the paper, with the reference chains of all its training questions, whose statements it reads
+                  but does not learn: --warmup-replay)                                            -> out/warmup
   --stage all     both (default): python train_sft.py
 
 Why two stages: the confidence statements must describe what *this* model knows. So the model first has to
@@ -71,7 +71,7 @@ class SFTConfig:
     fusion: str = field(default="mean", metadata=note("warmup: mean (weighted) or max (the 'w U_Max' ablation)", choices=("mean", "max")))
     weights: str = field(default="", metadata=note("warmup: fusion weights, e.g. lnlp=2,mte=1 (default: every signal weighs 1)"))
     statements: bool = field(default=True, metadata=note("warmup: verbal statements; --no-statements writes '(confidence k/5)' (the 'w/o S-S mapping' ablation)"))
-    warmup_replay: float = field(default=1.0, metadata=note("warmup: fraction of the self-answered questions whose reference chain is replayed, its statements read but not learned (0 = the paper's warm-up)", mb.UNIT_INTERVAL))
+    warmup_replay: float = field(default=1.0, metadata=note("warmup: fraction of the base's --n-train training questions whose reference chain is replayed, its statements read but not learned, drawn as often as the self-answered chains (0 = the paper's warm-up; --warmup-n / --n-train = only the warm-up's own questions)", mb.UNIT_INTERVAL))
     max_new_tokens: int = field(default=128, metadata=note("longest generated response", POSITIVE))
     # fault tolerance: periodic checkpoints, stop and resume (module docstring)
     save_every: int = field(default=0, metadata=note("also write a resumable checkpoint every this many steps of a TinyVLM loop (0: only on Ctrl-C and at --stop-at)", NON_NEGATIVE))
@@ -484,17 +484,22 @@ def run_warmup(cfg, init, out, device, resume_from=None):
     n_mine = sum(len(st) for st in steps)  # this rank's steps sit at offset .. offset + n_mine of the pool
     examples = mb.warmup_examples(tokenizer, records, steps, levels[offset:offset + n_mine],
                                   random.Random(cfg.seed + rank), model.cfg.block_size, cfg.statements)
-    # 5. beyond the paper: replay the same questions' reference chains, each step followed by a statement of a random
-    # level that is read but not learned (mb.statement_reading_example, as RL's PPO-ptx). Why: most of the base's
-    # perception steps are wrong, and fine-tuning on its own chains alone teaches it that the perception words do not
-    # follow from the image; measured, the warm-up then rewrote right perception steps into wrong ones (a colour
-    # question's "large orange diamond" became "large green circle") and lost several points of accuracy.
+    # 5. beyond the paper: replay reference chains of the base's training questions, each step followed by a statement
+    # of a random level that is read but not learned (mb.statement_reading_example, as RL's PPO-ptx). Why: most of
+    # the base's perception steps are wrong, and fine-tuning on its own chains alone teaches it that the perception
+    # words do not follow from the image; measured, the warm-up then rewrote right perception steps into wrong ones (a
+    # colour question's "large orange diamond" became "large green circle") and lost several points of accuracy.
     # The replay's perception words weigh --attr-weight, as in the base stage (600 steps: the table of things tried).
-    replay = warmup_replay(tokenizer, records, cfg.warmup_replay, random.Random(cfg.seed + 7 + rank), model.cfg.block_size,
-                           cfg.attr_weight)
-    examples += replay
+    # Why all --n-train questions and not only the warm-up's own 1000: 600 steps of 32 are ten passes over 1000
+    # images, and the model learned those chains rather than reading images (held-out warm-up accuracy 0.764 / 0.710
+    # against 0.826 / 0.758 replaying all 6000, seeds 1337 / 1, README Things tried).
+    replay_records = load_records(cfg, cfg.n_train, "train", cfg.seed, model.cfg.image_size)[rank::world_size]
+    replay = warmup_replay(tokenizer, replay_records, cfg.warmup_replay, random.Random(cfg.seed + 7 + rank),
+                           model.cfg.block_size, cfg.attr_weight)
+    n_own = len(examples)
+    examples = mix_with_replay(examples, replay)
     # one example in full, so the log shows what the model is taught to write
-    print(f"warmup: {sum(mb.all_gather_objects(len(examples) - len(replay)))} self-answered chains "
+    print(f"warmup: {sum(mb.all_gather_objects(n_own))} self-answered chains "
           f"(+ {sum(mb.all_gather_objects(len(replay)))} replayed reference chains), {len(fused)} scored steps, e.g.: "
           f"{tokenizer.decode(examples[0][1][examples[0][2]:]) if examples else ''}")
     if mb.any_rank(not examples):  # every rank needs batches to draw, or DDP's first all-reduce would hang
@@ -518,13 +523,23 @@ def run_warmup(cfg, init, out, device, resume_from=None):
 
 
 def warmup_replay(tokenizer, records, fraction, rng, block_size, attr_weight=1.0):
-    """The warm-up's replay (beyond the paper): the reference chains of the first fraction of its questions, a
-    random-level statement after every step, loss on the content only, the perception words weighing attr_weight
-    -> [(image, ids, start, hidden, weights)] for collate_sft. fraction 0: none, the paper's warm-up; 1: one
-    reference chain per self-answered question."""
+    """The warm-up's replay (beyond the paper): the reference chains of the first fraction of the records (run_warmup
+    passes the base's training questions), a random-level statement after every step, loss on the content only, the
+    perception words weighing attr_weight -> [(image, ids, start, hidden, weights)] for collate_sft.
+    fraction 0: none, the paper's warm-up."""
     chosen = records[:round(fraction * len(records))]
     examples = [e for e in (mb.statement_reading_example(tokenizer, r, rng, block_size) for r in chosen) if e is not None]
     return [(*e, mb.perception_word_weights(tokenizer, e[1], e[2], attr_weight)) for e in examples]
+
+
+def mix_with_replay(mine, replay):
+    """The warm-up's training list: the self-answered examples listed round(len(replay) / len(mine)) times (at least
+    once), then the replay. train_lm draws batches uniformly from the list, so a batch holds as many self-answered
+    chains as replayed ones on average, however many distinct reference chains the replay has.
+    e.g. 1000 own chains and 6000 replayed -> 6 x 1000 + 6000 = 12000 entries; no replay -> the own chains alone."""
+    if not mine or not replay:
+        return mine + replay
+    return mine * max(1, round(len(replay) / len(mine))) + replay
 
 
 def signal_evidence(pool, fused, levels, correct, perception=None):

@@ -466,6 +466,37 @@ def test_warmup_replay_is_the_reference_chain_with_hidden_statements():
         assert (m == 5.0).sum().item() == 3 * n_perception and set(m.unique().tolist()) <= {0.0, 1.0, 5.0}
 
 
+def test_mix_with_replay_draws_own_and_replayed_chains_equally_often():
+    """2 own chains, 6 replayed: each own chain is listed round(6 / 2) = 3 times, then the replay: 12 entries, half of
+    them own, so a uniform draw (train_lm) picks either kind with probability 1/2. 3 own and 4 replayed: round(4/3) =
+    1 copy. No replay (the paper's warm-up, --warmup-replay 0): the own chains alone, once."""
+    import train_sft
+    mixed = train_sft.mix_with_replay(["a", "b"], list("RSTUVW"))
+    assert mixed == ["a", "b"] * 3 + list("RSTUVW")
+    assert train_sft.mix_with_replay(["a", "b", "c"], list("RSTU")) == ["a", "b", "c", "R", "S", "T", "U"]
+    assert train_sft.mix_with_replay(["a", "b"], []) == ["a", "b"]
+
+
+def test_warmup_replays_the_reference_chains_of_all_the_bases_training_questions(quick_pipeline, tmp_path, monkeypatch):
+    """--quick: the base trained on --n-train 160 questions; the warm-up answers the first --warmup-n 24 itself. Its
+    training list is the 24 own chains listed round(160 / 24) = 7 times, then the reference chains of all 160
+    questions (each with hidden statements), not only of the 24: replaying the warm-up's own few questions alone, the
+    model learned their chains rather than reading the images (README Things tried)."""
+    import train_sft
+    cfg, _ = train_sft.parse(["--quick", "--stage", "warmup", "--device", "cpu"])
+    seen = {}
+    monkeypatch.setattr(train_sft, "train_lm", lambda model, examples, *a, **k: seen.setdefault("examples", examples))
+    train_sft.run_warmup(cfg, quick_pipeline["base"], str(tmp_path / "warmup"), "cpu")
+    examples, tok = seen["examples"], mb.load_checkpoint(quick_pipeline["base"]).tokenizer
+    own, replay = [e for e in examples if len(e) == 3], [e for e in examples if len(e) == 5]
+    assert len(own) == 7 * 24 and len(replay) == 160 and len(examples) == 7 * 24 + 160
+    assert examples[:len(own)] == own  # own chains first (the copies), then the replay
+    chains = [tok.decode(e[1][e[2]:]) for e in replay]
+    records = mb.make_dataset(160, cfg.seed, "train")
+    for rec, chain in zip(records, chains):  # the i-th replayed chain is the i-th training question's reference chain
+        assert all(step.rstrip(".").lower() in chain for step in mb.reference_steps(rec))
+
+
 def test_signal_evidence_ranks_each_signal_on_all_steps_and_on_perception_steps():
     """Four steps, right = [1, 0, 1, 0], perception = [T, T, F, F]. clipscore [.9, .1, .2, .8] ranks the two
     perception steps right (AUROC 1) but all four at 2/4 = 0.5 (pairs (right, wrong): (.9,.1) (.9,.8) yes,
