@@ -31,6 +31,7 @@ of the reference step it matches (perception_flags).
 
     python evaluate.py                                   # out/base out/warmup out/rl -> out/eval (~30 s, 2 CPU cores)
     python evaluate.py --checkpoints out/rl --self-correct 3
+    python evaluate.py --held-out 777 --n-test 500           # training-split questions no run used: choose settings here
     python evaluate.py --data aokvqa/val_mmb.json cvqa_mmb.json --images coco/val2017 cvqa_images
     python evaluate.py --ablations                       # the paper's Table 1 (trains what is missing; long)
     python evaluate.py --quick --checkpoints DIR ...     # seconds, for tests
@@ -74,6 +75,10 @@ class EvalConfig:
     quick: bool = field(default=False, metadata=note("a few questions per split: a seconds-long smoke run"))
     n_test: int = field(default=300, metadata=note("test (in-distribution) questions", POSITIVE))
     n_ood: int = field(default=300, metadata=note("ood questions (5 to 6 objects, another background)", POSITIVE))
+    held_out: int = field(default=0, metadata=note(
+        "choose settings without looking at the test questions: answer --n-test questions of the train split made "
+        "with this seed (one no training run used, e.g. 777) as the one split 'held-out', no ood (0 = off)",
+        NON_NEGATIVE))
     max_new_tokens: int = field(default=128, metadata=note("longest generated response (as in training)", POSITIVE))
     batch_size: int = field(default=64, metadata=note("questions decoded together", POSITIVE))
     n_bins: int = field(default=10, metadata=note("equal-width confidence bins of ECE/MECE and the diagrams", POSITIVE))
@@ -704,12 +709,20 @@ def real_splits(files, image_size, n):
     return {name: mb.load_annotated(path, folder, image_size, limit=n or None) for name, path, folder in files}
 
 
+def split_seeds(cfg):
+    """{split: (make_dataset seed, world split)}: test and ood from --seed (SPLIT_SEED), or with --held-out SEED the
+    one split "held-out", drawn from the train split with that seed (where settings are chosen; README)."""
+    if cfg.held_out:
+        return {"held-out": (cfg.held_out, "train")}
+    return {split: (cfg.seed + SPLIT_SEED[split], split) for split in SPLITS}
+
+
 def eval_splits(cfg):
     """{split: records}: test = the held-out questions of train_rl.py (seed + 1), ood with its own seed.
     Generated, not loaded: with --seed equal to the training runs' seed, no test question was trained on (the
     training scripts use seed for SFT and seed + 2 for RL's prompts), and every checkpoint answers the same ones."""
-    sizes = {"test": cfg.n_test, "ood": cfg.n_ood}
-    return {split: mb.make_dataset(sizes[split], cfg.seed + SPLIT_SEED[split], split) for split in SPLITS}
+    sizes = {"test": cfg.n_test, "ood": cfg.n_ood, "held-out": cfg.n_test}
+    return {split: mb.make_dataset(sizes[split], seed, kind) for split, (seed, kind) in split_seeds(cfg).items()}
 
 
 def answer(ck, records, cfg, device):
@@ -1273,6 +1286,11 @@ def main(argv=None):
     files = data_files(cfg)  # [(name, file, images)]; [] = the shapes world
     if cfg.ablations and files:
         raise UserError("--ablations trains and evaluates on the shapes world; it takes no --data")
+    if cfg.held_out and (files or cfg.ablations):
+        raise UserError("--held-out is a split of the shapes world for the main table; it takes no --data or --ablations")
+    if cfg.held_out and cfg.held_out in (cfg.seed, cfg.seed + 2):  # the base and warm-up train on seed, RL's prompts on seed + 2
+        raise UserError(f"--held-out {cfg.held_out}: the training scripts drew their questions with this seed "
+                        f"(--seed {cfg.seed}: SFT {cfg.seed}, RL {cfg.seed + 2}); choose one no training run used")
     if cfg.ablations:
         os.makedirs(cfg.out, exist_ok=True)
         run_ablations(cfg, command, device, t_start)
@@ -1303,7 +1321,8 @@ def main(argv=None):
         print("note: the post-hoc internal-confidence row needs a base and a warm-up checkpoint; skipped", file=sys.stderr)
     if not files:
         data = eval_splits(cfg)
-        split_info = {s: f"{len(r)} questions, make_dataset seed {cfg.seed + SPLIT_SEED[s]}" for s, r in data.items()}
+        split_info = {s: f"{len(data[s])} questions, make_dataset seed {seed}" + (f", {kind} split" if kind != s else "")
+                      for s, (seed, kind) in split_seeds(cfg).items()}
     results, stating = {}, {}  # stating: the checkpoints that state confidence, kept for the examples page
     for path, label in zip(paths, labels):
         ck = mb.load_checkpoint(path, device)

@@ -481,6 +481,34 @@ def test_evaluate_quick_outputs(quick_pipeline, tmp_path):
     assert "wall time" in proc.stdout
 
 
+def test_held_out_answers_training_split_questions_of_its_seed(quick_pipeline, tmp_path):
+    """--held-out 777: the one split "held-out" holds the --n-test (quick: 12) train-split questions that
+    make_dataset(12, 777, "train") draws, no test or ood. Its Acc equals the RL checkpoint's greedy answers on exactly
+    those questions, and so do its step count, step accuracy and question types, counted here by hand (generate_responses,
+    split_steps, answer_is_correct, judge_steps); the training seed
+    itself is refused in one line."""
+    out = tmp_path / "held"
+    run_script("evaluate.py", "--quick", "--device", "cpu", "--held-out", "777", "--out", str(out), "--checkpoints",
+               quick_pipeline["rl"], timeout=120)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["rl"]) == {"held-out"} and results["rl"]["held-out"]["n_questions"] == ev.QUICK["n_test"]
+    records = mb.make_dataset(ev.QUICK["n_test"], 777, "train")
+    ck = mb.load_checkpoint(quick_pipeline["rl"])
+    responses = mb.generate_responses(ck.model, ck.tokenizer, records, max_new_tokens=ev.QUICK["max_new_tokens"])
+    steps = [mb.split_steps(x, ck.tokenizer) for x in responses]
+    right = [mb.answer_is_correct(r, st) for r, st in zip(records, steps)]
+    held = results["rl"]["held-out"]
+    assert held["acc"] == pytest.approx(sum(right) / len(right)) and held["n_steps"] == sum(map(len, steps))
+    assert held["step_acc"] == pytest.approx(sum(sum(mb.judge_steps(r, st)) for r, st in zip(records, steps)) / held["n_steps"])
+    # the question types asked are those of these records (the test split at 777 asks 4 spatial, these none)
+    assert held["n_by_type"] == {t: sum(r["qtype"] == t for r in records) for t in held["n_by_type"]}
+    assert sum(held["n_by_type"].values()) == len(records)
+    assert "held-out (12 questions, make_dataset seed 777, train split)" in (out / "results.md").read_text()
+    proc = run_script("evaluate.py", "--quick", "--held-out", "1337", "--checkpoints", quick_pipeline["rl"],
+                      "--out", str(tmp_path / "no"), check=False, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --held-out 1337") and len(proc.stderr.splitlines()) == 1
+
+
 def test_missing_named_checkpoint_is_one_line_exit_2(quick_pipeline, tmp_path):
     missing = str(tmp_path / "no_such_checkpoint")
     proc = run_script("evaluate.py", "--quick", "--device", "cpu", "--out", str(tmp_path / "e"),
