@@ -491,8 +491,8 @@ def run_warmup(cfg, init, out, device, resume_from=None):
     # colour question's "large orange diamond" became "large green circle") and lost several points of accuracy.
     # The replay's perception words weigh --attr-weight, as in the base stage (600 steps: the table of things tried).
     # Why all --n-train questions and not only the warm-up's own 1000: 600 steps of 32 are ten passes over 1000
-    # images, and the model learned those chains rather than reading images (held-out warm-up accuracy 0.764 / 0.710
-    # against 0.826 / 0.758 replaying all 6000, seeds 1337 / 1, README Things tried).
+    # images, and the model learned those chains rather than reading images (held-out warm-up accuracy 0.764 / 0.710 /
+    # 0.782 against 0.826 / 0.758 / 0.764 replaying all 6000, seeds 1337 / 1 / 2; README Things tried).
     replay_records = load_records(cfg, cfg.n_train, "train", cfg.seed, model.cfg.image_size)[rank::world_size]
     replay = warmup_replay(tokenizer, replay_records, cfg.warmup_replay, random.Random(cfg.seed + 7 + rank),
                            model.cfg.block_size, cfg.attr_weight)
