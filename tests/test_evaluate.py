@@ -483,10 +483,9 @@ def test_evaluate_quick_outputs(quick_pipeline, tmp_path):
 
 def test_held_out_answers_training_split_questions_of_its_seed(quick_pipeline, tmp_path):
     """--held-out 777: the one split "held-out" holds the --n-test (quick: 12) train-split questions that
-    make_dataset(12, 777, "train") draws, no test or ood. Its Acc equals the RL checkpoint's greedy answers on exactly
-    those questions, and so do its step count, step accuracy and question types, counted here by hand (generate_responses,
-    split_steps, answer_is_correct, judge_steps); the training seed
-    itself is refused in one line."""
+    make_dataset(12, 777, "train") draws, no test or ood. Its Acc, step count, step accuracy and question types equal
+    the RL checkpoint's greedy answers on exactly those questions, counted here by hand (generate_responses,
+    split_steps, answer_is_correct, judge_steps). The training seed itself is refused in one line."""
     out = tmp_path / "held"
     run_script("evaluate.py", "--quick", "--device", "cpu", "--held-out", "777", "--out", str(out), "--checkpoints",
                quick_pipeline["rl"], timeout=120)
