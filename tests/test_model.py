@@ -539,6 +539,29 @@ def test_base_report_answers_again_with_another_questions_image(monkeypatch):
     assert table["answer: all"] == 1.0 and table["answer: all, shuffled images"] == 0.0
 
 
+def test_base_report_breaks_perception_down_by_question_type(monkeypatch):
+    """A stand-in model that writes the reference chain, except that in spatial questions its first perception
+    step names the cell of the second object (the mistake the base model makes: the right words, another object's
+    cell). A spatial chain has two perception steps, so "perception: spatial questions" is 1/2; every other type's
+    is 1."""
+    import train_sft
+    records = [r for r in mb.make_dataset(60, 8, "test") if r["qtype"] in ("spatial", "color", "count")][:9]
+    assert {r["qtype"] for r in records} == {"spatial", "color", "count"}
+    tok = mb.build_tokenizer(records)
+
+    def chain(r):
+        steps = mb.reference_steps(r)
+        if r["qtype"] == "spatial":
+            cell, other = mb.parse_step(steps[0])[1][3], mb.parse_step(steps[1])[1][3]
+            steps = [steps[0].replace(f"At the {cell} ", f"At the {other} ")] + steps[1:]
+            assert mb.verify_step(r["scene"], steps[0]) is False
+        return tok.encode(" ".join(steps))
+    monkeypatch.setattr(mb, "generate_responses", lambda model, tokenizer, recs, **kw: [chain(r) for r in recs])
+    table = train_sft.report(None, tok, records, train_sft.SFTConfig(), "cpu", "stand-in")
+    assert table["perception: spatial questions"] == 0.5
+    assert table["perception: color questions"] == 1.0 and table["perception: count questions"] == 1.0
+
+
 def test_batch_backward_in_two_halves_is_the_whole_batch():
     """train_sft.batch_backward runs a batch as two halves sorted by length, each padded to its own longest
     sequence, and weighs each half's mean loss by its share of the loss weight Σ m. Loss and gradient must equal one
