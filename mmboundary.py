@@ -356,6 +356,12 @@ def answer_step(answer):
 # of a comparison) are always among the choices when they exist.
 # The five types split the two sides of the knowledge boundary: color, count, spatial and compare need perception
 # (and a little reasoning), knowledge needs a remembered fact about a perceived object.
+# Count, spatial and compare chains describe every object of the scene in reading order (row-major), then reason
+# about the ones asked. subtle: naming only the asked objects ("Where is the red circle relative to ...?" -> "At
+# the top left there is a small red circle.") makes the decoder find a described object among the image tokens
+# before it writes the cell, a search that 2400 base steps never learned (the cell was one of the scene's cells at
+# random: 0.35-0.40 right); describing every object in order reads each cell in turn, and the asked objects are then
+# found in the text. Measured: perception steps 0.63 -> 0.93 (seed 1337, test), the relation step still hard.
 QTYPES = ["color", "count", "spatial", "compare", "knowledge"]
 
 
@@ -401,7 +407,8 @@ def _ask_count(objects, rng):
 
 
 def _ask_spatial(objects, rng):
-    """ "Where is the red circle relative to the blue square?" -> left/right/above/below."""
+    """ "Where is the red circle relative to the blue square?" -> left/right/above/below; every object is a
+    perception step (the scan above), then the relation of the two asked."""
     obj1, obj2 = rng.sample(objects, 2)
     # left/right when the columns differ, else above/below (objects sit in distinct cells, so rows differ)
     if obj1["col"] != obj2["col"]:
@@ -410,7 +417,7 @@ def _ask_spatial(objects, rng):
         relation = "above" if obj1["row"] < obj2["row"] else "below"
     distractors = [r for r in ("left", "right", "above", "below") if r != relation]  # always all four
     return (f"Where is the {object_name(obj1)} relative to the {object_name(obj2)}?", relation, distractors,
-            [perception_step(obj1), perception_step(obj2)],
+            [perception_step(obj) for obj in objects],  # the whole scene in reading order, as counting
             [relation_step(obj1, obj2, relation), answer_step(relation)])
 
 
@@ -427,7 +434,7 @@ def _ask_compare(objects, rng):
     others = [f"{c} {s}" for (c, s) in LEXICON if f"{c} {s}" not in (answer, object_name(small))]
     distractors = [object_name(small)] + rng.sample(others, 2)  # the other object plus two random names
     return (f"Which is larger, the {object_name(obj1)} or the {object_name(obj2)}?", answer, distractors,
-            [perception_step(obj1), perception_step(obj2)],
+            [perception_step(obj) for obj in objects],  # the whole scene in reading order, as counting
             [compare_step(large, small), answer_step(answer)])
 
 

@@ -323,8 +323,8 @@ def report(model, tokenizer, records, cfg, device, title):
             if d and d["kind"] == "perception":
                 add(f"perception: {d['size']}", ok)
                 add(f"perception: {'confusable' if d['confusable'] else 'distinct'} colour", ok)
-                # per question type: colour and knowledge questions name the cell, count chains list every object
-                # in reading order, spatial and compare questions name the object, so its step must find the cell
+                # per question type: colour and knowledge questions name the cell; count, spatial and compare
+                # chains describe every object in reading order (a wrong one among them is missed or misread)
                 add(f"perception: {rec['qtype']} questions", ok)
     # does the model need its image? The same questions, each with the next question's image: what is still right
     # comes from text priors (and from the object names that compare and count questions already contain)

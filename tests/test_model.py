@@ -541,12 +541,13 @@ def test_base_report_answers_again_with_another_questions_image(monkeypatch):
 
 def test_base_report_breaks_perception_down_by_question_type(monkeypatch):
     """A stand-in model that writes the reference chain, except that in spatial questions its first perception
-    step names the cell of the second object (the mistake the base model makes: the right words, another object's
-    cell). A spatial chain has two perception steps, so "perception: spatial questions" is 1/2; every other type's
-    is 1."""
+    step names the cell of the second object (the right words, another object's cell). A spatial chain describes
+    every object, so three spatial questions over 2 + 3 + 4 objects have 9 perception steps, 3 of them wrong:
+    "perception: spatial questions" is 6/9; every other type's is 1."""
     import train_sft
-    records = [r for r in mb.make_dataset(60, 8, "test") if r["qtype"] in ("spatial", "color", "count")][:9]
-    assert {r["qtype"] for r in records} == {"spatial", "color", "count"}
+    data = mb.make_dataset(200, 8, "test")
+    spatial = [next(r for r in data if r["qtype"] == "spatial" and len(r["scene"]["objects"]) == n) for n in (2, 3, 4)]
+    records = spatial + [r for r in data if r["qtype"] in ("color", "count")][:6]
     tok = mb.build_tokenizer(records)
 
     def chain(r):
@@ -558,7 +559,7 @@ def test_base_report_breaks_perception_down_by_question_type(monkeypatch):
         return tok.encode(" ".join(steps))
     monkeypatch.setattr(mb, "generate_responses", lambda model, tokenizer, recs, **kw: [chain(r) for r in recs])
     table = train_sft.report(None, tok, records, train_sft.SFTConfig(), "cpu", "stand-in")
-    assert table["perception: spatial questions"] == 0.5
+    assert table["perception: spatial questions"] == pytest.approx(6 / 9)
     assert table["perception: color questions"] == 1.0 and table["perception: count questions"] == 1.0
 
 

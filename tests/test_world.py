@@ -289,8 +289,8 @@ def test_record_schema(datasets, split):
             assert sizes[record["answer"]] == "large"
         if record["qtype"] == "color" and record["answer"] in mb.CONFUSABLE:
             assert mb.CONFUSABLE[record["answer"]] in choices  # the look-alike is always a distractor
-        if record["qtype"] == "count":
-            assert len(record["keys_filtered"]["Image_level"]) == len(objects)  # one step per object
+        if record["qtype"] in ("count", "spatial", "compare"):  # one step per object, in reading order
+            assert record["keys_filtered"]["Image_level"] == [mb.perception_step(o) for o in objects]
     assert qtypes == set(mb.QTYPES)
 
 
@@ -390,10 +390,12 @@ def test_render_small_is_smaller_and_noise_applies():
 def test_longest_chain_with_statements_fits_the_generation_budget():
     """Every test-split reference chain with the longest clause after each of its steps, plus <eos>, fits the
     default max_new_tokens of train_rl.py and evaluate.py, and the prompt plus that budget fits block_size.
-    Worst case by hand: a count question over 4 objects = 4 perception steps of 11 tokens ("at the top left
-    there is a small red circle ."), a count step of 8, an answer step of 7: 59 tokens. Each step gains a comma
-    and "and i ' m quite sure of it" (1 + 8 tokens): 59 + 6 x 9 = 113, plus <eos> = 114. The old budget of 96
-    cut the end (often the answer step itself) off such chains once the warm-up had taught the statements."""
+    Worst case by hand: a compare question over 4 objects = 4 perception steps of 11 tokens ("at the top left
+    there is a small red circle ."), a compare step of 10 ("the red circle is larger than the blue square ."), an
+    answer step of 8 ("so , the answer is red circle ."): 62 tokens. Each step gains a comma and "and i ' m quite
+    sure of it" (1 + 8 tokens): 62 + 6 x 9 = 116, plus <eos> = 117 (a count chain: 44 + 8 + 7 + 54 + 1 = 114). The
+    old budget of 96 cut the end (often the answer step itself) off such chains once the warm-up had taught the
+    statements."""
     import evaluate
     import train_rl
     records = mb.make_dataset(1000, seed=0, split="test")
@@ -403,7 +405,7 @@ def test_longest_chain_with_statements_fits_the_generation_budget():
                for r in records)
     prompt = max(len(mb.prompt_ids(tokenizer, r)) for r in records)
     budgets = {evaluate.EvalConfig().max_new_tokens, train_rl.RLConfig().max_new_tokens}
-    assert need == 114 and all(need <= b for b in budgets), (need, budgets)
+    assert need == 117 and all(need <= b for b in budgets), (need, budgets)
     assert prompt + max(budgets) <= mb.VLMConfig().block_size, (prompt, budgets)
 
 
