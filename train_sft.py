@@ -476,7 +476,7 @@ def run_warmup(cfg, init, out, device, resume_from=None):
     pool = {k: torch.cat([p[k] for p, _, _ in shards]) for k in pool}
     correct = torch.cat([c for _, c, _ in shards])
     perception = torch.cat([f for _, _, f in shards])
-    # 3. normalise with the pool's min/max, fuse, and cut into five levels at mu + (-1.5, -.75, 0, .75) sigma.
+    # 3. normalise with the pool's min/max, fuse, and cut into five levels at mu + (-3, -2, -1, 0) sigma.
     # Cuts relative to the pool (not fixed at 0.2, 0.4, ...) use all five levels whatever the signals' scale.
     stats = mb.fit_confidence_stats(pool, signals, weights, cfg.fusion)
     fused, levels = mb.signals_to_levels(pool, stats)

@@ -149,29 +149,29 @@ def test_fuse_confidence_hand():
 
 
 def test_confidence_levels_at_cuts():
-    """mu = .5, sigma = .25 -> cuts .5 + .25 * (-1.5, -.75, 0, .75) = .125, .3125, .5, .6875 (exact in float32).
-    c == cut goes to the upper level: c = [0, .125, .2, .3125, .4, .5, .6, .6875, 1] -> [1, 2, 2, 3, 3, 4, 4, 5, 5]."""
-    c = torch.tensor([0.0, 0.125, 0.2, 0.3125, 0.4, 0.5, 0.6, 0.6875, 1.0])
-    levels = mb.confidence_levels(c, 0.5, 0.25)
+    """mu = .75, sigma = .125 -> cuts .75 + .125 * (-3, -2, -1, 0) = .375, .5, .625, .75 (exact in float32).
+    c == cut goes to the upper level: c = [0, .375, .4, .5, .55, .625, .7, .75, 1] -> [1, 2, 2, 3, 3, 4, 4, 5, 5]."""
+    c = torch.tensor([0.0, 0.375, 0.4, 0.5, 0.55, 0.625, 0.7, 0.75, 1.0])
+    levels = mb.confidence_levels(c, 0.75, 0.125)
     assert levels.dtype == torch.long
     assert levels.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5]
-    # mu = .35, sigma = .1: the third cut is mu itself, and float32(.35) < .35 in float64. A float32 c built from the
-    # same python float still counts as reaching the cut: level 1 + 3 = 4 (a float64 comparison would give 3)
+    # mu = .35, sigma = .1: the top cut is mu itself, and float32(.35) < .35 in float64. A float32 c built from the
+    # same python float still counts as reaching the cut: level 1 + 4 = 5 (a float64 comparison would give 4)
     mu, sigma = 0.35, 0.1
     at_cut = torch.tensor([mu + 0.0 * sigma])
-    assert mb.confidence_levels(at_cut, mu, sigma).tolist() == [4]
-    assert mb.confidence_levels(torch.tensor([mu + 0.0 * sigma], dtype=torch.float64), mu, sigma).tolist() == [4]
+    assert mb.confidence_levels(at_cut, mu, sigma).tolist() == [5]
+    assert mb.confidence_levels(torch.tensor([mu + 0.0 * sigma], dtype=torch.float64), mu, sigma).tolist() == [5]
 
 
 def test_a_pool_skewed_like_the_warm_ups_still_fills_level_5():
     """The warm-up's pool is skewed: most steps are sure, a tail is not. U_LNLP alone, U = [8, 4, 2, 2, 0, 0, 0, 0]
     -> min/max (0, 8), c = 1 - U/8 = [0, .5, .75, .75, 1, 1, 1, 1]; mu = 6/8 = .75, sigma² = (.75² + .25² + 4·.25²)/8
-    = .109375, sigma = .3307. Cuts mu + sigma·(-1.5, -.75, 0, .75) = .254, .502, .75, .998: levels [1, 2, 4, 4, 5, 5, 5,
+    = .109375, sigma = .3307. Cuts mu + sigma·(-3, -2, -1, 0) = -.242, .089, .419, .75: levels [2, 4, 5, 5, 5, 5, 5,
     5]. Symmetric cuts mu ± .5 sigma, mu ± 1.5 sigma would put the top cut at 1.246, above every step: level 5 empty."""
     stats = mb.fit_confidence_stats({"lnlp": torch.tensor([8.0, 4, 2, 2, 0, 0, 0, 0])}, signals=["lnlp"])
     assert stats["mu"] == pytest.approx(0.75) and stats["sigma"] == pytest.approx(0.109375 ** 0.5)
     _, levels = mb.signals_to_levels({"lnlp": torch.tensor([8.0, 4, 2, 2, 0, 0, 0, 0])}, stats)
-    assert levels.tolist() == [1, 2, 4, 4, 5, 5, 5, 5]
+    assert levels.tolist() == [2, 4, 5, 5, 5, 5, 5, 5]
 
 
 def test_level_to_confidence():

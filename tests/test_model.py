@@ -254,21 +254,26 @@ def test_clip_infonce_with_hard_negatives_matches_hand_formula():
 
 
 def test_clip_edit_ranking_counts_wins_per_attribute(monkeypatch):
-    """A TinyCLIP stand-in for one record's pass (all its steps and edits): its k-th step scores k + 1, any other
-    text k + 0.5, k the step it shares most words with in place (an edit changes one attribute of one step). So
-    every true step beats its own edits but not the edits of a later step: each attribute ranks 1.0 only if each
-    edit is compared with its own step (not with the record's first one, nor with itself); negated, 0.0."""
+    """A TinyCLIP stand-in for one record's pass (all its steps and edits): its k-th step scores k + 1, an edit of
+    the k-th step k + 0.5 (mb.step_edits is wrapped to note which step each edit came from: with a whole scene
+    described, an edit of one step can read like another step). So every true step beats its own edits but not the
+    edits of a later step: each attribute ranks 1.0 only if each edit is compared with its own step (not with the
+    record's first one, nor with itself); negated, 0.0."""
     records = mb.make_dataset(6, 3, "train")
     tok = mb.build_tokenizer(records)
+    source = {}  # edit text -> the step it edits
+    real_edits = mb.step_edits
+
+    def noting_edits(sentence, rng, choices=None):
+        edits = real_edits(sentence, rng, choices)
+        source.update({text: sentence for _, text in edits})
+        return edits
     for sign, expect in ((1, 1.0), (-1, 0.0)):
         def fake_text(clip, tokenizer, texts):
             steps = max((mb.reference_steps(r) for r in records), key=lambda st: len(set(st) & set(texts)))
-            def score(t):
-                if t in steps:
-                    return steps.index(t) + 1.0
-                same = [sum(a == b for a, b in zip(t.split(), st.split())) for st in steps]
-                return same.index(max(same)) + 0.5
+            score = lambda t: steps.index(t) + 1.0 if t in steps else steps.index(source[t]) + 0.5
             return torch.tensor([[sign * score(t)] for t in texts])
+        monkeypatch.setattr(mb, "step_edits", noting_edits)
         monkeypatch.setattr(mb, "clip_embed_text", fake_text)
         monkeypatch.setattr(mb, "clip_embed_image", lambda clip, images, text: torch.ones_like(text))
         ranks = mb.clip_edit_ranking(None, tok, records, random.Random(0))

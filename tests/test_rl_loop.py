@@ -39,19 +39,19 @@ def tiny_rollout(cfg, ref=None):
 
 def test_internal_confidence_levels_at_the_cuts_hand():
     """u_s is the warm-up's recipe applied to the policy's own signals (mb.internal_confidence calls
-    signals_to_levels with the stored stats). Stats: U_LNLP alone, min/max (0, 8), μ = .5, σ = .25, so
-    c = 1 - U/8 and the level cuts are .5 + .25·(-1.5, -.75, 0, .75) = .125, .3125, .5, .6875 (exact floats).
+    signals_to_levels with the stored stats). Stats: U_LNLP alone, min/max (0, 8), μ = .75, σ = .125, so
+    c = 1 - U/8 and the level cuts are .75 + .125·(-3, -2, -1, 0) = .375, .5, .625, .75 (exact floats).
         U = 0, 2.5, 3, 4, 5, 5.5, 7, 8  ->  c = 1, .6875, .625, .5, .375, .3125, .125, 0
-    A c equal to a cut reaches it (level = 1 + #{cuts <= c}): levels 5, 5, 4, 4, 3, 3, 2, 1, so u_s = (level-1)/4
-    = 1, 1, .75, .75, .5, .5, .25, 0; and for a step that states level 5 (e = 1), R_CS = 1 - (1 - u)² =
-    1, 1, .9375, .9375, .75, .75, .4375, 0. (Cuts compared with > would give levels 5, 4, 4, 3, 3, 2, 1, 1.)"""
-    stats = {"minmax": {"lnlp": (0.0, 8.0)}, "mu": 0.5, "sigma": 0.25, "signals": ["lnlp"], "weights": None,
+    A c equal to a cut reaches it (level = 1 + #{cuts <= c}): levels 5, 4, 4, 3, 2, 1, 1, 1, so u_s = (level-1)/4
+    = 1, .75, .75, .5, .25, 0, 0, 0; and for a step that states level 5 (e = 1), R_CS = 1 - (1 - u)² =
+    1, .9375, .9375, .75, .4375, 0, 0, 0. (Cuts compared with > would give levels 5, 4, 3, 2, 1, 1, 1, 1.)"""
+    stats = {"minmax": {"lnlp": (0.0, 8.0)}, "mu": 0.75, "sigma": 0.125, "signals": ["lnlp"], "weights": None,
              "fusion": "mean"}
     fused, levels = mb.signals_to_levels({"lnlp": torch.tensor([0.0, 2.5, 3, 4, 5, 5.5, 7, 8])}, stats)
     close(fused, [1, 0.6875, 0.625, 0.5, 0.375, 0.3125, 0.125, 0])
-    assert levels.tolist() == [5, 5, 4, 4, 3, 3, 2, 1]
+    assert levels.tolist() == [5, 4, 4, 3, 2, 1, 1, 1]
     u = mb.level_to_confidence(levels)
-    close(mb.r_cs(torch.ones(8), u), [1, 1, 0.9375, 0.9375, 0.75, 0.75, 0.4375, 0])
+    close(mb.r_cs(torch.ones(8), u), [1, 0.9375, 0.9375, 0.75, 0.4375, 0, 0, 0])
 
 
 # ---- 3. score the rollout
