@@ -456,8 +456,9 @@ def run_warmup(cfg, init, out, device, resume_from=None):
     # 1. the base model answers the training questions itself. With the default --warmup-temperature 0 the answers
     # are greedy: its most likely chain, the one evaluate.py will judge, so the statements are learned on the very
     # answers they will accompany. The pool still holds the model's mistakes (the base answers about 8 test
-    # questions in 10 right, and gets about 1 step in 10 wrong), which is what the low levels are for. Sampled chains (0.7) cost 5 points of
-    # accuracy (README), presumably because the fine-tuning then teaches the model its less likely content.
+    # questions in 10 right, and gets about 1 step in 10 wrong), which is what the low levels are for. Sampled
+    # chains (0.7) cost 5 points of accuracy (README), presumably because the fine-tuning then teaches the model
+    # its less likely content.
     # The generator only matters at a temperature above 0.
     gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     responses = mb.generate_responses(model, tokenizer, records, temperature=cfg.warmup_temperature,
