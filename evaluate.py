@@ -1050,7 +1050,8 @@ def fused_internal_confidence(ck, records, responses, steps, device):
             out.append([])
             continue
         # slots past a response's last step hold 0 in raw; only its own len(st) steps are read
-        fused, levels = mb.signals_to_levels({k: raw[k][i, :len(st)] for k in ck.stats["signals"]}, ck.stats)  # (S,)
+        fused, levels = mb.signals_to_levels({k: raw[k][i, :len(st)] for k in ck.stats["signals"]}, ck.stats,
+                                             mb.premise_mask([st]))  # (S,)
         out.append(list(zip(fused.tolist(), levels.tolist())))
     return out
 

@@ -472,15 +472,17 @@ def run_warmup(cfg, init, out, device, resume_from=None):
     correct = torch.tensor([ok for rec, st in zip(records, steps) for ok in mb.judge_steps(rec, st)], dtype=torch.float32)
     perception = torch.tensor([bool(p) and p[0] == "perception" for p in (mb.parse_step(s.text) for st in steps for s in st)],
                               dtype=torch.bool)  # the steps U_CLIPS can check: one object's attributes at one cell
-    shards = mb.all_gather_objects((pool, correct, perception))
-    offset = sum(len(c) for _, c, _ in shards[:rank])  # where this rank's steps sit in the pooled order
-    pool = {k: torch.cat([p[k] for p, _, _ in shards]) for k in pool}
-    correct = torch.cat([c for _, c, _ in shards])
-    perception = torch.cat([f for _, _, f in shards])
+    premise = mb.premise_mask(steps)  # the answer steps whose c_final is capped at their premise's (mmboundary.py)
+    shards = mb.all_gather_objects((pool, correct, perception, premise))
+    offset = sum(len(c) for _, c, _, _ in shards[:rank])  # where this rank's steps sit in the pooled order
+    pool = {k: torch.cat([p[k] for p, _, _, _ in shards]) for k in pool}
+    correct = torch.cat([c for _, c, _, _ in shards])
+    perception = torch.cat([f for _, _, f, _ in shards])
+    premise = torch.cat([m for _, _, _, m in shards])
     # 3. normalise with the pool's min/max, fuse, and cut into five levels at mu + (-3, -2, -1, 0) sigma.
     # Cuts relative to the pool (not fixed at 0.2, 0.4, ...) use all five levels whatever the signals' scale.
     stats = mb.fit_confidence_stats(pool, signals, weights, cfg.fusion)
-    fused, levels = mb.signals_to_levels(pool, stats)
+    fused, levels = mb.signals_to_levels(pool, stats, premise)  # an answer step no surer than the step it restates
     # stored as confidence_stats.json: train_rl.py and evaluate.py map new signals through the same cuts
     stats.update(statements=cfg.statements, n_steps=len(fused), temperature=cfg.warmup_temperature)
     evidence = signal_evidence(pool, fused, levels, correct, perception)

@@ -325,9 +325,23 @@ def test_content_of_a_step_drops_its_statement_even_a_garbled_one(tokenizer):
         assert tokenizer.decode(ev._content(tokenizer.encode(text), tokenizer)) == content, text
 
 
-def test_self_correction_scores_each_version_by_the_four_signals_of_its_own_step(tokenizer, one_thread):
+def test_self_correction_scores_each_version_by_the_four_signals_of_its_own_step(tokenizer, one_thread, monkeypatch):
     """fused_internal_confidence, as self-correction calls it, equals score_responses -> signals_to_levels read at
-    the response's last step, computed for each response alone."""
+    the response's last step, computed for each response alone; an answer step's c_final is capped at its premise's
+    (the step before it), a perception step's is its own. The answer's own signals are set to the surest values
+    (c = 1), so the cap shows."""
+    real = mb.score_responses
+
+    def sure_answers(model, clip, tok, recs, resps, sts, **kw):
+        raw = real(model, clip, tok, recs, resps, sts, **kw)
+        for b, chain in enumerate(sts):
+            for j, step in enumerate(chain):
+                if mb.parse_step(step.text) and mb.parse_step(step.text)[0] == "answer":
+                    for k in mb.UNCERTAINTY_SIGNALS:
+                        raw[k][b, j] = -1.0  # lo of the stats below: c = 1
+                    raw["clipscore"][b, j] = 3.0  # hi: c = 1
+        return raw
+    monkeypatch.setattr(mb, "score_responses", sure_answers)
     torch.manual_seed(0)
     model = mb.TinyVLM(mb.VLMConfig(n_layer=1, n_head=2, n_embd=16, vit_layers=1, vit_embd=8,
                                     vocab_size=len(tokenizer), block_size=120)).eval()
@@ -343,9 +357,11 @@ def test_self_correction_scores_each_version_by_the_four_signals_of_its_own_step
     got = ev.fused_internal_confidence(ck, recs, responses, steps, "cpu")
     for i in range(2):
         raw = mb.score_responses(model, clip, tokenizer, recs[i:i + 1], responses[i:i + 1], steps[i:i + 1])
-        last = len(steps[i]) - 1
-        c, level = mb.signals_to_levels({k: raw[k][0, last:last + 1] for k in mb.SIGNALS}, stats)
-        assert abs(got[i][-1][0] - c.item()) < 1e-5 and got[i][-1][1] == level.item()
+        alone = [mb.signals_to_levels({k: raw[k][0, j:j + 1] for k in mb.SIGNALS}, stats)[0].item()
+                 for j in range(len(steps[i]))]  # each step's own c_final
+        c = min(alone[-2:]) if i == 0 else alone[-1]  # response 0 ends with an answer after its premise
+        assert i == 1 or alone[-1] == 1.0 > alone[-2]  # the case tells a capped answer from an uncapped one
+        assert abs(got[i][-1][0] - c) < 1e-5 and got[i][-1][1] == mb.confidence_levels(torch.tensor([c]), 0.5, 0.1).item()
 
 
 # ---------------------------------------------------------------------------- #

@@ -35,7 +35,7 @@ def test_regenerated_golden_matches_committed(tmp_path):
 def test_golden_covers_every_contract_function():
     names = set(load_file(GOLDEN))
     for fn in ["token_logprobs", "token_entropy", "u_lnlp", "u_mte", "u_tokensar", "u_clipscore", "fuse_mean",
-               "fuse_max", "confidence_levels", "level_to_confidence", "r_ka", "r_ec", "r_cs", "masked_mean",
+               "fuse_max", "cap_at_premise", "confidence_levels", "level_to_confidence", "r_ka", "r_ec", "r_cs", "masked_mean",
                "masked_whiten", "gae_advantages", "gae_returns", "ppo_policy_loss", "ppo_clipfrac",
                "ppo_value_loss", "ece", "auroc", "brier", "vlm.logits", "vlm.loss"]:
         assert fn in names, fn

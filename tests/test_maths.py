@@ -174,6 +174,28 @@ def test_a_pool_skewed_like_the_warm_ups_still_fills_level_5():
     assert levels.tolist() == [2, 4, 5, 5, 5, 5, 5, 5]
 
 
+def test_an_answer_step_is_capped_at_its_premise_hand():
+    """c_final [.9, .5, .95 | .8, .95]: two chains, (perception, relation, answer) and (answer, answer). premise_mask
+    -> [F, F, T, F, T]: an answer step after another step of its own chain (not the second chain's first step,
+    whose predecessor in the flat pool belongs to another chain). Capped: [.9, .5, min(.95, .5) = .5, .8, min(.95,
+    .8) = .8]. With mu = .75, sigma = .125 (cuts .375 .5 .625 .75) the levels are [5, 3, 3, 5, 5]; uncapped the
+    first answer would be level 5."""
+    chains = [["At the center there is a small red circle.", "The red circle is left of the blue square.",
+               "So, the answer is left."], ["So, the answer is two.", "So the answer is two"]]
+    premise = mb.premise_mask(chains)
+    assert premise.tolist() == [False, False, True, False, True]
+    fused = torch.tensor([.9, .5, .95, .8, .95])
+    close(mb.cap_at_premise(fused, premise), [.9, .5, .5, .8, .8])
+    stats = {"minmax": {"lnlp": (0.0, 1.0)}, "mu": 0.75, "sigma": 0.125, "signals": ["lnlp"], "weights": None,
+             "fusion": "mean"}
+    raw = {"lnlp": 1 - fused}  # c = 1 - U with (lo, hi) = (0, 1): c_final = fused
+    capped, levels = mb.signals_to_levels(raw, stats, premise)
+    close(capped, [.9, .5, .5, .8, .8])
+    assert levels.tolist() == [5, 3, 3, 5, 5]
+    assert mb.signals_to_levels(raw, stats)[1].tolist() == [5, 3, 5, 5, 5]
+    assert mb.premise_mask([[], ["A free-form real-data step.", "So, the answer is thirty."]]).tolist() == [False, True]
+
+
 def test_level_to_confidence():
     """(k - 1)/4: 1 -> 0, 2 -> .25, 3 -> .5, 4 -> .75, 5 -> 1; int -> float, tensor -> float tensor."""
     assert mb.level_to_confidence(5) == 1.0 and isinstance(mb.level_to_confidence(3), float)

@@ -502,6 +502,33 @@ def test_warmup_replays_the_reference_chains_of_all_the_bases_training_questions
         assert all(step.rstrip(".").lower() in chain for step in mb.reference_steps(rec))
 
 
+def test_warmup_states_no_answer_surer_than_its_premise(quick_pipeline, tmp_path, monkeypatch):
+    """--quick warm-up on the reference chains (a stand-in generate_responses) with random signals (a stand-in
+    score_responses): in every self-answered chain it is taught,
+    an answer step's statement level is at most the level of the step before it (mb.cap_at_premise); the levels are
+    the same cut of c_final, so a capped c_final cannot reach a higher level. Uncapped, random signals put some
+    answer above its premise (checked: the test then fails)."""
+    import train_sft
+    cfg, _ = train_sft.parse(["--quick", "--stage", "warmup", "--device", "cpu"])
+    seen = {}
+    monkeypatch.setattr(train_sft, "train_lm", lambda model, examples, *a, **k: seen.setdefault("examples", examples))
+    tok = mb.load_checkpoint(quick_pipeline["base"]).tokenizer
+    monkeypatch.setattr(mb, "generate_responses", lambda model, tokenizer, recs, **k: [  # the reference chains
+        tok.encode(" ".join(mb.reference_steps(r))) + [mb.EOS] for r in recs])
+    rng = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(mb, "score_responses", lambda model, clip, tok, records, responses, steps, **k: {
+        name: torch.rand(len(records), max(1, max(len(s) for s in steps)), generator=rng) for name in mb.SIGNALS})
+    train_sft.run_warmup(cfg, quick_pipeline["base"], str(tmp_path / "warmup"), "cpu")
+    pairs = 0
+    for _, ids, start in (e for e in seen["examples"] if len(e) == 3):  # the self-answered chains
+        steps = mb.split_steps(list(ids[start:]), tok)
+        for before, step in zip(steps, steps[1:]):
+            if mb.parse_step(step.text) and mb.parse_step(step.text)[0] == "answer":
+                assert step.level <= before.level, (before, step)
+                pairs += 1
+    assert pairs > 0
+
+
 def test_signal_evidence_ranks_each_signal_on_all_steps_and_on_perception_steps():
     """Four steps, right = [1, 0, 1, 0], perception = [T, T, F, F]. clipscore [.9, .1, .2, .8] ranks the two
     perception steps right (AUROC 1) but all four at 2/4 = 0.5 (pairs (right, wrong): (.9,.1) (.9,.8) yes,

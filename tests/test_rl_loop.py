@@ -54,6 +54,21 @@ def test_internal_confidence_levels_at_the_cuts_hand():
     close(mb.r_cs(torch.ones(8), u), [1, 0.9375, 0.9375, 0.75, 0.4375, 0, 0, 0])
 
 
+def test_internal_confidence_caps_an_answer_at_its_premise(monkeypatch):
+    """u_s of "So, the answer is ..." is at most its premise's (mb.cap_at_premise). Hand signals, U_LNLP alone with the
+    cuts above (min/max (0, 8), mu .75, sigma .125): chain [step, answer] with U = [5, 0] -> c = [.375, 1] -> capped
+    [.375, .375] -> levels [2, 2] -> u_s = [.25, .25] (uncapped the answer would be level 5, u_s 1); a chain [answer]
+    alone keeps its own U = 0 -> u_s 1."""
+    stats = {"minmax": {"lnlp": (0.0, 8.0)}, "mu": 0.75, "sigma": 0.125, "signals": ["lnlp"], "weights": None,
+             "fusion": "mean"}
+    steps = [[mb.Step(0, 3, 3, "The red circle is left of the blue square.", 5), mb.Step(4, 6, 6, "So, the answer is left.", 5)],
+             [mb.Step(0, 3, 3, "So, the answer is left.", 5)]]
+    raw = {k: torch.zeros(2, 2) for k in mb.SIGNALS}
+    raw["lnlp"] = torch.tensor([[5.0, 0.0], [0.0, 0.0]])
+    monkeypatch.setattr(mb, "score_responses", lambda *a, **k: raw)
+    assert mb.internal_confidence(None, None, None, [None, None], [None, None], steps, stats) == [[0.25, 0.25], [1.0]]
+
+
 # ---- 3. score the rollout
 
 def test_score_rollout_records_temperature_logprobs_and_the_kl_to_the_reference():
