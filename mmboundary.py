@@ -2475,9 +2475,11 @@ def fit_confidence_stats(pool, signals=SIGNALS, weights=None, fusion="mean"):
 # This project's choice, beyond §3.2: a conclusion is no surer than its premise. The answer step ("So, the answer is
 # left.") restates the step before it (the relation, the count, the comparison, the fact, the colour seen), so its
 # tokens are a copy: the model is sure of them whenever it wrote the premise, right or wrong, and the signals then
-# measure the copy, not the claim. Measured on seed 1337's base, 1000 held-out training questions: spatial answers
-# were right 0.39 of the time with c_final 0.90 (every one level 5), while the relation steps they restate scored
-# 0.55 (levels 2 and 3, right 0.37). The cuts (mu, sigma) are fitted on the uncapped pool: they describe the signals.
+# measure the copy, not the claim. Measured on seed 1337's base, 1000 held-out training questions (the script kinds.py
+# in commit e66397c's message): spatial answers were right 0.39 of the time with c_final 0.90 (every one level 5),
+# while the relation steps they restate scored 0.55 (levels 2 and 3, right 0.37). Three pipeline seeds: RL step MECE
+# 0.125 -> 0.084, AUROC 0.59 -> 0.73, accuracy unchanged (README). The cuts (mu, sigma) are fitted on the uncapped
+# pool: they describe the signals.
 def premise_mask(steps):
     """Which steps get the premise cap: steps (per response, a list of Step or of str) -> flat (N,) bool, True for an
     answer step that is not its response's first step. Flat in chain order, as the pools are.

@@ -504,10 +504,9 @@ def test_warmup_replays_the_reference_chains_of_all_the_bases_training_questions
 
 def test_warmup_states_no_answer_surer_than_its_premise(quick_pipeline, tmp_path, monkeypatch):
     """--quick warm-up on the reference chains (a stand-in generate_responses) with random signals (a stand-in
-    score_responses): in every self-answered chain it is taught,
-    an answer step's statement level is at most the level of the step before it (mb.cap_at_premise); the levels are
-    the same cut of c_final, so a capped c_final cannot reach a higher level. Uncapped, random signals put some
-    answer above its premise (checked: the test then fails)."""
+    score_responses): in every self-answered chain it is taught, an answer step's statement level is at most the
+    level of the step before it (mb.cap_at_premise); the levels are one cut of c_final, so a capped c_final cannot
+    reach a higher level. Uncapped, random signals put some answer above its premise (checked: the test then fails)."""
     import train_sft
     cfg, _ = train_sft.parse(["--quick", "--stage", "warmup", "--device", "cpu"])
     seen = {}
