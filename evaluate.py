@@ -115,7 +115,7 @@ SPLIT_SEED = {"test": 1, "ood": 3}
 # stating look sure or unsure at will; 0.5 is the middle, and the Stated column shows how often it stood in.
 UNSTATED_CONFIDENCE = 0.5
 LOW_LEVEL = 2  # a final answer stating a level <= this is "hedged" in the knowledge-boundary table
-# self-correction resamples a step whose stated level is <= this ("but i could be wrong" and below). Chosen on 500
+# self-correction resamples a step whose stated level is <= this ("though i could be wrong" and below). Chosen on 500
 # held-out training questions (seeds 1337 and 2, RL checkpoints): accuracy +0.4 / -0.2 points at 2, +3.8 / +2.8 at
 # 3, +3.4 at 4 (seed 1337) for nearly twice the tokens of 3
 RESAMPLE_LEVEL = 3
@@ -1118,7 +1118,7 @@ def html_table(header, rows):
 
 
 def level_chip(level, said=""):
-    """A coloured chip "4 · and i'm quite sure of it" (a bare "4" without words, as for the internal level); a step
+    """A coloured chip "4 · and i'm quite sure" (a bare "4" without words, as for the internal level); a step
     that states nothing gets a grey "no statement"."""
     if level is None:  # nothing parseable after the step: the metrics count it as 0.5, the page says so plainly
         return '<span class="lv lv0">no statement</span>'

@@ -2524,27 +2524,32 @@ def signals_to_levels(values, stats, premise=None):
 # "(confidence k/5)" instead (confidence_number_statement). Several clauses per level, drawn at random by
 # statement_for, keep a level from becoming one fixed token string. The words run from "certainty" (5) through
 # "believe" (4), "could be wrong" (3), "not sure" (2) to "probably wrong" (1), the order a reader would expect.
+# Two rules make the clauses easy to state and hard to blend. (a) Each level opens with its own word: "with" (5),
+# "and" (4), "though" (3), "but" (2), "yet" (1), so the first token after the comma already names the level, and
+# greedy decoding states the likeliest level rather than the likeliest opener's most common continuation (with openers
+# shared across levels, seed 1337's warm-up stated only levels 5, 3 and 2 greedily). (b) No clause uses a word of the
+# questions or steps but "to" ("is", "right", "the", "answer", ...; a test checks it), so a clause cannot slide into
+# a step's content or back out of it ("... is only somewhat likely accurate at the top middle"). Three pipeline seeds
+# with both rules: warm-up accuracy cost 1.2 points against 2.6, RL step MECE 0.082 against 0.084, AUROC 0.76 against
+# 0.73 (README).
 STATEMENTS = {
-    5: ["with total certainty", "and i am completely sure of this", "and i am absolutely certain",
-        "without any doubt at all", "and there is no doubt about it", "and i know this for a fact",
-        "and i would bet anything on it", "and this is definitely correct", "and i am one hundred percent sure",
-        "beyond any doubt"],
-    4: ["and i believe this is right", "and i am fairly confident", "and it is likely accurate",
-        "and i think this holds", "and i'm quite sure of it", "and i'm reasonably confident",
-        "and this is most likely true", "and i largely trust this", "and i am pretty confident here",
-        "and it seems right to me"],
-    3: ["but i can't be entirely sure", "though i am only moderately confident", "but i could be wrong",
-        "and this is a reasonable guess", "but there is some doubt", "though it might be otherwise",
-        "and this is only somewhat likely", "though i would not swear to it", "but i have mixed feelings",
-        "though i am on the fence"],
-    2: ["but i'm not sure", "but i have serious doubts", "though this is quite uncertain",
-        "but i doubt this is right", "but my confidence is low", "but this is a shaky guess",
-        "though i am rather unsure", "but i would not rely on it", "but this is hard to tell",
-        "but i lack confidence here"],
-    1: ["and this needs checking", "but this is probably wrong", "but i have almost no confidence",
-        "and i am almost certainly mistaken", "though this looks incorrect", "but i am only guessing",
-        "and it should not be trusted", "but i really have no idea", "and this is very doubtful",
-        "and i suspect it is an error"],
+    5: ["with total certainty", "with complete confidence", "with absolute certainty", "with full confidence",
+        "with no doubt whatsoever", "with every confidence", "with complete certainty", "with utter certainty",
+        "with perfect confidence", "with no hesitation"],
+    4: ["and i believe this holds", "and i am fairly confident", "and i'm quite sure", "and i think this holds",
+        "and i'm reasonably confident", "and this seems likely", "and i largely trust this",
+        "and i am pretty confident here", "and it seems accurate to me", "and i mostly trust this"],
+    3: ["though i can't be entirely sure", "though i am only moderately confident", "though i could be wrong",
+        "though this might be otherwise", "though some doubt remains", "though it might be otherwise",
+        "though this seems only somewhat likely", "though i would not swear to it", "though i have mixed feelings",
+        "though i am undecided"],
+    2: ["but i'm not sure", "but i have serious doubts", "but this seems quite uncertain", "but i doubt this holds",
+        "but my confidence runs low", "but this guess seems shaky", "but i am rather unsure",
+        "but i would not rely on it", "but this seems hard to tell", "but i lack confidence here"],
+    1: ["yet this seems probably wrong", "yet this needs checking", "yet i am almost certainly mistaken",
+        "yet this looks incorrect", "yet i am only guessing", "yet this should not be trusted",
+        "yet this seems very doubtful", "yet i suspect an error", "yet i have almost no confidence",
+        "yet i really have no idea"],
 }
 STATEMENT_MATCH_THRESHOLD = 0.85  # min difflib ratio for a fuzzy clause match (this project's choice)
 _LEVEL_OF_CLAUSE = {clause: level for level, clauses in STATEMENTS.items() for clause in clauses}  # exact lookup
@@ -2552,7 +2557,7 @@ _LEVEL_OF_CLAUSE = {clause: level for level, clauses in STATEMENTS.items() for c
 
 def statement_for(level, rng: random.Random):
     """Draw a clause for a level (score -> statement) with a random.Random: (int, rng) -> str.
-    Example: statement_for(5, random.Random(0)) -> "and i would bet anything on it" (one of STATEMENTS[5])"""
+    Example: statement_for(5, random.Random(0)) -> "with complete certainty" (one of STATEMENTS[5])"""
     if isinstance(level, (torch.Tensor, np.integer)):
         level = int(level)
     if isinstance(level, bool) or level not in STATEMENTS:
@@ -2612,7 +2617,7 @@ def is_unreadable_statement(text):
     clause word, yet it is no clause (level_of_statement finds none). str -> bool.
     Why it matters: a word-level decoder that has half learned the clauses blends two levels' clauses into one of
     neither. The warm-up (seed 1337, 300 held-out training questions) wrote "so, the answer is one, but i am pretty
-    confident." ("but i ..." of levels 1-3, "... i am pretty confident here" of level 4) on 14% of its steps; read as
+    confident." ("but i ..." of levels 1-3 then, "... i am pretty confident here" of level 4) on 14% of its steps; read as
     content, its right answer "one, but i am pretty confident" was judged wrong, which was most of the warm-up's loss
     of accuracy (0.713 judged so, 0.843 with the blend cut off; the base 0.82).
     Examples: "but i am pretty confident" -> True;  "but i'm not sure" -> False (a clause, level 2);

@@ -209,7 +209,7 @@ def tokenizer():
 
 RESTATED = ", and i am fairly confident."  # the scripted model's greedy statement after a kept draw's content
 LOW_SAME = "at the center there is a small red circle, but i have serious doubts."  # level 2: a tie
-LOW_1 = "at the center there is a large blue circle, and this needs checking."  # level 1
+LOW_1 = "at the center there is a large blue circle, yet this needs checking."  # level 1
 HIGH_4 = "at the center there is a large blue circle, and i am fairly confident."  # level 4
 HIGH_5 = "at the center there is a large red circle, with total certainty."  # level 5
 GARBLED = "at the center there is a large blue circle, but i rather unsure."  # a statement split_steps cannot read
@@ -299,7 +299,7 @@ def test_self_correction_scores_the_resampled_step_not_the_steps_before_it(token
     assert "large blue circle, and i am fairly confident" in tokenizer.decode(responses[0])
 
 
-@pytest.mark.parametrize("statement, level, resampled", [("but i could be wrong", 3, True),
+@pytest.mark.parametrize("statement, level, resampled", [("though i could be wrong", 3, True),
                                                           ("and i am fairly confident", 4, False)])
 def test_self_correction_resamples_steps_stating_level_3_or_below(tokenizer, monkeypatch, statement, level,
                                                                    resampled):
@@ -424,9 +424,9 @@ def test_ablation_plan_rows_and_flags(tmp_path):
 # ---------------------------------------------------------------------------- #
 
 def chatty_model(tokenizer):
-    """A random tiny TinyVLM whose greedy answers hold several "." (a +2 bias on the period logit) and where one
-    question ends early at <eos>: what step-by-step decoding must get right."""
-    torch.manual_seed(0)
+    """A random tiny TinyVLM whose greedy answers hold several "." (a +8 bias on the period logit) and where some
+    questions end early at <eos>: what step-by-step decoding must get right."""
+    torch.manual_seed(1)
     cfg = mb.VLMConfig(n_layer=1, n_head=2, n_embd=32, vit_layers=1, vit_embd=16, patch_size=6, vocab_size=len(tokenizer), block_size=96)
     model = mb.TinyVLM(cfg).eval()
     for p in model.parameters():
@@ -436,7 +436,7 @@ def chatty_model(tokenizer):
     head.weight = model.tok_embed.weight
     with torch.no_grad():
         head.bias.zero_()
-        head.bias[tokenizer.index["."]] = 2.0
+        head.bias[tokenizer.index["."]] = 8.0
     model.lm_head = head
     return model
 

@@ -228,6 +228,21 @@ def test_statement_pools_are_distinct_and_well_formed():
                 assert difflib.SequenceMatcher(None, a, b).ratio() < 0.8, (a, b)
 
 
+def test_each_level_opens_with_its_own_word_and_shares_no_word_with_the_world():
+    """The two rules of the clauses (mmboundary.py, above STATEMENTS): every clause of a level starts with the same
+    word and no other level starts with it ("with" 5, "and" 4, "though" 3, "but" 2, "yet" 1), so the first token
+    names the level; and no clause word but "to" appears in a question or a reference step of the world (train and
+    ood), so a clause cannot blend into content. (Planted: "and this is right" under level 4 fails the second.)"""
+    openers = {level: {clause.split()[0] for clause in clauses} for level, clauses in mb.STATEMENTS.items()}
+    assert openers == {5: {"with"}, 4: {"and"}, 3: {"though"}, 2: {"but"}, 1: {"yet"}}
+    world = set()
+    for record in mb.make_dataset(2000, 5, "train") + mb.make_dataset(300, 5, "ood"):
+        for text in [mb.format_prompt(record), *mb.reference_steps(record)]:
+            world |= set(mb.normalize_statement(text).split())
+    assert "answer" in world and "is" in world  # the world's words are read
+    assert mb.STATEMENT_WORDS & world == {"to"}
+
+
 def test_every_clause_maps_back_to_its_level():
     """Exact form, odd case/punctuation/spacing, the tokenized "can ' t" form, and a one-letter substitution in the
     middle of the clause (ratio (n-1)/n >= .85 for the clause lengths used) all map back to the clause's level."""
@@ -241,17 +256,17 @@ def test_every_clause_maps_back_to_its_level():
             middle = len(clause) // 2
             typo = clause[:middle] + ("x" if clause[middle] != "x" else "y") + clause[middle + 1:]
             assert mb.level_of_statement(typo) == level, typo
-    assert mb.level_of_statement("BUT I CAN ' T BE ENTIRELY SURE!") == 3
+    assert mb.level_of_statement("THOUGH I CAN ' T BE ENTIRELY SURE!") == 3
     assert mb.level_of_statement("with totl certainty") == 5  # ratio 2*19/(20+19) = .974
 
 
 def test_an_unreadable_statement_is_cut_off_the_content_and_states_nothing():
-    """A blend of two levels' clauses ("but i" of levels 1-3 + "i am pretty confident" of level 4) names no level:
+    """A blend of two levels' clauses ("but" of level 2 + "i am pretty confident" of level 4) names no level:
     split_steps cuts it off the content at the last comma and gives level None, so "so, the answer is one, but i am
     pretty confident." answers "one" (and states nothing). A real step's own second half ("and the dog is red": the
     last two words are no clause words) and "so , the answer is one" stay content; a clause keeps its level."""
     tok = mb.Tokenizer.build(["so, the answer is one, and the dog is red.", *[c for p in mb.STATEMENTS.values() for c in p]])
-    assert mb.is_unreadable_statement("but i am pretty confident") and mb.is_unreadable_statement("And I am on the fence.")
+    assert mb.is_unreadable_statement("but i am pretty confident") and mb.is_unreadable_statement("Though I am pretty confident.")
     assert not mb.is_unreadable_statement("but i'm not sure")  # a clause: readable (level 2)
     assert not mb.is_unreadable_statement("and the dog is red") and not mb.is_unreadable_statement("the answer is one")
     assert not mb.is_unreadable_statement("") and not mb.is_unreadable_statement("i am pretty confident")  # no opener
@@ -266,7 +281,7 @@ def test_an_unreadable_statement_is_cut_off_the_content_and_states_nothing():
 def test_normalize_statement_hand():
     """lower-case, punctuation dropped, spaces around apostrophes removed, whitespace collapsed, ends stripped."""
     assert mb.normalize_statement("  But I ' M  not SURE. ") == "but i'm not sure"
-    assert mb.normalize_statement("but i can ' t be entirely sure") == "but i can't be entirely sure"
+    assert mb.normalize_statement("though i can ' t be entirely sure") == "though i can't be entirely sure"
     assert mb.normalize_statement("sure,really!") == "sure really"
     assert mb.normalize_statement("\u2018with total certainty\u2019") == "with total certainty"
 

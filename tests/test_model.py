@@ -197,8 +197,8 @@ def test_fit_whitening_gives_zero_mean_identity_covariance_features():
 
 def test_tokenizer_round_trip(tmp_path):
     tok = mb.Tokenizer.build(["There is a small red circle at the top left.", "So, the answer is red.",
-                              "but i can't be entirely sure", "(confidence 4/5)"])
-    text = "so, the answer is red, but i can't be entirely sure."
+                              "though i can't be entirely sure", "(confidence 4/5)"])
+    text = "so, the answer is red, though i can't be entirely sure."
     assert tok.decode(tok.encode(text)) == text
     assert tok.decode(tok.encode("(confidence 4/5).")) == "(confidence 4/5)."
     assert tok.encode("zebra")[0] == mb.UNK
@@ -410,7 +410,7 @@ def test_warmup_examples_hand_computed():
     flat levels [5, 2, 3]: the empty chain gives no example, so level 3 belongs to the third question's step.
     statements=False (hand-written): "At the top left there is a small green diamond (confidence 5/5). So, the
     answer is zero (confidence 2/5)." and "So, the answer is two (confidence 3/5)."; with words the first clause
-    drawn by random.Random(0) for level 5 is "and i would bet anything on it" (statement_for's docstring), and
+    drawn by random.Random(0) for level 5 is "with complete certainty" (statement_for's docstring), and
     split_steps reads the levels 5, 2 and 3 back. block_size 10 keeps the first 11 ids; 2 levels for 3 steps is a
     ValueError (a shifted level would state another step's confidence)."""
     import random
@@ -426,7 +426,7 @@ def test_warmup_examples_hand_computed():
     assert numbers[0][0] is records[0]["image"] and numbers[1][0] is records[2]["image"]
     words = mb.warmup_examples(tok, records, chains, torch.tensor([5, 2, 3]), random.Random(0), block_size=160)
     _, ids, start = words[0]
-    assert tok.decode(ids[start:]).startswith("at the top left there is a small green diamond, and i would bet anything on it.")
+    assert tok.decode(ids[start:]).startswith("at the top left there is a small green diamond, with complete certainty.")
     assert [[st.level for st in mb.split_steps(ids[start:], tok)] for _, ids, start in words] == [[5, 2], [3]]
     cut = mb.warmup_examples(tok, records, chains, [5, 2, 3], random.Random(0), block_size=10, statements=False)
     assert cut[0][1] == first[0][:11] and len(cut[1][1]) == 11
