@@ -2617,9 +2617,9 @@ def is_unreadable_statement(text):
     clause word, yet it is no clause (level_of_statement finds none). str -> bool.
     Why it matters: a word-level decoder that has half learned the clauses blends two levels' clauses into one of
     neither. The warm-up (seed 1337, 300 held-out training questions) wrote "so, the answer is one, but i am pretty
-    confident." ("but i ..." of levels 1-3 then, "... i am pretty confident here" of level 4) on 14% of its steps; read as
-    content, its right answer "one, but i am pretty confident" was judged wrong, which was most of the warm-up's loss
-    of accuracy (0.713 judged so, 0.843 with the blend cut off; the base 0.82).
+    confident." ("but i ..." of levels 1-3 in the clauses of then, "... i am pretty confident here" of level 4) on 14%
+    of its steps; read as content, its right answer "one, but i am pretty confident" was judged wrong, which was most
+    of the warm-up's loss of accuracy (0.713 judged so, 0.843 with the blend cut off; the base 0.82).
     Examples: "but i am pretty confident" -> True;  "but i'm not sure" -> False (a clause, level 2);
     "and the ball is red" -> False ("ball" and "red" are no clause words: a real step's own second half)."""
     words = normalize_statement(text).split()
