@@ -55,7 +55,7 @@ class SFTConfig:
     weight_decay: float = field(default=0.01, metadata=note("AdamW weight decay on matrices", NON_NEGATIVE))
     warmup_iters: int = field(default=50, metadata=note("linear learning-rate warm-up steps", NON_NEGATIVE))
     grad_clip: float = field(default=1.0, metadata=note("clip the global gradient norm to this", POSITIVE))
-    clip_steps: int = field(default=600, metadata=note("base: optimizer steps for TinyCLIP", POSITIVE))
+    clip_steps: int = field(default=1800, metadata=note("base: optimizer steps for TinyCLIP", POSITIVE))
     clip_batch_size: int = field(default=64, metadata=note("(image, step) pairs per TinyCLIP step; also the InfoNCE negatives", POSITIVE))
     clip_lr: float = field(default=5e-4, metadata=note("TinyCLIP learning rate", LEARNING_RATE))
     vit_from_clip: bool = field(default=True, metadata=note("base: start TinyVLM's (frozen) vision encoder from the trained TinyCLIP image tower (LLaVA's recipe); off: a random frozen tower"))
