@@ -252,7 +252,10 @@ def train_clip(clip, tokenizer, records, cfg, device):
     one-attribute edits joining the batch as hard negative captions (clip_batch).
     TinyCLIP serves twice: its image tower starts TinyVLM's vision encoder, and its image-text similarity is the
     CLIPScore signal of the warm-up (is this step about what the image shows?). So it learns from the steps
-    themselves, e.g. "At the center there is a large red circle." against the image it describes."""
+    themselves, e.g. "At the center there is a large red circle." against the image it describes.
+    Why --clip-steps 1800 (a fifth of the default run's time): at 600, the true step beat its shape edit 88% of the
+    time and U_CLIPS ranked the warm-up pool's steps at AUROC 0.72 (perception steps 0.61); at 1800: 96%, 0.79,
+    0.85 (three seeds, README Stage 0 and 1)."""
     pairs = [(r, s) for r in records for s in mb.reference_steps(r)]
     rank, _ = mb.rank_and_world()
     clip.train()
