@@ -720,7 +720,8 @@ def split_seeds(cfg):
 def eval_splits(cfg):
     """{split: records}: test = the held-out questions of train_rl.py (seed + 1), ood with its own seed.
     Generated, not loaded: with --seed equal to the training runs' seed, no test question was trained on (the
-    training scripts use seed for SFT and seed + 2 for RL's prompts), and every checkpoint answers the same ones."""
+    training scripts use seed for SFT, seed + 2 for RL's prompts and seed + 3 for the warm-up's pool, all on the train
+    split), and every checkpoint answers the same ones."""
     sizes = {"test": cfg.n_test, "ood": cfg.n_ood, "held-out": cfg.n_test}
     return {split: mb.make_dataset(sizes[split], seed, kind) for split, (seed, kind) in split_seeds(cfg).items()}
 
@@ -1289,9 +1290,10 @@ def main(argv=None):
         raise UserError("--ablations trains and evaluates on the shapes world; it takes no --data")
     if cfg.held_out and (files or cfg.ablations):
         raise UserError("--held-out is a split of the shapes world for the main table; it takes no --data or --ablations")
-    if cfg.held_out and cfg.held_out in (cfg.seed, cfg.seed + 2):  # the base and warm-up train on seed, RL's prompts on seed + 2
+    if cfg.held_out and cfg.held_out in (cfg.seed, cfg.seed + 2, cfg.seed + 3):  # base: seed, RL's prompts: seed + 2, warm-up pool: seed + 3
         raise UserError(f"--held-out {cfg.held_out}: the training scripts drew their questions with this seed "
-                        f"(--seed {cfg.seed}: SFT {cfg.seed}, RL {cfg.seed + 2}); choose one no training run used")
+                        f"(--seed {cfg.seed}: SFT {cfg.seed}, RL {cfg.seed + 2}, warm-up pool {cfg.seed + 3}); choose one no "
+                        f"training run used")
     if cfg.ablations:
         os.makedirs(cfg.out, exist_ok=True)
         run_ablations(cfg, command, device, t_start)

@@ -483,7 +483,7 @@ def test_mix_with_replay_draws_own_and_replayed_chains_equally_often():
 
 
 def test_warmup_replays_the_reference_chains_of_all_the_bases_training_questions(quick_pipeline, tmp_path, monkeypatch):
-    """--quick: the base trained on --n-train 160 questions; the warm-up answers the first --warmup-n 24 itself. Its
+    """--quick: the base trained on --n-train 160 questions; the warm-up answers --warmup-n 24 others itself. Its
     training list is the 24 own chains listed round(160 / 24) = 7 times, then the reference chains of all 160
     questions (each with hidden statements), not only of the 24: replaying the warm-up's own few questions alone, the
     model learned their chains rather than reading the images (README Things tried)."""
@@ -500,6 +500,28 @@ def test_warmup_replays_the_reference_chains_of_all_the_bases_training_questions
     records = mb.make_dataset(160, cfg.seed, "train")
     for rec, chain in zip(records, chains):  # the i-th replayed chain is the i-th training question's reference chain
         assert all(step.rstrip(".").lower() in chain for step in mb.reference_steps(rec))
+
+
+def test_warmup_pool_is_fresh_questions_not_the_bases_training_questions(quick_pipeline, tmp_path, monkeypatch):
+    """--quick (seed 1337, --n-train 160, --warmup-n 24): the questions the warm-up answers itself are
+    make_dataset(24, 1337 + POOL_SEED_OFFSET, "train"), and not one of them (question text and image together) is
+    among the base's 160 training questions make_dataset(160, 1337, "train"). With the pool drawn at the base's
+    own seed (the earlier code) they are its first 24 training questions: the test then fails."""
+    import train_sft
+    cfg, _ = train_sft.parse(["--quick", "--stage", "warmup", "--device", "cpu"])
+    asked = []
+    real_generate = mb.generate_responses
+    def recording(model, tokenizer, recs, **k):
+        asked.extend(recs)
+        return real_generate(model, tokenizer, recs, **k)
+    monkeypatch.setattr(mb, "generate_responses", recording)
+    monkeypatch.setattr(train_sft, "train_lm", lambda model, examples, *a, **k: model)
+    train_sft.run_warmup(cfg, quick_pipeline["base"], str(tmp_path / "warmup"), "cpu")
+    key = lambda r: (r["question"], r["image"].tobytes())
+    expected = mb.make_dataset(cfg.warmup_n, cfg.seed + train_sft.POOL_SEED_OFFSET, "train")
+    assert [key(r) for r in asked] == [key(r) for r in expected] and len(asked) == cfg.warmup_n == 24
+    trained_on = {key(r) for r in mb.make_dataset(cfg.n_train, cfg.seed, "train")}
+    assert not any(key(r) in trained_on for r in asked)
 
 
 def test_warmup_states_no_answer_surer_than_its_premise(quick_pipeline, tmp_path, monkeypatch):
