@@ -109,7 +109,8 @@ REQUIRED_KEYS = ("acc", "f1", "ece", "mece", "mece_perception", "mece_reasoning"
                  "n_questions", "n_steps")
 METRIC_KEYS = REQUIRED_KEYS + ("step_acc", "stated_fraction", "acc_by_type", "n_by_type", "knowledge_boundary")
 SPLITS = ("test", "ood")
-# seed offsets per split: test = seed + 1 is train_rl.py's held-out set; ood gets its own (seed + 2 is RL's train pool)
+# seed offsets per split: test = seed + 1 is train_rl.py's held-out set; ood gets its own (seed + 2 is RL's train pool,
+# seed + 3 on the train split the warm-up's pool: a split draws apart from the others, mb.SPLIT_SEED_OFFSET)
 SPLIT_SEED = {"test": 1, "ood": 3}
 # A step without a parseable statement "says nothing": counted as a coin flip. 0 or 1 would let a model that stops
 # stating look sure or unsure at will; 0.5 is the middle, and the Stated column shows how often it stood in.
@@ -1290,10 +1291,12 @@ def main(argv=None):
         raise UserError("--ablations trains and evaluates on the shapes world; it takes no --data")
     if cfg.held_out and (files or cfg.ablations):
         raise UserError("--held-out is a split of the shapes world for the main table; it takes no --data or --ablations")
-    if cfg.held_out and cfg.held_out in (cfg.seed, cfg.seed + 2, cfg.seed + 3):  # base: seed, RL's prompts: seed + 2, warm-up pool: seed + 3
+    # the train-split seeds the training scripts draw from: the base (seed), RL's prompts (seed + 2), the warm-up's
+    # pool (seed + 3, train_sft.POOL_SEED_OFFSET)
+    if cfg.held_out and cfg.held_out in (cfg.seed, cfg.seed + 2, cfg.seed + 3):
         raise UserError(f"--held-out {cfg.held_out}: the training scripts drew their questions with this seed "
-                        f"(--seed {cfg.seed}: SFT {cfg.seed}, RL {cfg.seed + 2}, warm-up pool {cfg.seed + 3}); choose one no "
-                        f"training run used")
+                        f"(--seed {cfg.seed}: SFT {cfg.seed}, RL {cfg.seed + 2}, warm-up pool {cfg.seed + 3}); "
+                        f"choose one no training run used")
     if cfg.ablations:
         os.makedirs(cfg.out, exist_ok=True)
         run_ablations(cfg, command, device, t_start)

@@ -501,8 +501,8 @@ def test_held_out_answers_training_split_questions_of_its_seed(quick_pipeline, t
     """--held-out 777: the one split "held-out" holds the --n-test (quick: 12) train-split questions that
     make_dataset(12, 777, "train") draws, no test or ood. Its Acc, step count, step accuracy and question types equal
     the RL checkpoint's greedy answers on exactly those questions, counted here by hand (generate_responses,
-    split_steps, answer_is_correct, judge_steps). The training seed itself, and the warm-up pool's seed + 3, are refused in
-    one line."""
+    split_steps, answer_is_correct, judge_steps). The training seed itself, and the warm-up pool's seed + 3, are
+    refused in one line."""
     out = tmp_path / "held"
     run_script("evaluate.py", "--quick", "--device", "cpu", "--held-out", "777", "--out", str(out), "--checkpoints",
                quick_pipeline["rl"], timeout=120)
@@ -523,8 +523,8 @@ def test_held_out_answers_training_split_questions_of_its_seed(quick_pipeline, t
     proc = run_script("evaluate.py", "--quick", "--held-out", "1337", "--checkpoints", quick_pipeline["rl"],
                       "--out", str(tmp_path / "no"), check=False, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --held-out 1337") and len(proc.stderr.splitlines()) == 1
-    proc = run_script("evaluate.py", "--quick", "--held-out", "1340", "--checkpoints", quick_pipeline["rl"],  # the warm-up's pool
-                      "--out", str(tmp_path / "no"), check=False, timeout=60)
+    proc = run_script("evaluate.py", "--quick", "--held-out", "1340",  # 1337 + 3: the warm-up's pool
+                      "--checkpoints", quick_pipeline["rl"], "--out", str(tmp_path / "no"), check=False, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --held-out 1340") and "warm-up pool 1340" in proc.stderr
 
 
