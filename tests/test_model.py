@@ -450,6 +450,30 @@ def test_clip_batch_has_no_repeated_caption_and_no_caption_as_negative():
         assert negatives and not set(negatives) & set(captions) and len(set(negatives)) == len(negatives)
 
 
+def test_verifier_trains_on_after_the_tower_is_copied_and_leaves_tinyvlm_bit_identical(tmp_path):
+    """run_base copies TinyCLIP's image tower into TinyVLM, then trains TinyCLIP --verifier-steps more (the verifier of
+    CLIPScore and TokenSAR's g). So, against the same run with --verifier-steps 0: TinyVLM's weights are bit-identical
+    (the verifier's steps draw from their own batch stream and touch nothing of the VLM), TinyVLM's tower is still
+    the verifier-free run's TinyCLIP tower, and the saved TinyCLIP is another one (it did train on)."""
+    import train_sft
+    from safetensors.torch import load_file
+    def base(steps):
+        cfg, mcfg = train_sft.parse(["--quick", "--stage", "base", "--device", "cpu", "--n-eval", "0",
+                                     "--verifier-steps", str(steps)])
+        out = str(tmp_path / f"v{steps}")
+        mb.seed_everything(cfg.seed)  # as main() does: the same init in both runs
+        train_sft.run_base(cfg, mcfg, out, torch.device("cpu"))
+        return load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(out, "clip.safetensors"))
+    vlm0, clip0 = base(0)
+    vlm4, clip4 = base(4)
+    assert vlm0.keys() == vlm4.keys() and all(torch.equal(vlm0[k], vlm4[k]) for k in vlm0)
+    tower = {k[len("vit."):]: v for k, v in clip0.items() if k.startswith("vit.")}
+    assert tower and all(torch.equal(vlm4["vit." + k], v) for k, v in tower.items())
+    assert not all(torch.equal(clip0[k], clip4[k]) for k in clip0)  # the verifier moved on
+    # and the verifier's tower is no longer TinyVLM's: the two models read the image apart
+    assert not all(torch.equal(clip4["vit." + k], vlm4["vit." + k]) for k in tower)
+
+
 def test_warmup_replay_is_the_reference_chain_with_hidden_statements():
     """The warm-up's replay: for the first fraction of the questions, the reference chain with a statement after
     every step; collate_sft's loss covers exactly each step's content tokens and the final <eos>, never a statement

@@ -105,7 +105,9 @@ def test_internal_confidence_reads_the_rollouts_own_forward_pass():
         fresh = mb.score_responses(model, clip, tok, records, responses, steps, batch_size=batch_size)
         shared = mb.score_responses(model, clip, tok, records, responses, steps, batch_size=batch_size, logits=ro.logits)
         for k in mb.SIGNALS:
-            assert torch.allclose(fresh[k], shared[k], atol=1e-6, rtol=0), k
+            # chunked, the forward pass runs on 4 rows, not 6, and its matmuls may round apart: float32's relative
+            # precision (U_LNLP of this untrained model is a perplexity near 190, so an absolute 1e-6 is too tight)
+            assert torch.allclose(fresh[k], shared[k], atol=1e-6, rtol=1e-6), k
             if batch_size == 64:
                 assert torch.equal(fresh[k], shared[k]), k
 
