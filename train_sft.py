@@ -432,10 +432,10 @@ def run_base(cfg, mcfg, out, device, resume_from=None):
         # 1b. the verifier trains on; TinyVLM's tower stays as copied. Why: U_CLIPS must catch the VLM's wrong
         # perception steps (mostly a small object's shape), and a verifier whose features are exactly the tower's
         # mixes up the same objects. Measured with each seed's base and warm-up pool fixed, only the verifier
-        # changed (seeds 1337 / 1 / 2): U_CLIPS on the pool's perception steps 0.870 / 0.770 / 0.905 after 300 more
-        # steps at lr 2e-4, against 0.816 / 0.751 / 0.885, all steps 0.79 against 0.78; 150 steps, 600 steps, lr
-        # 1e-4 and 5e-4 all gained less (README Things tried). Training the tower longer instead moves the VLM's
-        # errors with it (README: 2400 TinyCLIP steps). stream 2: batches apart from the first 1800 steps'.
+        # changed (seeds 1337 / 1 / 2): U_CLIPS on the pool's perception steps 0.867 / 0.773 / 0.882 after these
+        # 300 steps, against 0.816 / 0.751 / 0.885 without; on all steps 0.788 against 0.778 (means). 150 steps or
+        # lr 1e-4 did about as well, 600 steps worse (README Things tried); training the tower longer instead moves
+        # the VLM's errors with it. stream 2: batches apart from the first --clip-steps' and from train_lm's.
         if cfg.verifier_steps:
             train_clip(clip, tokenizer, records, cfg, device, cfg.verifier_steps, cfg.verifier_lr, stream=2, name="verifier")
     # 2. TinyVLM: (image, question) -> reference chain, loss on the answer only. Stopped runs hold both models.
