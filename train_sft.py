@@ -253,13 +253,14 @@ def train_clip(clip, tokenizer, records, cfg, device, steps=None, lr=None, strea
     """TinyCLIP on (image, one of its reference steps) pairs with the symmetric InfoNCE loss, each step's
     one-attribute edits joining the batch as hard negative captions (clip_batch). steps / lr default to --clip-steps /
     --clip-lr; the verifier's further steps (run_base) pass their own, a fresh AdamW and their own batch stream.
-    TinyCLIP serves twice: its image tower starts TinyVLM's vision encoder, and its image-text similarity is the
-    CLIPScore signal of the warm-up (is this step about what the image shows?). So it learns from the steps
+    TinyCLIP serves twice: its image tower after --clip-steps starts TinyVLM's vision encoder, and, after the verifier's
+    further steps, its image-text similarity is the CLIPScore signal of the warm-up (is this step about what the image
+    shows?). So it learns from the steps
     themselves, e.g. "At the center there is a large red circle." against the image it describes.
     Why --clip-steps 1800 (a fifth of the default run's time): at 600, the true step beat its shape edit 88% of the
     time and U_CLIPS ranked the warm-up pool's steps at AUROC 0.72 (perception steps 0.61); at 1800: 96%, 0.79,
     0.85 (three seeds, README Stage 0 and 1)."""
-    steps, lr = steps or cfg.clip_steps, lr or cfg.clip_lr
+    steps, lr = steps or cfg.clip_steps, lr or cfg.clip_lr  # None (and 0) mean the --clip-* flags
     pairs = [(r, s) for r in records for s in mb.reference_steps(r)]
     rank, _ = mb.rank_and_world()
     clip.train()
