@@ -255,8 +255,8 @@ def train_clip(clip, tokenizer, records, cfg, device, steps=None, lr=None, strea
     --clip-lr; the verifier's further steps (run_base) pass their own, a fresh AdamW and their own batch stream.
     TinyCLIP serves twice: its image tower after --clip-steps starts TinyVLM's vision encoder, and, after the verifier's
     further steps, its image-text similarity is the CLIPScore signal of the warm-up (is this step about what the image
-    shows?). So it learns from the steps
-    themselves, e.g. "At the center there is a large red circle." against the image it describes.
+    shows?). So it learns from the steps themselves, e.g. "At the center there is a large red circle." against the
+    image it describes.
     Why --clip-steps 1800 (a fifth of the default run's time): at 600, the true step beat its shape edit 88% of the
     time and U_CLIPS ranked the warm-up pool's steps at AUROC 0.72 (perception steps 0.61); at 1800: 96%, 0.79,
     0.85 (three seeds, README Stage 0 and 1)."""
