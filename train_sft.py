@@ -260,7 +260,8 @@ def train_clip(clip, tokenizer, records, cfg, device, steps=None, lr=None, strea
     Why --clip-steps 1800 (a fifth of the default run's time): at 600, the true step beat its shape edit 88% of the
     time and U_CLIPS ranked the warm-up pool's steps at AUROC 0.72 (perception steps 0.61); at 1800: 96%, 0.79,
     0.85 (three seeds, README Stage 0 and 1)."""
-    steps, lr = steps or cfg.clip_steps, lr or cfg.clip_lr  # None (and 0) mean the --clip-* flags
+    steps = cfg.clip_steps if steps is None else steps  # None: the --clip-* flags
+    lr = cfg.clip_lr if lr is None else lr
     pairs = [(r, s) for r in records for s in mb.reference_steps(r)]
     rank, _ = mb.rank_and_world()
     clip.train()
