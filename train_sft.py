@@ -249,6 +249,15 @@ def clip_batch(pairs, rng, size):
     return batch, [e for e in dict.fromkeys(negatives) if e not in seen]  # dict.fromkeys: unique, in order
 
 
+def stream_seed(seed, stream, rank):
+    """The seed of TinyCLIP's batch stream `stream` on rank `rank`: seed + stream + 1000 * rank.
+    A plain run (rank 0) draws stream 1 (the first --clip-steps) from seed + 1 and stream 2 (the verifier's steps) from
+    seed + 2, apart from train_lm's seed. Under torchrun each rank is 1000 apart, so no rank's verifier replays another
+    rank's first TinyCLIP batches (seed + stream + rank would: stream 2 on rank 0 = stream 1 on rank 1).
+    Example: (1337, 2, 0) -> 1339; (1337, 1, 1) -> 2338."""
+    return seed + stream + 1000 * rank
+
+
 def train_clip(clip, tokenizer, records, cfg, device, steps=None, lr=None, stream=1, name="clip"):
     """TinyCLIP on (image, one of its reference steps) pairs with the symmetric InfoNCE loss, each step's
     one-attribute edits joining the batch as hard negative captions (clip_batch). steps / lr default to --clip-steps /
@@ -267,7 +276,7 @@ def train_clip(clip, tokenizer, records, cfg, device, steps=None, lr=None, strea
     clip.train()
     ddp_clip = mb.wrap_ddp(clip, device)  # under torchrun: InfoNCE negatives are per rank
     opt = make_optimizer(clip, lr, cfg.weight_decay)
-    rng = random.Random(cfg.seed + stream + rank)  # stream 1: apart from train_lm's (seed + rank), so the two do not mirror
+    rng = random.Random(stream_seed(cfg.seed, stream, rank))
     progress = mb.Progress(steps, name)
     encode = lambda texts: (t.to(device) for t in mb.pad_right([tokenizer.encode(t)[:clip.cfg.block_size] for t in texts]))
     for step in range(steps):

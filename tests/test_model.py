@@ -450,6 +450,17 @@ def test_clip_batch_has_no_repeated_caption_and_no_caption_as_negative():
         assert negatives and not set(negatives) & set(captions) and len(set(negatives)) == len(negatives)
 
 
+def test_clip_batch_streams_are_distinct_on_every_rank_and_unchanged_on_rank_0():
+    """TinyCLIP's two batch streams (1: its first --clip-steps, 2: the verifier's) on ranks 0-7 all get their own seed,
+    none equal to train_lm's (seed + rank) on rank 0, and a plain run keeps seed + 1 and seed + 2:
+    stream_seed(1337, 1, 0) = 1338, stream_seed(1337, 2, 0) = 1339, stream_seed(1337, 1, 1) = 2338."""
+    import train_sft
+    assert [train_sft.stream_seed(1337, s, 0) for s in (1, 2)] == [1338, 1339]
+    assert train_sft.stream_seed(1337, 1, 1) == 2338
+    seeds = [train_sft.stream_seed(1337, s, r) for s in (1, 2) for r in range(8)]
+    assert len(set(seeds)) == len(seeds) and 1337 not in seeds
+
+
 def test_verifier_trains_on_after_the_tower_is_copied_and_leaves_tinyvlm_bit_identical(tmp_path):
     """run_base copies TinyCLIP's image tower into TinyVLM, then trains TinyCLIP --verifier-steps more (the verifier of
     CLIPScore and TokenSAR's g). So, against the same run with --verifier-steps 0: TinyVLM's weights are bit-identical
