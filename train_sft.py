@@ -21,7 +21,8 @@ with the same flags and reaches the same weights as an uninterrupted run (bit fo
 two TinyVLM loops (base, warmup). TinyCLIP (seconds) trains first and is not resumable itself: a stopped base run
 holds it finished, and --resume reloads it. The warm-up's self-answered pool is recomputed on
 resume (it is deterministic per seed). torchrun --nproc_per_node N train_sft.py ... trains with DDP: each rank
-draws its own batches (seed + rank) of --batch-size sequences and answers its share of the warm-up questions.
+draws its own batches (seed + rank; TinyCLIP's streams: stream_seed) of --batch-size sequences and answers its
+share of the warm-up questions.
 """
 import contextlib
 import dataclasses
