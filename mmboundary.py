@@ -1282,6 +1282,21 @@ class VLMConfig:
         """P = (image_size / patch_size)^2, the image tokens before the text: 9 with the defaults."""
         return (self.image_size // self.patch_size) ** 2
 
+    def problems(self):
+        """The rules between fields that no one flag's check can see (check_config raises the first):
+        e.g. image_size 30, patch_size 12 -> ["--patch-size 12 must divide --image-size 30 (the ViT's patch grid)"]."""
+        widths = {"--n-embd": self.n_embd, "--vit-embd": self.vit_embd}
+        return _shape_problems(self.image_size, self.patch_size, self.n_head, widths)
+
+
+def _shape_problems(image_size, patch_size, n_head, widths):
+    """-> messages for a patch that does not tile the image and for widths the heads do not split evenly
+    (widths: {flag: width}); [] when the shape is buildable."""
+    out = [] if image_size % patch_size == 0 else [
+        f"--patch-size {patch_size} must divide --image-size {image_size} (the ViT's patch grid)"]
+    return out + [f"--n-head {n_head} must divide {flag} {w} (the heads split the width)"
+                  for flag, w in widths.items() if w % n_head]
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with an optional boolean mask and an optional KV cache."""
@@ -1620,6 +1635,10 @@ class CLIPConfig:
     embed_dim: int = field(default=64, metadata=note("joint embedding size D", POSITIVE))
     vocab_size: int = field(default=0, metadata=note("filled in from the tokenizer", NON_NEGATIVE))
     block_size: int = field(default=64, metadata=note("max text tokens", POSITIVE))
+
+    def problems(self):
+        """As VLMConfig.problems (train_sft.py copies these fields from VLMConfig, so its flags are named)."""
+        return _shape_problems(self.image_size, self.patch_size, self.n_head, {"--vit-embd": self.n_embd})
 
 
 class TinyCLIP(nn.Module):
@@ -3109,6 +3128,8 @@ def check_config(cfg):
             predicate, meaning = meta["check"]
             if not predicate(value):
                 raise UserError(f"{flag} must be {meaning} (got {value!r})")
+    for problem in cfg.problems() if hasattr(cfg, "problems") else []:  # rules between fields (model shapes)
+        raise UserError(problem)
     return cfg
 
 

@@ -77,6 +77,19 @@ def test_evaluate_data_flag_errors(tmp_path, flags, message):
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "30"], "--patch-size 12 must divide --image-size 30"),  # 30 = 2·12 + 6: a ragged grid
+    (["--n-head", "3"], "--n-head 3 must divide --n-embd 32"),  # the quick preset's width: 32 = 3·10 + 2
+    (["--n-head", "4", "--vit-embd", "30"], "--n-head 4 must divide --vit-embd 30"),
+])
+def test_train_sft_rejects_unbuildable_model_shape_in_one_line(tmp_path, flags, message):
+    """Rules between two flags (check_config via VLMConfig.problems): before, an AssertionError traceback from
+    inside the ViT or the attention layer."""
+    proc = run_script("train_sft.py", "--quick", "--device", "cpu", "--out", str(tmp_path / "o"), *flags, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(f"error: {message}"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_evaluate_rejects_impossible_flag(tmp_path):
     proc = run_script("evaluate.py", "--n-test", "0", "--out", str(tmp_path), check=False)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --n-test must be > 0"), proc.stderr
