@@ -1305,6 +1305,8 @@ def main(argv=None):
     # every checkpoint (and --data record) is checked before any work, so a typo costs nothing and leaves no empty
     # --out behind
     paths = resolve_checkpoints(cfg.checkpoints, explicit=flag_given(argv, "--checkpoints"))
+    for p in paths:  # loaded once here: a truncated or malformed file fails before --out exists
+        mb.load_checkpoint(p, "cpu")
     if files:
         loaded = {}  # image size -> {dataset name: records}
 

@@ -3333,8 +3333,39 @@ def load_checkpoint(path, device="cpu", need_clip=False):
     elif need_clip:
         raise UserError(f"{path}: no TinyCLIP in this checkpoint (train_sft.py --stage base writes one)")
     stats_path = os.path.join(path, "confidence_stats.json")
-    stats = read_json(stats_path) if os.path.exists(stats_path) else None
+    stats = check_stats(read_json(stats_path), stats_path) if os.path.exists(stats_path) else None
     return Checkpoint(path, model, tokenizer, config, clip, stats)
+
+
+def check_stats(stats, where):
+    """A confidence_stats.json as fit_confidence_stats writes it, or one UserError naming the file and the field:
+    {"minmax": {signal: [lo, hi]}, "mu": float, "sigma": float >= 0, "signals": [signals], "weights": null or
+    {signal: float}, "fusion": "mean" | "max"} (other keys, e.g. "n_steps", are notes and pass)."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    def fail(field, want):
+        raise UserError(f"{where}: field '{field}' must be {want}")
+    if not isinstance(stats, dict):
+        fail("(top level)", "an object")
+    minmax = stats.get("minmax")
+    if not isinstance(minmax, dict) or not all(
+            k in SIGNALS and isinstance(v, list) and len(v) == 2 and all(map(number, v)) for k, v in minmax.items()):
+        fail("minmax", f"an object of signal: [lo, hi] (signals: {', '.join(SIGNALS)})")
+    signals = stats.get("signals")
+    if not isinstance(signals, list) or not signals or not all(isinstance(k, str) and k in minmax for k in signals):
+        fail("signals", "a non-empty list of signals that minmax holds")
+    if not number(stats.get("mu")):
+        fail("mu", "a number")
+    if not number(stats.get("sigma")) or stats["sigma"] < 0:
+        fail("sigma", "a number >= 0")
+    weights = stats.get("weights")
+    if weights is not None and not (isinstance(weights, dict)
+                                    and all(k in SIGNALS and number(v) for k, v in weights.items())):
+        fail("weights", "null or an object of signal: number")
+    if stats.get("fusion") not in ("mean", "max"):
+        fail("fusion", "'mean' or 'max'")
+    return stats
 
 
 # ---------------------------------------------------------------------------- #

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import mmboundary as mb
 from conftest import run_script
 
 
@@ -119,3 +120,38 @@ def test_help_prints_no_empty_default(script):
     out = run_script(script, "--help")
     assert "--out" in out.stdout
     assert "(default: )" not in " ".join(out.stdout.split())  # argparse may wrap the line inside the parentheses
+
+
+def good_stats():
+    """What fit_confidence_stats writes for a two-step pool, through JSON as the checkpoint holds it:
+    lnlp [1, 3] alone -> minmax (1, 3), c_final [1, 0], mu .5, sigma .5."""
+    import torch
+    stats = json.loads(json.dumps(mb.fit_confidence_stats({"lnlp": torch.tensor([1.0, 3.0])}, ["lnlp"])))
+    assert stats["minmax"] == {"lnlp": [1.0, 3.0]} and stats["mu"] == 0.5 and stats["sigma"] == 0.5
+    return stats
+
+
+@pytest.mark.parametrize("field, value", [
+    ("minmax", {"lnlp": [1.0]}), ("minmax", {"loss": [0.0, 1.0]}), ("signals", 3), ("signals", ["mte"]),
+    ("mu", "0.5"), ("sigma", -0.1), ("weights", {"lnlp": "2"}), ("fusion", "sum"),
+])
+def test_check_stats_names_the_bad_field(field, value):
+    """A confidence_stats.json with one field wrong is one UserError naming the file and the field (before: a
+    TypeError deep in evaluate.py, e.g. 'int' object is not iterable for "signals": 3)."""
+    assert mb.check_stats(good_stats(), "x.json")["fusion"] == "mean"  # the written form passes
+    with pytest.raises(mb.UserError, match=rf"^x\.json: field '{field}' must be"):
+        mb.check_stats(dict(good_stats(), **{field: value}), "x.json")
+
+
+def test_evaluate_rejects_a_malformed_stats_file_in_one_line(tmp_path, quick_pipeline):
+    import shutil
+    ck = tmp_path / "rl"
+    shutil.copytree(quick_pipeline["rl"], ck)
+    (ck / "confidence_stats.json").write_text(json.dumps(dict(good_stats(), signals=3)))
+    proc = run_script("evaluate.py", "--quick", "--device", "cpu", "--checkpoints", str(ck), "--out",
+                      str(tmp_path / "e"), check=False)
+    lines = proc.stderr.strip().splitlines()  # a "note:" line about the skipped internal row may come first
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[-1] == (f"error: {ck}/confidence_stats.json: field 'signals' must be a non-empty list of signals "
+                         "that minmax holds")
+    assert not (tmp_path / "e").exists()
