@@ -1289,6 +1289,9 @@ def main(argv=None):
     files = data_files(cfg)  # [(name, file, images)]; [] = the shapes world
     if cfg.ablations and files:
         raise UserError("--ablations trains and evaluates on the shapes world; it takes no --data")
+    mb.check_out_folder(cfg.out)
+    if cfg.ablations:
+        mb.check_out_folder(cfg.ablations_dir, "--ablations-dir")
     if cfg.held_out and (files or cfg.ablations):
         raise UserError("--held-out is a split of the shapes world for the main table; it takes no --data or --ablations")
     # the train-split seeds the training scripts draw from: the base (seed), RL's prompts (seed + 2), the warm-up's

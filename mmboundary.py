@@ -3185,6 +3185,13 @@ class Progress:
 # than torch.save: no pickle, so loading a file cannot run code, and a port in another language can read it.
 # Every load checks names and shapes against config.json, so a wrong folder fails in one line, not deep in a matmul.
 
+def check_out_folder(path, flag="--out"):
+    """An output folder (made later if missing) must not be an existing file: save_checkpoint would move that file
+    aside to PATH.old and put a folder in its place. -> None, or a UserError naming the flag."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: a file is there, not a folder; name another {flag}")
+
+
 def atomic_write_text(path, text):
     """Write text so that path is always either the old file or the complete new one: a temporary file in the
     same folder, flushed to disk, then os.replace (an atomic rename on POSIX)."""

@@ -640,13 +640,19 @@ def resume_point(cfg, out, stage):
 def main(argv=None):
     cfg, mcfg = parse(argv)
     # every check runs before any work: a misplaced --out must not cost the base's training time
+    base_out = cfg.out or "out/base" if cfg.stage == "base" else os.path.join(cfg.out or "out", "base")
     if cfg.stage in ("warmup", "all"):
         if cfg.stage == "all":
-            init, warmup_out = os.path.join(cfg.out or "out", "base"), os.path.join(cfg.out or "out", "warmup")
+            init, warmup_out = base_out, os.path.join(cfg.out or "out", "warmup")
         else:
             init, warmup_out = cfg.init or "out/base", cfg.out or "out/warmup"
         if os.path.normpath(init) == os.path.normpath(warmup_out):
             raise UserError(f"--out {warmup_out} is the --init checkpoint: the warm-up would overwrite its base model")
+        mb.check_out_folder(warmup_out)
+    if cfg.stage in ("base", "all"):
+        mb.check_out_folder(base_out)
+    if cfg.stage == "all":
+        mb.check_out_folder(cfg.out or "out")
     _, world_size, device = mb.setup_distributed(cfg.device)
     if cfg.warmup_n < world_size and cfg.stage != "base":
         raise UserError(f"--warmup-n {cfg.warmup_n} < {world_size} processes: every rank needs questions to answer")
@@ -654,10 +660,9 @@ def main(argv=None):
     mb.print_config(cfg, mcfg)
     try:
         if cfg.stage in ("base", "all"):
-            out = cfg.out or "out/base" if cfg.stage == "base" else os.path.join(cfg.out or "out", "base")
-            resume_from = resume_point(cfg, out, "base")
+            resume_from = resume_point(cfg, base_out, "base")
             if resume_from != "complete":
-                run_base(cfg, mcfg, out, device, resume_from)
+                run_base(cfg, mcfg, base_out, device, resume_from)
         if cfg.stage in ("warmup", "all"):
             resume_from = resume_point(cfg, warmup_out, "warmup")
             if resume_from != "complete":

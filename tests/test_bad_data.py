@@ -155,3 +155,21 @@ def test_evaluate_rejects_a_malformed_stats_file_in_one_line(tmp_path, quick_pip
     assert lines[-1] == (f"error: {ck}/confidence_stats.json: field 'signals' must be a non-empty list of signals "
                          "that minmax holds")
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("train_sft.py", ["--stage", "all"]),  # --out is the parent of base/ and warmup/
+    ("train_sft.py", ["--stage", "base"]),
+    ("train_rl.py", []),
+    ("evaluate.py", []),
+])
+def test_out_that_is_a_file_is_refused_and_kept(tmp_path, script, flags):
+    """--out naming an existing file: before, save_checkpoint moved the file to FILE.old and wrote a folder in its
+    place (train_sft.py --stage base), or a NotADirectoryError traceback came out (the others)."""
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    init = ["--init", str(tmp_path / "missing")] if script == "train_rl.py" else []
+    proc = run_script(script, "--quick", "--device", "cpu", *flags, *init, "--out", str(target), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: --out {target}: a file is there, not a folder; name another --out"), proc.stderr
+    assert target.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
