@@ -56,7 +56,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import mmboundary as mb
-from mmboundary import note, POSITIVE, NON_NEGATIVE, UserError
+from mmboundary import note, POSITIVE, NON_NEGATIVE, SEED, UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CHECKPOINTS = "out/base,out/warmup,out/rl"
@@ -71,7 +71,8 @@ class EvalConfig:
     out: str = field(default="out/eval", metadata=note("output folder for results.json, results.md and the PNGs"))
     device: str = field(default="auto", metadata=note("auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps"))
     seed: int = field(default=1337, metadata=note(
-        "the training scripts' seed: test questions use seed + 1 (as train_rl.py's held-out check), ood seed + 3"))
+        "the training scripts' seed: test questions use seed + 1 (as train_rl.py's held-out check), ood seed + 3",
+        SEED))
     quick: bool = field(default=False, metadata=note("a few questions per split: a seconds-long smoke run"))
     n_test: int = field(default=300, metadata=note("test (in-distribution) questions", POSITIVE))
     n_ood: int = field(default=300, metadata=note("ood questions (5 to 6 objects, another background)", POSITIVE))

@@ -1165,6 +1165,8 @@ UNIT_INTERVAL = (lambda v: 0 <= v <= 1, "in [0, 1]")
 OPEN_UNIT = (lambda v: 0 < v < 1, "in (0, 1)")
 # a learning rate above 1 is never meant, and a huge one overflows inside AdamW with a traceback: refuse it here
 LEARNING_RATE = (lambda v: 0 < v <= 1, "in (0, 1]")
+# numpy's global seed takes [0, 2^32); the scripts add offsets (seed + 3, + 1000 · rank, + 100000), so half of it
+SEED = (lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)")
 
 
 # ---------------------------------------------------------------------------- #

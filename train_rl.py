@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 import torch
 
 import mmboundary as mb
-from mmboundary import note, LEARNING_RATE, POSITIVE, NON_NEGATIVE, UNIT_INTERVAL, OPEN_UNIT, UserError
+from mmboundary import note, LEARNING_RATE, POSITIVE, NON_NEGATIVE, UNIT_INTERVAL, OPEN_UNIT, SEED, UserError
 
 
 @dataclass
@@ -72,7 +72,7 @@ class RLConfig:
     data: str = field(default="", metadata=note("real annotated data (JSON or JSONL) instead of the shapes world"))
     images: str = field(default="", metadata=note("image folder for --data"))
     device: str = field(default="auto", metadata=note("auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps"))
-    seed: int = field(default=1337, metadata=note("seed for questions and sampling"))
+    seed: int = field(default=1337, metadata=note("seed for questions and sampling", SEED))
     quick: bool = field(default=False, metadata=note("a few tiny iterations: a seconds-long smoke run"))
     n_train: int = field(default=4000, metadata=note("pool of training questions the rollouts draw from", POSITIVE))
     iterations: int = field(default=50, metadata=note("PPO iterations (rollout + update)", POSITIVE))

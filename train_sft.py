@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 import mmboundary as mb
-from mmboundary import note, LEARNING_RATE, POSITIVE, NON_NEGATIVE, UserError
+from mmboundary import note, LEARNING_RATE, POSITIVE, NON_NEGATIVE, SEED, UserError
 
 
 # Every field is a command-line flag (mb.parse_configs: lr -> --lr, bool -> --x / --no-x) with its check, so a
@@ -47,7 +47,7 @@ class SFTConfig:
     data: str = field(default="", metadata=note("real annotated data (JSON or JSONL) instead of the shapes world (default: none, the generated shapes world)"))
     images: str = field(default="", metadata=note("image folder for --data (default: the folder of the --data file)"))
     device: str = field(default="auto", metadata=note("auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps"))
-    seed: int = field(default=1337, metadata=note("seed for data, init and sampling"))
+    seed: int = field(default=1337, metadata=note("seed for data, init and sampling", SEED))
     quick: bool = field(default=False, metadata=note("tiny model and few steps: a seconds-long smoke run"))
     n_train: int = field(default=6000, metadata=note("training questions generated from the shapes world", POSITIVE))
     steps: int = field(default=2400, metadata=note("base: optimizer steps for TinyVLM", POSITIVE))

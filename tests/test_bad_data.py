@@ -173,3 +173,13 @@ def test_out_that_is_a_file_is_refused_and_kept(tmp_path, script, flags):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         f"error: --out {target}: a file is there, not a folder; name another --out"), proc.stderr
     assert target.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("script, seed", [("train_sft.py", "-1"), ("train_rl.py", str(2 ** 31)), ("evaluate.py", "-1")])
+def test_seed_outside_numpys_range_is_one_line(tmp_path, script, seed):
+    """np.random.seed takes [0, 2^32) and the scripts add offsets to --seed: before, -1 or 2^32 ended in numpy's
+    ValueError traceback. 2^31 is the first value refused."""
+    proc = run_script(script, "--quick", "--device", "cpu", "--seed", seed, "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: --seed must be in [0, 2^31) (got {seed})", proc.stderr
+    assert not (tmp_path / "o").exists()
