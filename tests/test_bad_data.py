@@ -1,9 +1,12 @@
-"""Bad data files end in one clear line and exit code 2 from the scripts themselves (the loader's messages are
-pinned in test_realdata.py; here: that the scripts pass them through without a traceback)."""
+"""Bad data files, flags and checkpoint files end in one clear line and exit code 2 from the scripts themselves, and
+nothing already saved is touched (the loader's messages are pinned in test_realdata.py; here: that the scripts pass
+them through without a traceback)."""
 import json
+import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import mmboundary as mb
@@ -125,7 +128,6 @@ def test_help_prints_no_empty_default(script):
 def good_stats():
     """What fit_confidence_stats writes for a two-step pool, through JSON as the checkpoint holds it:
     lnlp [1, 3] alone -> minmax (1, 3), c_final [1, 0], mu .5, sigma .5."""
-    import torch
     stats = json.loads(json.dumps(mb.fit_confidence_stats({"lnlp": torch.tensor([1.0, 3.0])}, ["lnlp"])))
     assert stats["minmax"] == {"lnlp": [1.0, 3.0]} and stats["mu"] == 0.5 and stats["sigma"] == 0.5
     return stats
@@ -144,7 +146,6 @@ def test_check_stats_names_the_bad_field(field, value):
 
 
 def test_evaluate_rejects_a_malformed_stats_file_in_one_line(tmp_path, quick_pipeline):
-    import shutil
     ck = tmp_path / "rl"
     shutil.copytree(quick_pipeline["rl"], ck)
     (ck / "confidence_stats.json").write_text(json.dumps(dict(good_stats(), signals=3)))
