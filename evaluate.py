@@ -1311,6 +1311,10 @@ def main(argv=None):
     paths = resolve_checkpoints(cfg.checkpoints, explicit=flag_given(argv, "--checkpoints"))
     for p in paths:  # loaded once here: a truncated or malformed file fails before --out exists
         mb.load_checkpoint(p, "cpu")
+        state = mb.read_training_state(os.path.normpath(p))
+        if state is not None:  # evaluated as asked (a look at a run midway is fine), but not silently
+            print(f"note: {p} is a stopped run (step {state.get('step')} of {state.get('total')}): its rows describe "
+                  f"an unfinished model", file=sys.stderr)
     if files:
         loaded = {}  # image size -> {dataset name: records}
 

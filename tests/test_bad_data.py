@@ -158,6 +158,18 @@ def test_evaluate_rejects_a_malformed_stats_file_in_one_line(tmp_path, quick_pip
     assert not (tmp_path / "e").exists()
 
 
+def test_evaluate_says_when_a_checkpoint_is_a_stopped_run(tmp_path, quick_pipeline):
+    """A folder --stop-at or Ctrl-C left behind holds an unfinished model: evaluate.py still scores it (a look midway
+    is a fair wish) but says so, where before its rows looked like a finished run's."""
+    ck = tmp_path / "rl"
+    shutil.copytree(quick_pipeline["rl"], ck)
+    (ck / mb.TRAINING_STATE_JSON).write_text(json.dumps({"step": 1, "total": 2}))
+    proc = run_script("evaluate.py", "--quick", "--device", "cpu", "--checkpoints", str(ck), "--out",
+                      str(tmp_path / "e"))
+    assert f"note: {ck} is a stopped run (step 1 of 2): its rows describe an unfinished model" in proc.stderr
+    assert (tmp_path / "e" / "results.json").exists()
+
+
 @pytest.mark.parametrize("script, flags", [
     ("train_sft.py", ["--stage", "all"]),  # --out is the parent of base/ and warmup/
     ("train_sft.py", ["--stage", "base"]),
