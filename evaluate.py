@@ -640,6 +640,9 @@ def resolve_checkpoints(text, explicit):
     paths = [os.path.normpath(p) for p in text.split(",") if p.strip()]
     if not paths:
         raise UserError("--checkpoints: no folder given")
+    twice = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
+    if twice:  # it would be evaluated twice, and its two rows would share one entry of results.json
+        raise UserError(f"--checkpoints: {twice} is listed twice")
     found = []
     for p in paths:
         if os.path.isdir(p) or os.path.isdir(p + ".old"):  # .old: load_checkpoint's fallback after a killed save
@@ -655,10 +658,13 @@ def resolve_checkpoints(text, explicit):
 
 
 def checkpoint_labels(paths):
-    """Folder names as row labels (out/rl -> rl); a repeated name gets its parent folder too (a/rl, b/rl)."""
+    """Folder names as row labels (out/rl -> rl); a repeated name gets its parent folder too (a/rl, b/rl), and one
+    that still repeats is the whole path (runs/a/s1/rl, runs/b/s1/rl): labels key results.json, so two rows must
+    never share one."""
     names = [os.path.basename(p) for p in paths]
-    return [os.path.join(os.path.basename(os.path.dirname(p)), n) if names.count(n) > 1 else n
-            for p, n in zip(paths, names)]
+    labels = [os.path.join(os.path.basename(os.path.dirname(p)), n) if names.count(n) > 1 else n
+              for p, n in zip(paths, names)]
+    return [p if labels.count(label) > 1 else label for p, label in zip(paths, labels)]
 
 
 def stage_of(path):

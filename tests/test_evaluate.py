@@ -159,6 +159,11 @@ def test_join_list_flag_and_missing_defaults(tmp_path, capsys):
     with pytest.raises(mb.UserError, match="missing"):
         ev.resolve_checkpoints(f"{tmp_path / 'x'},{tmp_path / 'missing'}", explicit=True)
     assert ev.checkpoint_labels(["out/base", "a/rl", "b/rl"]) == ["base", "a/rl", "b/rl"]
+    # one parent up is not enough here: before, both rows were "s1/rl" and one overwrote the other in results.json
+    assert ev.checkpoint_labels(["runs/a/s1/rl", "runs/b/s1/rl", "runs/a/s1/base"]) == [
+        "runs/a/s1/rl", "runs/b/s1/rl", "base"]
+    with pytest.raises(mb.UserError, match="listed twice"):  # the same folder twice, however it is spelled
+        ev.resolve_checkpoints(f"{tmp_path / 'x'},{tmp_path / 'x'}/", explicit=True)
 
 
 # ---------------------------------------------------------------------------- #
