@@ -3309,9 +3309,15 @@ class Checkpoint:
 def dataclass_from_dict(cls, d, where):
     """A config dataclass from a config.json section, checked like a command line; an unknown field (a file from
     another version) is a UserError naming `where` rather than a TypeError."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    if not isinstance(d, dict) or set(d) - names:
-        raise UserError(f"{where}: unknown fields {sorted(set(d) - names) if isinstance(d, dict) else d!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(d, dict) or set(d) - set(fields):
+        raise UserError(f"{where}: unknown fields {sorted(set(d) - set(fields)) if isinstance(d, dict) else d!r}")
+    for name, value in d.items():  # JSON types, as the command line's parser would have converted them
+        kind = type(fields[name].default)  # every config field has a plain default: int, float, bool or str
+        ok = isinstance(value, bool) if kind is bool else (
+            not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else kind))
+        if not ok:
+            raise UserError(f"{where}: field {name!r} must be {kind.__name__} (got {value!r})")
     return check_config(cls(**d))
 
 

@@ -158,6 +158,23 @@ def test_evaluate_rejects_a_malformed_stats_file_in_one_line(tmp_path, quick_pip
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.parametrize("section, name, value, kind", [
+    ("model", "n_layer", "x", "int"),  # before: TypeError "'>' not supported between 'str' and 'int'"
+    ("model", "n_layer", 4.0, "int"),  # a float where an int is built into a layer count
+    ("model", "use_sdpa", 1, "bool"),
+    ("clip", "embed_dim", None, "int"),
+])
+def test_config_json_field_of_the_wrong_type_names_it(tmp_path, quick_pipeline, section, name, value, kind):
+    ck = tmp_path / "rl"
+    shutil.copytree(quick_pipeline["rl"], ck)
+    config = json.loads((ck / "config.json").read_text())
+    config[section][name] = value
+    (ck / "config.json").write_text(json.dumps(config))
+    with pytest.raises(mb.UserError) as err:
+        mb.load_checkpoint(str(ck))
+    assert str(err.value) == f"{ck}/config.json {section}: field {name!r} must be {kind} (got {value!r})"
+
+
 def test_evaluate_says_when_a_checkpoint_is_a_stopped_run(tmp_path, quick_pipeline):
     """A folder --stop-at or Ctrl-C left behind holds an unfinished model: evaluate.py still scores it (a look midway
     is a fair wish) but says so, where before its rows looked like a finished run's."""
