@@ -3150,10 +3150,16 @@ def pick_device(name="auto"):
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+    if name not in ("cpu", "mps") and not re.fullmatch(r"cuda(:\d+)?", name):
         raise UserError(f"--device must be auto, cpu, cuda[:N] or mps (got {name!r})")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        if name != "cuda" and int(name[5:]) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise UserError("--device mps: MPS (Apple's GPU) is not available on this machine")
     return torch.device(name)
 
 
@@ -3334,7 +3340,7 @@ def load_checkpoint(path, device="cpu", need_clip=False):
     if not isinstance(config, dict) or "model" not in config:
         raise UserError(f"{path}/config.json: no 'model' section")
     if config.get("format_version") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}/config.json: format_version {config.get('format_version')} != {CHECKPOINT_FORMAT} "
+        raise UserError(f"{path}/config.json: format_version {config.get('format_version')!r} != {CHECKPOINT_FORMAT} "
                         f"(written by another version of this code: train it again)")
     tokenizer = Tokenizer.load(os.path.join(path, "tokenizer.json"))
     mcfg = dataclass_from_dict(VLMConfig, config["model"], f"{path}/config.json model")

@@ -158,6 +158,19 @@ def test_evaluate_rejects_a_malformed_stats_file_in_one_line(tmp_path, quick_pip
     assert not (tmp_path / "e").exists()
 
 
+def test_device_that_this_machine_cannot_give_is_one_line():
+    """--device mps without Apple's GPU was torch's RuntimeError traceback; cuda:abc reached torch.device on a CUDA
+    machine; cuda:N past the last GPU failed at the first .to(device)."""
+    with pytest.raises(mb.UserError, match=r"must be auto, cpu, cuda\[:N\] or mps \(got 'cuda:abc'\)"):
+        mb.pick_device("cuda:abc")
+    with pytest.raises(mb.UserError, match="not available on this machine|this machine has"):
+        mb.pick_device(f"cuda:{torch.cuda.device_count()}")  # one past the last GPU (or no CUDA at all)
+    if not torch.backends.mps.is_available():
+        with pytest.raises(mb.UserError, match="--device mps: MPS .* not available on this machine"):
+            mb.pick_device("mps")
+    assert mb.pick_device("cpu") == torch.device("cpu")
+
+
 @pytest.mark.parametrize("section, name, value, kind", [
     ("model", "n_layer", "x", "int"),  # before: TypeError "'>' not supported between 'str' and 'int'"
     ("model", "n_layer", 4.0, "int"),  # a float where an int is built into a layer count
