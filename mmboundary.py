@@ -3709,6 +3709,8 @@ def load_training_state(path, optimizer, generators):
     rank, world = rank_and_world()
     where = os.path.join(path, TRAINING_STATE_JSON)
     try:
+        if not (type(meta["step"]) is int and type(meta["total"]) is int and 0 <= meta["step"] <= meta["total"]):
+            raise UserError(f"{where}: malformed training state (step {meta['step']!r} of {meta['total']!r})")
         if meta["world_size"] != world:
             raise UserError(f"{where}: saved by {meta['world_size']} processes, resumed by {world}; "
                             f"resume with the same --nproc_per_node")

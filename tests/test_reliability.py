@@ -308,6 +308,12 @@ def test_training_state_round_trip(tmp_path):
     for k, v in expected_moments.items():
         assert torch.equal(opt2.state[model2.weight][k], v)
     assert opt2.param_groups[0]["betas"] == (0.9, 0.95)
+    # a step past the run's end (a hand-edited or foreign file) was resumed as a run with nothing left to do, whose
+    # folder then still looked stopped; now it is named as malformed
+    for step in (10, -1, "3"):
+        (tmp_path / mb.TRAINING_STATE_JSON).write_text(json.dumps(dict(extra_json[mb.TRAINING_STATE_JSON], step=step)))
+        with pytest.raises(mb.UserError, match=rf"malformed training state \(step {step!r} of 9\)"):
+            mb.load_training_state(str(tmp_path), opt2, {"batches": rng2, "sampling": gen2})
 
 
 def test_graceful_stop_defers_the_first_signal():
