@@ -1240,6 +1240,11 @@ class Tokenizer:
             raise UserError(f"{path}: not a tokenizer file (no 'vocab' list)")
         if data["vocab"][:len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
             raise UserError(f"{path}: vocab does not start with {SPECIAL_TOKENS}")
+        seen = set()
+        for word in data["vocab"]:
+            if not isinstance(word, str) or word in seen:
+                raise UserError(f"{path}: vocab entry {word!r} " + ("appears twice" if word in seen else "is not a string"))
+            seen.add(word)
         return cls(data["vocab"])
 
 

@@ -116,6 +116,10 @@ def parse_weights(text, signals):
         # a negative weight would turn an uncertainty into evidence of correctness; an unknown name is a typo
         if name not in mb.SIGNALS or weights[name] < 0:
             raise UserError(f"--weights: {item!r} needs a signal of {','.join(mb.SIGNALS)} and a weight >= 0")
+        if name not in signals:  # its weight would silently weigh nothing
+            raise UserError(f"--weights: {item!r} names a signal that --signals {','.join(signals)} leaves out")
+    if not sum(weights[s] for s in signals) > 0:  # the weighted mean would divide by 0 once the pool is scored
+        raise UserError(f"--weights: the weights of {','.join(signals)} are all 0")
     return weights
 
 

@@ -315,6 +315,11 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     open(os.path.join(path, "config.json"), "w").write(json.dumps(cfg))
     with pytest.raises(mb.UserError, match="do not match"):
         mb.load_checkpoint(path)
+    for vocab_tail, problem in ((["red", "red"], "'red' appears twice"), ([7], "7 is not a string")):
+        make_checkpoint(path)  # before: an AssertionError (duplicate word) or a TypeError deep in encode
+        json.dump({"vocab": mb.SPECIAL_TOKENS + vocab_tail}, open(os.path.join(path, "tokenizer.json"), "w"))
+        with pytest.raises(mb.UserError, match=f"tokenizer.json: vocab entry {problem}"):
+            mb.load_checkpoint(path)
 
 
 def test_checkpoint_falls_back_to_previous_copy(tmp_path):
@@ -339,6 +344,12 @@ def test_config_flags_and_checks():
         mb.parse_configs(["--stage", "pretrain"], "", [train_sft.SFTConfig, mb.VLMConfig])
     cfg, = mb.parse_configs(["--quick"], "", [train_rl.RLConfig], train_rl.QUICK)
     assert cfg.iterations == train_rl.QUICK["iterations"]
+    signals = list(mb.SIGNALS)
+    assert train_sft.parse_weights("lnlp=2,mte=0", signals) == {"lnlp": 2.0, "mte": 0.0, "tokensar": 1.0, "clipscore": 1.0}
+    with pytest.raises(mb.UserError, match="are all 0"):  # before: fuse_confidence's ValueError after the pool's scoring
+        train_sft.parse_weights("lnlp=0,mte=0,tokensar=0,clipscore=0", signals)
+    with pytest.raises(mb.UserError, match="'mte=1' names a signal that --signals lnlp leaves out"):  # was ignored
+        train_sft.parse_weights("mte=1", ["lnlp"])
 
 
 def test_sft_loss_mask_covers_the_response_and_eos_only():
