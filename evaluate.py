@@ -854,11 +854,19 @@ def ablation_plan(cfg):
     sft = [sys.executable, os.path.join(HERE, "train_sft.py"), "--stage", "warmup", "--init", base]
     train_rl = [sys.executable, os.path.join(HERE, "train_rl.py")]
     commands, rows = [], []
-    # an existing folder is never retrained: a stopped --ablations run continues where it stopped
-    if not os.path.isdir(warmup):
-        commands.append(("warmup", sft + ["--out", warmup] + common))
-    if not os.path.isdir(rl):
-        commands.append(("rl", train_rl + ["--init", warmup, "--out", rl] + common))
+
+    def left(folder):
+        """Training still to do for a folder: None (a finished checkpoint: never retrained), [] (nothing there yet),
+        ["--resume"] (a run stopped by Ctrl-C or a failure: continued, not evaluated half-trained)."""
+        if not os.path.isdir(folder):
+            return []
+        return ["--resume"] if mb.read_training_state(folder) is not None else None
+
+    # so a stopped --ablations run, run again, continues where it stopped
+    if left(warmup) is not None:
+        commands.append(("warmup", sft + ["--out", warmup] + left(warmup) + common))
+    if left(rl) is not None:
+        commands.append(("rl", train_rl + ["--init", warmup, "--out", rl] + left(rl) + common))
     for row, name, warmup_flags, rl_flags in ABLATIONS:
         if name is None:  # "w/o RL" is the main warm-up, "MMBoundary" the main RL checkpoint
             rows.append((row, warmup if rl_flags is None else rl))
@@ -866,11 +874,13 @@ def ablation_plan(cfg):
         variant_warmup = warmup  # a reward ablation changes RL only, so it starts from the main warm-up
         if warmup_flags is not None:
             variant_warmup = os.path.join(cfg.ablations_dir, name, "warmup")
-            if not os.path.isdir(variant_warmup):
-                commands.append((f"{name}/warmup", sft + ["--out", variant_warmup] + warmup_flags + common))
+            if left(variant_warmup) is not None:
+                commands.append((f"{name}/warmup", sft + ["--out", variant_warmup] + warmup_flags + left(variant_warmup)
+                                 + common))
         final = os.path.join(cfg.ablations_dir, name, "rl")
-        if not os.path.isdir(final):
-            commands.append((f"{name}/rl", train_rl + ["--init", variant_warmup, "--out", final] + rl_flags + common))
+        if left(final) is not None:
+            commands.append((f"{name}/rl", train_rl + ["--init", variant_warmup, "--out", final] + rl_flags + left(final)
+                             + common))
         rows.append((row, final))
     return commands, rows
 

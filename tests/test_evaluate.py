@@ -420,8 +420,14 @@ def test_ablation_plan_rows_and_flags(tmp_path):
     assert flags(r, "--init") == os.path.join(abl, "paper_losses", "warmup")
     # a variant whose folder exists is not retrained
     os.makedirs(os.path.join(abl, "wo_mte", "rl"))
+    # and one that a Ctrl-C or a failure stopped is continued: before, a rerun skipped it as done and evaluated the
+    # half-trained checkpoint
+    os.makedirs(os.path.join(abl, "wo_lnlp", "warmup"))
+    with open(os.path.join(abl, "wo_lnlp", "warmup", mb.TRAINING_STATE_JSON), "w") as f:
+        json.dump({"step": 3, "total": 12}, f)
     commands, _ = ev.ablation_plan(cfg)
     assert "wo_mte/rl" not in dict(commands) and "wo_lnlp/rl" in dict(commands)
+    assert "--resume" in dict(commands)["wo_lnlp/warmup"] and "--resume" not in dict(commands)["wo_lnlp/rl"]
 
 
 # ---------------------------------------------------------------------------- #
