@@ -3957,6 +3957,8 @@ def write_golden(path, seed=0):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"--golden {path}: folder {folder} does not exist")
+    if os.path.isdir(path):  # else the rename below fails, leaving the temporary file beside the folder
+        raise UserError(f"--golden {path}: is a folder; name the file to write, e.g. {os.path.join(path, 'golden.safetensors')}")
     tensors, meta = golden_tensors(seed)
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata=meta)
@@ -3972,6 +3974,8 @@ def _main(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     parser.add_argument("--repeats", type=int, default=5, help="bench: timed repeats (the median is reported)")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1 (got {args.repeats})")
     if not args.bench and not args.golden:
         parser.print_help()
         return
@@ -3979,7 +3983,7 @@ def _main(argv=None):
         tensors = write_golden(args.golden)
         print(f"wrote {len(tensors)} tensors to {args.golden} (format_version {GOLDEN_FORMAT})")
     if args.bench:
-        r = bench(str(pick_device(args.device)), repeats=max(1, args.repeats))
+        r = bench(str(pick_device(args.device)), repeats=args.repeats)
         print(f"device {r['device']}, {r['threads']} threads")
         print(f"fp32 matmul 1024^3:           {r['matmul_flops'] / 1e9:8.1f} GFLOP/s")
         print(f"train step (B=32, T={r['image_tokens']}+100):   {r['train_step_s'] * 1e3:8.1f} ms, {r['train_tokens_per_s']:9.0f} tokens/s, "

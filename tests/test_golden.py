@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -54,8 +55,15 @@ def test_golden_forward_reproduces_from_stored_weights():
     assert torch.allclose(loss, t["vlm.loss"], atol=1e-5)
 
 
-def test_golden_into_a_missing_folder_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "mmboundary.py", "--golden", str(tmp_path / "no" / "g.safetensors")],
+@pytest.mark.parametrize("where, problem", [("missing folder", "does not exist"), ("a folder", "is a folder"),
+                                             ("repeats", "--repeats must be >= 1")])
+def test_golden_and_bench_bad_values_are_one_line(tmp_path, where, problem):
+    """Also --golden naming a folder: before, an IsADirectoryError traceback that left PATH.tmpPID beside it; and
+    --bench --repeats 0, which ran once as if 1 had been asked."""
+    args = {"missing folder": ["--golden", str(tmp_path / "no" / "g.safetensors")], "a folder": ["--golden", str(tmp_path)],
+            "repeats": ["--bench", "--repeats", "0"]}[where]
+    proc = subprocess.run([sys.executable, "mmboundary.py", *args],
                           cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --golden") and "does not exist" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and problem in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []  # nothing written, no temporary file left
