@@ -3198,11 +3198,23 @@ class Progress:
 # than torch.save: no pickle, so loading a file cannot run code, and a port in another language can read it.
 # Every load checks names and shapes against config.json, so a wrong folder fails in one line, not deep in a matmul.
 
-def check_out_folder(path, flag="--out"):
+def check_out_folder(path, flag="--out", stage=None):
     """An output folder (made later if missing) must not be an existing file: save_checkpoint would move that file
-    aside to PATH.old and put a folder in its place. -> None, or a UserError naming the flag."""
+    aside to PATH.old and put a folder in its place. With stage ("base", "warmup", "rl": what the run writes), it must
+    not hold a checkpoint of another stage either: a typo such as `train_rl.py --out out/base` would replace the base
+    model. The same stage is a rerun or a --resume and is fine. -> None, or a UserError naming the flag."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path}: a file is there, not a folder; name another {flag}")
+    config = os.path.join(path, "config.json")
+    if stage is None or not os.path.isfile(config):
+        return
+    try:
+        held = read_json(config).get("stage")
+    except (UserError, AttributeError):  # not a checkpoint this code wrote: nothing to protect by stage
+        return
+    if held in ("base", "warmup", "rl") and held != stage:
+        raise UserError(f"{flag} {path} holds the {held} stage's checkpoint, which this {stage} run would replace: "
+                        f"name another {flag}")
 
 
 def atomic_write_text(path, text):

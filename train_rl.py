@@ -281,7 +281,7 @@ def main(argv=None):
         raise UserError("--images needs --data")
     if os.path.normpath(cfg.init) == os.path.normpath(cfg.out):
         raise UserError(f"--out {cfg.out} is the --init checkpoint: RL would overwrite its reference model")
-    mb.check_out_folder(cfg.out)
+    mb.check_out_folder(cfg.out, stage="rl")
     rank, world_size, device = mb.setup_distributed(cfg.device)
     mb.seed_everything(cfg.seed)
     mb.print_config(cfg)

@@ -652,9 +652,9 @@ def main(argv=None):
             init, warmup_out = cfg.init or "out/base", cfg.out or "out/warmup"
         if os.path.normpath(init) == os.path.normpath(warmup_out):
             raise UserError(f"--out {warmup_out} is the --init checkpoint: the warm-up would overwrite its base model")
-        mb.check_out_folder(warmup_out)
+        mb.check_out_folder(warmup_out, stage="warmup")
     if cfg.stage in ("base", "all"):
-        mb.check_out_folder(base_out)
+        mb.check_out_folder(base_out, stage="base")
     if cfg.stage == "all":
         mb.check_out_folder(cfg.out or "out")
     _, world_size, device = mb.setup_distributed(cfg.device)

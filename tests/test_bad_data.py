@@ -158,6 +158,24 @@ def test_evaluate_rejects_a_malformed_stats_file_in_one_line(tmp_path, quick_pip
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.parametrize("script, flags, out_stage, stage", [
+    ("train_rl.py", ["--init", "WARMUP"], "base", "rl"),  # before: the base model silently replaced by the RL one
+    ("train_sft.py", ["--stage", "warmup", "--init", "BASE"], "rl", "warmup"),
+    ("train_sft.py", ["--stage", "base"], "warmup", "base"),
+])
+def test_out_holding_another_stages_checkpoint_is_refused_and_kept(tmp_path, quick_pipeline, script, flags, out_stage,
+                                                                   stage):
+    out = tmp_path / out_stage
+    shutil.copytree(quick_pipeline[out_stage], out)
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    flags = [{"WARMUP": quick_pipeline["warmup"], "BASE": quick_pipeline["base"]}.get(f, f) for f in flags]
+    proc = run_script(script, "--quick", "--device", "cpu", *flags, "--out", str(out), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: --out {out} holds the {out_stage} stage's checkpoint, which this {stage} run would replace: "
+        "name another --out")
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+
+
 def test_device_that_this_machine_cannot_give_is_one_line():
     """--device mps without Apple's GPU was torch's RuntimeError traceback; cuda:abc reached torch.device on a CUDA
     machine; cuda:N past the last GPU failed at the first .to(device)."""

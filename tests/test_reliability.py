@@ -149,7 +149,7 @@ def test_resume_of_another_stage_is_refused(tmp_path, quick_pipeline):
     before = digest(out)
     proc = run_script("train_sft.py", "--quick", "--device", "cpu", "--stage", "base", "--out", str(out), "--resume",
                       check=False)
-    assert_one_error_line(proc, "holds a 'warmup' checkpoint")
+    assert_one_error_line(proc, "holds the warmup stage's checkpoint")  # mb.check_out_folder, before any work
     assert digest(out) == before
 
 
