@@ -879,8 +879,8 @@ def ablation_plan(cfg):
                                  + common))
         final = os.path.join(cfg.ablations_dir, name, "rl")
         if left(final) is not None:
-            commands.append((f"{name}/rl", train_rl + ["--init", variant_warmup, "--out", final] + rl_flags + left(final)
-                             + common))
+            commands.append((f"{name}/rl", train_rl + ["--init", variant_warmup, "--out", final] + rl_flags
+                             + left(final) + common))
         rows.append((row, final))
     return commands, rows
 

@@ -1243,7 +1243,8 @@ class Tokenizer:
         seen = set()
         for word in data["vocab"]:
             if not isinstance(word, str) or word in seen:
-                raise UserError(f"{path}: vocab entry {word!r} " + ("appears twice" if word in seen else "is not a string"))
+                problem = "appears twice" if word in seen else "is not a string"
+                raise UserError(f"{path}: vocab entry {word!r} {problem}")
             seen.add(word)
         return cls(data["vocab"])
 
@@ -3970,7 +3971,8 @@ def write_golden(path, seed=0):
     if not os.path.isdir(folder):
         raise UserError(f"--golden {path}: folder {folder} does not exist")
     if os.path.isdir(path):  # else the rename below fails, leaving the temporary file beside the folder
-        raise UserError(f"--golden {path}: is a folder; name the file to write, e.g. {os.path.join(path, 'golden.safetensors')}")
+        raise UserError(f"--golden {path}: is a folder; name the file to write, "
+                        f"e.g. {os.path.join(path, 'golden.safetensors')}")
     tensors, meta = golden_tensors(seed)
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata=meta)

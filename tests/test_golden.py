@@ -60,8 +60,8 @@ def test_golden_forward_reproduces_from_stored_weights():
 def test_golden_and_bench_bad_values_are_one_line(tmp_path, where, problem):
     """Also --golden naming a folder: before, an IsADirectoryError traceback that left PATH.tmpPID beside it; and
     --bench --repeats 0, which ran once as if 1 had been asked."""
-    args = {"missing folder": ["--golden", str(tmp_path / "no" / "g.safetensors")], "a folder": ["--golden", str(tmp_path)],
-            "repeats": ["--bench", "--repeats", "0"]}[where]
+    args = {"missing folder": ["--golden", str(tmp_path / "no" / "g.safetensors")],
+            "a folder": ["--golden", str(tmp_path)], "repeats": ["--bench", "--repeats", "0"]}[where]
     proc = subprocess.run([sys.executable, "mmboundary.py", *args],
                           cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and problem in proc.stderr

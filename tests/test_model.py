@@ -345,8 +345,9 @@ def test_config_flags_and_checks():
     cfg, = mb.parse_configs(["--quick"], "", [train_rl.RLConfig], train_rl.QUICK)
     assert cfg.iterations == train_rl.QUICK["iterations"]
     signals = list(mb.SIGNALS)
-    assert train_sft.parse_weights("lnlp=2,mte=0", signals) == {"lnlp": 2.0, "mte": 0.0, "tokensar": 1.0, "clipscore": 1.0}
-    with pytest.raises(mb.UserError, match="are all 0"):  # before: fuse_confidence's ValueError after the pool's scoring
+    assert train_sft.parse_weights("lnlp=2,mte=0", signals) == {"lnlp": 2.0, "mte": 0.0, "tokensar": 1.0,
+                                                                  "clipscore": 1.0}
+    with pytest.raises(mb.UserError, match="are all 0"):  # was fuse_confidence's ValueError after the pool's scoring
         train_sft.parse_weights("lnlp=0,mte=0,tokensar=0,clipscore=0", signals)
     with pytest.raises(mb.UserError, match="'mte=1' names a signal that --signals lnlp leaves out"):  # was ignored
         train_sft.parse_weights("mte=1", ["lnlp"])
