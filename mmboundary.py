@@ -3400,8 +3400,10 @@ def check_stats(stats, where):
         fail("sigma", "a number >= 0")
     weights = stats.get("weights")
     if weights is not None and not (isinstance(weights, dict)
-                                    and all(k in SIGNALS and number(v) for k, v in weights.items())):
-        fail("weights", "null or an object of signal: number")
+                                    and all(k in SIGNALS and number(v) and v >= 0 for k, v in weights.items())
+                                    and all(k in weights for k in signals) and sum(weights[k] for k in signals) > 0):
+        # fuse_confidence's own rule, checked here so that a hand-edited file fails in one line, not at scoring
+        fail("weights", "null or an object of signal: number >= 0 covering the signals, not all 0")
     if stats.get("fusion") not in ("mean", "max"):
         fail("fusion", "'mean' or 'max'")
     return stats

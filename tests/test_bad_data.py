@@ -136,6 +136,8 @@ def good_stats():
 @pytest.mark.parametrize("field, value", [
     ("minmax", {"lnlp": [1.0]}), ("minmax", {"loss": [0.0, 1.0]}), ("signals", 3), ("signals", ["mte"]),
     ("mu", "0.5"), ("sigma", -0.1), ("weights", {"lnlp": "2"}), ("fusion", "sum"),
+    # fuse_confidence's rule: before, these passed here and ended in its ValueError traceback at scoring
+    ("weights", {k: 0.0 for k in mb.SIGNALS}), ("weights", {k: -1.0 for k in mb.SIGNALS}), ("weights", {"mte": 1.0}),
 ])
 def test_check_stats_names_the_bad_field(field, value):
     """A confidence_stats.json with one field wrong is one UserError naming the file and the field (before: a
