@@ -827,7 +827,7 @@ def _read_jsonl(path):
     """The records of a JSONL file as (line number, record) pairs; blank lines are skipped."""
     rows = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # as read_json: a byte-order mark before line 1 is skipped
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -3222,7 +3222,7 @@ def atomic_write_text(path, text):
     """Write text so that path is always either the old file or the complete new one: a temporary file in the
     same folder, flushed to disk, then os.replace (an atomic rename on POSIX)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:  # the tables and the examples page hold non-ASCII (→, ≤, ×)
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -3234,7 +3234,9 @@ def read_json(path):
     if not os.path.exists(path):
         raise UserError(f"{path}: file not found")
     try:
-        with open(path) as f:
+        # utf-8-sig: UTF-8 whatever the machine's locale (Windows would read cp1252), and a byte-order mark, which
+        # some editors write, is skipped rather than refused as a syntax error
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None

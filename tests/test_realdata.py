@@ -10,6 +10,8 @@ computed similarity, answer and perception/reasoning cases.
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -252,6 +254,33 @@ def test_missing_data_file_and_images_folder(tmp_path, images):
     path = write_json(tmp_path / "val.json", RECORDS)
     with pytest.raises(mb.UserError, match=re.escape(str(tmp_path / "no_images")) + ": images folder not found"):
         mb.load_annotated(path, str(tmp_path / "no_images"))
+
+
+def test_utf8_with_a_byte_order_mark_and_any_locale(tmp_path, images):
+    """The data files are UTF-8 (CulturalVQA's questions are not ASCII), and some editors put a byte-order mark
+    before the first byte. Both must load whatever the machine's locale: before, a BOM was refused as a JSON
+    syntax error at line 1, and under an ASCII (or Windows cp1252) locale a UTF-8 file was "not a UTF-8 text file"
+    and writing results.md's arrows raised UnicodeEncodeError. The locale case runs in a child Python whose locale
+    encoding is ASCII (LC_ALL=C with UTF-8 mode and locale coercion off)."""
+    rows = bad(RECORDS, 0, question="Quel gâteau d’anniversaire — 30 ?")
+    bom = "\ufeff"
+    json_path, jsonl_path = tmp_path / "val.json", tmp_path / "val.jsonl"
+    json_path.write_text(bom + json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    jsonl_path.write_text(bom + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in as_jsonl_records(rows)),
+                          encoding="utf-8")
+    for path in (json_path, jsonl_path):
+        records = mb.load_annotated(str(path), str(images))
+        assert records[0]["question"] == "Quel gâteau d’anniversaire — 30 ?" and len(records) == 3
+    child = ("import sys; sys.path.insert(0, sys.argv[1]); import locale, mmboundary as mb\n"
+             "assert locale.getpreferredencoding(False) != 'UTF-8'\n"
+             "assert mb.read_json(sys.argv[2])[0]['question'].startswith('Quel g\\u00e2teau')\n"
+             "mb.atomic_write_text(sys.argv[3], 'MECE 0.097 \\u2192 0.090, \\u2264 2 \\u00d7 3')\n")  # escapes: the C locale decodes no other command line
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    out = tmp_path / "results.md"
+    proc = subprocess.run([sys.executable, "-c", child, os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           str(json_path), str(out)], env=env, capture_output=True, text=True, encoding="utf-8")
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == "MECE 0.097 → 0.090, ≤ 2 × 3".encode("utf-8")
 
 
 def test_invalid_json_names_line_and_column(tmp_path, images):
