@@ -271,10 +271,11 @@ def test_utf8_with_a_byte_order_mark_and_any_locale(tmp_path, images):
     for path in (json_path, jsonl_path):
         records = mb.load_annotated(str(path), str(images))
         assert records[0]["question"] == "Quel gâteau d’anniversaire — 30 ?" and len(records) == 3
+    # the child's source uses \u escapes only: the C locale cannot decode a non-ASCII command line
     child = ("import sys; sys.path.insert(0, sys.argv[1]); import locale, mmboundary as mb\n"
              "assert locale.getpreferredencoding(False) != 'UTF-8'\n"
              "assert mb.read_json(sys.argv[2])[0]['question'].startswith('Quel g\\u00e2teau')\n"
-             "mb.atomic_write_text(sys.argv[3], 'MECE 0.097 \\u2192 0.090, \\u2264 2 \\u00d7 3')\n")  # escapes: the C locale decodes no other command line
+             "mb.atomic_write_text(sys.argv[3], 'MECE 0.097 \\u2192 0.090, \\u2264 2 \\u00d7 3')\n")
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
     out = tmp_path / "results.md"
     proc = subprocess.run([sys.executable, "-c", child, os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
