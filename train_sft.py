@@ -62,6 +62,7 @@ class SFTConfig:
     verifier_steps: int = field(default=300, metadata=note("base: TinyCLIP steps after its image tower was copied into TinyVLM; this verifier scores CLIPScore and TokenSAR's g (0: the verifier is the tower's TinyCLIP)", NON_NEGATIVE))
     verifier_lr: float = field(default=2e-4, metadata=note("base: peak learning rate of those verifier steps (a fresh AdamW, warm-up then cosine)", LEARNING_RATE))
     vit_from_clip: bool = field(default=True, metadata=note("base: start TinyVLM's (frozen) vision encoder from the trained TinyCLIP image tower (LLaVA's recipe); off: a random frozen tower"))
+    base_statements: float = field(default=0.5, metadata=note("base: fraction of the reference chains that carry a random-level statement after every step, read but not learned, so that the base reads the statements the warm-up and RL put in its context (beyond the paper; 0 = plain chains)", mb.UNIT_INTERVAL))
     attr_weight: float = field(default=5.0, metadata=note("base and the warm-up's replay: loss weight of the size, colour and shape words of perception steps (1: plain SFT)", POSITIVE))
     log_every: int = field(default=100, metadata=note("print a progress line every this many steps", POSITIVE))
     n_eval: int = field(default=300, metadata=note("held-out test questions for the end-of-stage report", NON_NEGATIVE))
@@ -391,9 +392,16 @@ def save_on_rank0(out, model, tokenizer, config, **kwargs):
 # Stage 0: the base model (and TinyCLIP)
 # ---------------------------------------------------------------------------- #
 
-def base_examples(tokenizer, records, block_size, attr_weight):
-    """The base stage's data: each record's reference chain -> [(image, ids, start, [], weights)] for collate_sft,
-    where the words that say what the image shows weigh attr_weight times a plain token (mb.perception_word_weights)."""
+def base_examples(tokenizer, records, block_size, attr_weight, statements=0.0, rng=None):
+    """The base stage's data: each record's reference chain -> [(image, ids, start, hidden, weights)] for collate_sft,
+    where the words that say what the image shows weigh attr_weight times a plain token (mb.perception_word_weights).
+    With probability `statements` (one rng.random() per record) the chain carries a random-level statement after
+    every step, read but not learned (mb.statement_reading_example, hidden = its positions); a chain that no longer
+    fits block_size with them stays plain.
+    Why (--base-statements): the warm-up and RL put a statement after every step of the model's context. A base that
+    never read one predicted the next step's content worse after them: the warm-up cost 0.5-2.0 points of accuracy
+    (README seed table), mostly in later perception and compare steps. Reading them from the start moves that cost
+    into the base and takes it out of the warm-up (README Things tried)."""
     examples = []
     for r in records:
         ids, start = mb.encode_example(tokenizer, r, " ".join(mb.reference_steps(r)))
@@ -401,6 +409,11 @@ def base_examples(tokenizer, records, block_size, attr_weight):
         # the block is an error that names --block-size (the warm-up, by contrast, cuts the model's own chains)
         if len(ids) - 1 > block_size:
             raise UserError(f"record {r.get('id')}: {len(ids)} tokens > --block-size {block_size}")
+        if rng is not None and rng.random() < statements:
+            e = mb.statement_reading_example(tokenizer, r, rng, block_size)
+            if e is not None:
+                examples.append((*e, mb.perception_word_weights(tokenizer, e[1], e[2], attr_weight)))
+                continue
         examples.append((r["image"], ids, start, [], mb.perception_word_weights(tokenizer, ids, start, attr_weight)))
     return examples
 
@@ -430,7 +443,9 @@ def run_base(cfg, mcfg, out, device, resume_from=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"base: {len(records)} training questions, vocab {len(tokenizer)}, TinyVLM {n_params / 1e6:.2f}M params, "
           f"TinyCLIP {sum(p.numel() for p in clip.parameters()) / 1e6:.2f}M params, device {device}")
-    examples = base_examples(tokenizer, records, mcfg.block_size, cfg.attr_weight)
+    # seed + 5: the statements' own stream (seed + 1 to + 3 name data splits; TinyCLIP's streams are seed + 1, + 2)
+    examples = base_examples(tokenizer, records, mcfg.block_size, cfg.attr_weight, cfg.base_statements,
+                             random.Random(cfg.seed + 5))
     # 1. TinyCLIP first: (image, step) pairs, symmetric InfoNCE. A resumed run reloads it from the stopped run.
     if resume_from:
         mb.load_weights(clip, os.path.join(resume_from, "clip.safetensors"))

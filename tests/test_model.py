@@ -518,6 +518,29 @@ def test_warmup_replay_is_the_reference_chain_with_hidden_statements():
         assert (m == 5.0).sum().item() == 3 * n_perception and set(m.unique().tolist()) <= {0.0, 1.0, 5.0}
 
 
+def test_base_examples_read_statements_without_learning_them():
+    """--base-statements: at 0 every base example is the plain chain, all of it learned; at 1 every one carries a
+    statement after each step and collate_sft learns exactly the plain chain's tokens without its periods (each
+    step's period follows its statement, hidden with it); at 0.5 both kinds occur, and the same seed draws the same
+    ones. The perception words weigh attr_weight in either kind."""
+    import train_sft
+    records = mb.make_dataset(40, 4, "train")
+    tok = mb.build_tokenizer(records)
+    period = tok.index["."]
+    plain = train_sft.base_examples(tok, records, 160, 5.0, 0.0, random.Random(0))
+    assert all(e[3] == [] for e in plain)
+    read = train_sft.base_examples(tok, records, 160, 5.0, 1.0, random.Random(0))
+    for rec, p, r in zip(records, plain, read):
+        _, _, targets, mask = mb.collate_sft([r])
+        learned = [int(x) for x, keep in zip(targets[0], mask[0]) if keep]
+        assert learned == [t for t in p[1][p[2]:] if t != period]
+        assert r[3] and sorted(r[4].values()) == sorted(p[4].values())  # the same perception words, weight 5
+    half = train_sft.base_examples(tok, records, 160, 5.0, 0.5, random.Random(7))
+    n_read = sum(bool(e[3]) for e in half)
+    assert 0 < n_read < len(records)
+    assert [bool(e[3]) for e in train_sft.base_examples(tok, records, 160, 5.0, 0.5, random.Random(7))] == [bool(e[3]) for e in half]
+
+
 def test_mix_with_replay_draws_own_and_replayed_chains_equally_often():
     """2 own chains, 6 replayed: each own chain is listed round(6 / 2) = 3 times, then the replay: 12 entries, half of
     them own, so a uniform draw (train_lm) picks either kind with probability 1/2. 3 own and 4 replayed: round(4/3) =
