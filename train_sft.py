@@ -1,6 +1,7 @@
 """Stage 0 and stage 1 of MMBoundary (He et al., ACL 2025), supervised.
 
-  --stage base    teach TinyVLM the task (image, question -> reference reasoning chain; loss on the answer only)
+  --stage base    teach TinyVLM the task (image, question -> reference reasoning chain; loss on the answer only;
+                  half of the chains carry statements it reads but does not learn: --base-statements)
                   and train TinyCLIP on (image, step) pairs                                       -> out/base
   --stage warmup  MMBoundary's confidence warm-up (paper section 3.2): the base model answers training
                   questions itself (fresh ones, not those it trained on), every step of its own chain is scored
@@ -51,7 +52,7 @@ class SFTConfig:
     quick: bool = field(default=False, metadata=note("tiny model and few steps: a seconds-long smoke run"))
     n_train: int = field(default=6000, metadata=note("training questions generated from the shapes world", POSITIVE))
     # 2100 base steps: reading statements in half of its chains (--base-statements) makes a step about 1.4x longer,
-    # and 2400 such steps took the default run to 10 min 25 s; 2100 take it to 9 min 36 s (README Things tried)
+    # and 2400 such steps took the default run to 10 min 25 s; 2100 take it to 9 min 3-36 s (two runs; README)
     steps: int = field(default=2100, metadata=note("base: optimizer steps for TinyVLM", POSITIVE))
     batch_size: int = field(default=32, metadata=note("sequences per optimizer step", POSITIVE))
     lr: float = field(default=2e-3, metadata=note("peak AdamW learning rate (linear warm-up, cosine decay)", LEARNING_RATE))
@@ -422,7 +423,8 @@ def base_examples(tokenizer, records, block_size, attr_weight, statements=0.0, r
 
 
 def run_base(cfg, mcfg, out, device, resume_from=None):
-    """TinyCLIP, then TinyVLM on the reference chains (no statements: the base states no confidence) -> out."""
+    """TinyCLIP, then TinyVLM on the reference chains -> out. The base writes no statements (it states no confidence),
+    but half of its chains carry statements it reads (--base-statements), as its context will in the warm-up and RL."""
     t0 = time.time()
     records = load_records(cfg, cfg.n_train, "train", cfg.seed, mcfg.image_size)
     # the tokenizer is built from the training text plus every word a statement can use, so that the warm-up's

@@ -538,7 +538,8 @@ def test_base_examples_read_statements_without_learning_them():
     half = train_sft.base_examples(tok, records, 160, 5.0, 0.5, random.Random(7))
     n_read = sum(bool(e[3]) for e in half)
     assert 0 < n_read < len(records)
-    assert [bool(e[3]) for e in train_sft.base_examples(tok, records, 160, 5.0, 0.5, random.Random(7))] == [bool(e[3]) for e in half]
+    again = train_sft.base_examples(tok, records, 160, 5.0, 0.5, random.Random(7))
+    assert [bool(e[3]) for e in again] == [bool(e[3]) for e in half]
 
 
 def test_mix_with_replay_draws_own_and_replayed_chains_equally_often():
