@@ -545,6 +545,9 @@ def run_warmup(cfg, init, out, device, resume_from=None):
     correct = torch.cat([c for _, c, _, _ in shards])
     perception = torch.cat([f for _, _, f, _ in shards])
     premise = torch.cat([m for _, _, _, m in shards])
+    if len(correct) == 0:  # nothing to score, level or learn from: without this, fit_minmax's traceback
+        raise UserError(f"warmup: the base model {init} wrote no step in its {cfg.warmup_n} answers (train it longer: "
+                        f"--steps)")
     # 3. normalise with the pool's min/max, fuse, and cut into five levels at mu + (-3, -2, -1, 0) sigma.
     # Cuts relative to the pool (not fixed at 0.2, 0.4, ...) use all five levels whatever the signals' scale.
     stats = mb.fit_confidence_stats(pool, signals, weights, cfg.fusion)

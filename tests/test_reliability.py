@@ -128,6 +128,18 @@ def test_bad_init_checkpoint(tmp_path, quick_pipeline, how, script, init_stage, 
     assert digest(out) == before
 
 
+def test_a_base_that_writes_no_step_stops_the_warmup_with_one_line(tmp_path, quick_pipeline, monkeypatch):
+    """A base that answers every pool question with an empty chain (too few --steps) leaves the warm-up nothing to
+    score: a UserError naming the base (run_cli prints it as one line), not fit_minmax's ValueError, and no output."""
+    import train_sft
+    monkeypatch.setattr(mb, "generate_responses", lambda model, tokenizer, records, **kw: [[] for _ in records])
+    cfg, _ = train_sft.parse(["--quick", "--stage", "warmup", "--device", "cpu"])
+    with pytest.raises(mb.UserError, match="wrote no step") as err:
+        train_sft.run_warmup(cfg, quick_pipeline["base"], str(tmp_path / "warmup"), "cpu")
+    assert quick_pipeline["base"] in str(err.value)
+    assert not (tmp_path / "warmup").exists()
+
+
 def test_output_that_is_the_input_is_refused(tmp_path, quick_pipeline):
     """A warm-up (or RL run) writing over its own --init would destroy the base: refused before anything runs."""
     base, warmup = tmp_path / "base", tmp_path / "warmup"
