@@ -403,9 +403,10 @@ def base_examples(tokenizer, records, block_size, attr_weight, statements=0.0, r
     fits block_size with them stays plain.
     Why (--base-statements): the warm-up and RL put a statement after every step of the model's context. A base that
     never read one predicted the next step's content worse after them: the warm-up cost 0.5-2.0 points of accuracy
-    (three seeds, 1000 test q), mostly in later perception and compare steps. Reading them from the start moves that
-    cost into the base (answers 0.782 against 0.800) and takes it out of the warm-up (−0.7 to +0.2 points from its
-    base), and RL then gains 1.3-3.2 points over the base (README seed table; the previous default in Things tried)."""
+    (three seeds, 1000 test q, with the confusable colours then 21 RGB units apart), mostly in later perception and
+    compare steps. Reading them from the start moved that cost into the base (answers 0.782 against 0.800) and took it
+    out of the warm-up (−0.7 to +0.2 points from its base); RL then gained 1.3-3.2 points over the base (README Things
+    tried, the base without statements)."""
     examples = []
     for r in records:
         ids, start = mb.encode_example(tokenizer, r, " ".join(mb.reference_steps(r)))
