@@ -6,6 +6,7 @@ the distribution properties the method relies on (long tail of facts, confusable
 Runs in a few seconds on a 2-core CPU.
 """
 import json
+import math
 import random
 import string
 
@@ -429,3 +430,17 @@ def test_step_edits_are_false_and_change_one_attribute():
                     if colour in mb.CONFUSABLE:
                         assert f" {mb.CONFUSABLE[colour]} " in dict(edits)["colour"], edits
     assert kinds == set(mb.EDIT_ATTRIBUTES), kinds
+
+
+def test_each_confusable_colour_is_nearest_to_its_look_alike_and_far_from_the_rest():
+    """The world's colour difficulty is two look-alike pairs and nothing else. Euclidean RGB distances, by hand:
+    red (200, 55, 50) - orange (204, 71, 46) = (-4, -16, 4): sqrt(16 + 256 + 16) = 16.97;
+    blue (60, 80, 205) - purple (76, 74, 205) = (-16, 6, 0): sqrt(256 + 36) = 17.09;
+    the nearest other pair, orange - yellow (215, 205, 60) = (-11, -134, -14): 135.2, so 8x farther."""
+    dist = {(a, b): math.dist(mb.COLORS[a], mb.COLORS[b]) for a in mb.COLORS for b in mb.COLORS if a != b}
+    assert dist["red", "orange"] == pytest.approx(math.sqrt(288)) and dist["blue", "purple"] == pytest.approx(math.sqrt(292))
+    for colour, partner in mb.CONFUSABLE.items():
+        assert min((d, b) for (a, b), d in dist.items() if a == colour)[1] == partner  # the look-alike is the nearest
+    look_alike = max(d for (a, b), d in dist.items() if mb.CONFUSABLE.get(a) == b)
+    assert min(d for (a, b), d in dist.items() if mb.CONFUSABLE.get(a) != b) > 5 * look_alike
+
