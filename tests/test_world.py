@@ -438,7 +438,8 @@ def test_each_confusable_colour_is_nearest_to_its_look_alike_and_far_from_the_re
     blue (60, 80, 205) - purple (76, 74, 205) = (-16, 6, 0): sqrt(256 + 36) = 17.09;
     the nearest other pair, orange - yellow (215, 205, 60) = (-11, -134, -14): 135.2, so 8x farther."""
     dist = {(a, b): math.dist(mb.COLORS[a], mb.COLORS[b]) for a in mb.COLORS for b in mb.COLORS if a != b}
-    assert dist["red", "orange"] == pytest.approx(math.sqrt(288)) and dist["blue", "purple"] == pytest.approx(math.sqrt(292))
+    assert dist["red", "orange"] == pytest.approx(math.sqrt(288))
+    assert dist["blue", "purple"] == pytest.approx(math.sqrt(292))
     for colour, partner in mb.CONFUSABLE.items():
         assert min((d, b) for (a, b), d in dist.items() if a == colour)[1] == partner  # the look-alike is the nearest
     look_alike = max(d for (a, b), d in dist.items() if mb.CONFUSABLE.get(a) == b)
