@@ -849,8 +849,10 @@ def ablation_plan(cfg):
     warm-up and RL first, if missing: the reward ablations start from that warm-up);
     rows: [(row, checkpoint folder)] in the paper's Table 1 order."""
     base, warmup, rl = main_pipeline(cfg)
-    # --quick and --device pass through, so the test of the plan is a quick run and a GPU evaluation trains on it
-    common = ["--device", cfg.device] + (["--quick"] if cfg.quick else [])
+    # --seed, --device and --quick pass through: each variant trains at the seed its base was trained at (the seed
+    # loop's `evaluate.py --seed S --ablations` gives seed S's Table 1), a GPU evaluation trains on the GPU, and the
+    # test of the plan is a quick run
+    common = ["--seed", str(cfg.seed), "--device", cfg.device] + (["--quick"] if cfg.quick else [])
     sft = [sys.executable, os.path.join(HERE, "train_sft.py"), "--stage", "warmup", "--init", base]
     train_rl = [sys.executable, os.path.join(HERE, "train_rl.py")]
     commands, rows = [], []

@@ -378,7 +378,7 @@ def test_ablation_plan_rows_and_flags(tmp_path):
     os.makedirs(base)
     os.makedirs(warmup)  # rl is missing: the plan must train it first
     cfg = ev.EvalConfig(checkpoints=",".join([base, warmup, rl]), ablations_dir=str(tmp_path / "abl"),
-                        quick=True, device="cpu")
+                        quick=True, device="cpu", seed=7)
     commands, rows = ev.ablation_plan(cfg)
     assert [r for r, _ in rows] == ["w/o U_LNLP", "w/o U_MTE", "w/o U_TSAR", "w/o U_CLIPS", "w U_Max",
                                     "w/o S-S mapping", "w/o R_KA", "w/o R_EC", "w/o R_CS", "w/o RL",
@@ -388,8 +388,8 @@ def test_ablation_plan_rows_and_flags(tmp_path):
     cmd = {name: argv for name, argv in commands}
     assert list(cmd)[0] == "rl"  # the main RL run comes before anything else
     assert "warmup" not in cmd  # it exists
-    for name in cmd:  # --quick and --device pass through to every training run
-        assert cmd[name][0] == sys.executable and cmd[name][-3:] == ["--device", "cpu", "--quick"]
+    for name in cmd:  # --seed, --device and --quick pass through to every training run
+        assert cmd[name][0] == sys.executable and cmd[name][-5:] == ["--seed", "7", "--device", "cpu", "--quick"]
 
     def flags(argv, flag):
         return argv[argv.index(flag) + 1]
