@@ -444,4 +444,3 @@ def test_each_confusable_colour_is_nearest_to_its_look_alike_and_far_from_the_re
         assert min((d, b) for (a, b), d in dist.items() if a == colour)[1] == partner  # the look-alike is the nearest
     look_alike = max(d for (a, b), d in dist.items() if mb.CONFUSABLE.get(a) == b)
     assert min(d for (a, b), d in dist.items() if mb.CONFUSABLE.get(a) != b) > 5 * look_alike
-
