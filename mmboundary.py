@@ -63,7 +63,8 @@ Shapes: B batch, T tokens, V vocab, S steps, D embedding, N pooled items, P imag
 Porting contract. These names, signatures and shapes are stable; outside checks call them, and
 `python mmboundary.py --golden golden.safetensors` writes the inputs and outputs of each for a fixed seed
 (tests/golden.safetensors is the committed copy; tensor names in brackets). A port matches when every float
-output agrees within atol 1e-6 (the TinyVLM forward: 1e-5) and every integer output exactly.
+output agrees within atol 1e-6 (the TinyVLM forward: 1e-5) and every integer output exactly. On a GPU, fp32 matmuls
+must stay full precision (PyTorch's default): TF32 moved the forward's logits by 5e-5 on an H200.
   token_logprobs(logits (B,T,V), targets (B,T)) -> (B,T)                    [token_logprobs]
   token_entropy(logits (B,T,V)) -> (B,T) nats                               [token_entropy]
   u_lnlp(logprobs (B,T), step_mask (B,S,T)) -> (B,S)                        [u_lnlp]

@@ -1,11 +1,19 @@
-"""Shared fixtures: one --quick pipeline (base -> warmup -> rl), built once per test session in a temp folder."""
+"""Shared fixtures: one --quick pipeline (base -> warmup -> rl), built once per test session in a temp folder;
+DEVICES, the devices a device-parametrised test runs on."""
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# The CUDA path is tested where a GPU exists: each test parametrised by DEVICES runs on the CPU everywhere (CI) and
+# on CUDA too when torch sees a device; elsewhere its cuda case is reported as skipped, not silently dropped.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="no CUDA device"))]
 
 
 def run_script(*args, timeout=300, check=True):

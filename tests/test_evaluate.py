@@ -558,3 +558,27 @@ def test_self_correct_quick(quick_pipeline, tmp_path):
         sc = results["rl"][split]["self_correct"]
         assert sc["k"] == 2 and set(ev.REQUIRED_KEYS) <= set(sc)
     assert "Self-correction" in (out / "results.md").read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_quick_pipeline_on_cuda(tmp_path):
+    """The three scripts with --device cuda, end to end (self-correction's sampling included); the checkpoints they
+    write load on the CPU too, where the same teacher-forced batch gives the GPU's logits within the forward's 1e-5."""
+    run_script("train_sft.py", "--quick", "--device", "cuda", "--out", str(tmp_path))
+    run_script("train_rl.py", "--quick", "--device", "cuda", "--init", str(tmp_path / "warmup"),
+               "--out", str(tmp_path / "rl"))
+    out = tmp_path / "eval"
+    run_script("evaluate.py", "--quick", "--device", "cuda", "--self-correct", "2", "--out", str(out),
+               "--checkpoints", *(str(tmp_path / name) for name in ("base", "warmup", "rl")), timeout=120)
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["base", "base-internal", "warmup", "rl"]
+    assert results["rl"]["test"]["n_questions"] == ev.QUICK["n_test"] and "self_correct" in results["rl"]["test"]
+    records = mb.make_dataset(4, 5, "test")
+    logits = {}
+    for device in ("cpu", "cuda"):
+        ck = mb.load_checkpoint(str(tmp_path / "rl"), device=device)
+        if device == "cpu":
+            responses = mb.generate_responses(ck.model, ck.tokenizer, records, max_new_tokens=40)
+        images, inputs, _, text_mask, _, _ = mb.response_batch(ck.tokenizer, records, responses, device)
+        logits[device] = ck.model.eval()(images, inputs, text_mask=text_mask)[0].cpu()
+    assert torch.allclose(logits["cpu"], logits["cuda"], atol=1e-5)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mmboundary as mb
+from conftest import DEVICES
 
 
 def tiny_vlm(vocab=40, **kw):
@@ -48,14 +49,15 @@ def test_left_padding_does_not_change_real_logits():
     assert torch.allclose(alone, padded[:, 3:], atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sdpa", [True, False])
-def test_kv_cache_greedy_equals_no_cache(sdpa):
+def test_kv_cache_greedy_equals_no_cache(sdpa, device):
     """Batched greedy decoding with the KV cache gives the same tokens as recomputing the whole sequence,
     for prompts of different lengths (left padding)."""
-    model = tiny_vlm()
+    model = tiny_vlm().to(device)
     model.set_sdpa(sdpa)
     prompts = [[1, 7, 8, 9, 4], [1, 12, 4], [1, 20, 21, 22, 23, 24, 4]]
-    ids, mask = mb.pad_left(prompts)
+    ids, mask = (x.to(device) for x in mb.pad_left(prompts))
     cached = model.generate(random_images(3), ids, mask, max_new_tokens=20, use_cache=True, eos_id=-1)
     plain = model.generate(random_images(3), ids, mask, max_new_tokens=20, use_cache=False, eos_id=-1)
     assert cached.shape == (3, 20)
@@ -121,14 +123,16 @@ def test_decoding_never_produces_special_tokens_but_eos(temperature):
     assert out[:, 0].tolist() == [mb.EOS, mb.EOS]
 
 
-def test_kv_cache_sampling_equals_no_cache():
-    """Temperature sampling with the same generator seed draws the same tokens with and without the cache."""
-    model = tiny_vlm()
-    ids, mask = mb.pad_left([[1, 7, 8, 4], [1, 9, 4]])
-    a = model.generate(random_images(2), ids, mask, 16, temperature=0.8, generator=torch.Generator().manual_seed(3), eos_id=-1)
-    b = model.generate(random_images(2), ids, mask, 16, temperature=0.8, generator=torch.Generator().manual_seed(3),
-                       use_cache=False, eos_id=-1)
-    assert torch.equal(a, b)
+@pytest.mark.parametrize("device", DEVICES)
+def test_kv_cache_sampling_equals_no_cache(device):
+    """Temperature sampling with the same generator seed draws the same tokens with and without the cache (on CUDA
+    with a CUDA generator, as train_rl.py samples its rollouts)."""
+    model = tiny_vlm().to(device)
+    ids, mask = (x.to(device) for x in mb.pad_left([[1, 7, 8, 4], [1, 9, 4]]))
+    draws = [model.generate(random_images(2), ids, mask, 16, temperature=0.8, use_cache=use_cache, eos_id=-1,
+                            generator=torch.Generator(device=device).manual_seed(3)) for use_cache in (True, False)]
+    assert draws[0].device.type == device
+    assert torch.equal(*draws)
 
 
 def test_generation_matches_forward_argmax():
