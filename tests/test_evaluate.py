@@ -574,11 +574,12 @@ def test_quick_pipeline_on_cuda(tmp_path):
     assert list(results) == ["base", "base-internal", "warmup", "rl"]
     assert results["rl"]["test"]["n_questions"] == ev.QUICK["n_test"] and "self_correct" in results["rl"]["test"]
     records = mb.make_dataset(4, 5, "test")
-    logits = {}
+    logits = []
     for device in ("cpu", "cuda"):
         ck = mb.load_checkpoint(str(tmp_path / "rl"), device=device)
-        if device == "cpu":
+        assert next(ck.model.parameters()).device.type == device
+        if not logits:  # the CPU's greedy answers, teacher-forced on both devices
             responses = mb.generate_responses(ck.model, ck.tokenizer, records, max_new_tokens=40)
         images, inputs, _, text_mask, _, _ = mb.response_batch(ck.tokenizer, records, responses, device)
-        logits[device] = ck.model.eval()(images, inputs, text_mask=text_mask)[0].cpu()
-    assert torch.allclose(logits["cpu"], logits["cuda"], atol=1e-5)
+        logits.append(ck.model.eval()(images, inputs, text_mask=text_mask)[0].cpu())
+    assert torch.allclose(*logits, atol=1e-5)
