@@ -12,7 +12,7 @@ Beyond the paper, two more loss terms guard what the steps say (their content, n
 without them RL cost 2 to 3.5 points of accuracy over four seeds (README, Results):
     loss = PPO policy loss + vf_coef·value loss                                          (the paper, section 3.3)
          + anchor_coef · KL(π || π_ref) on content tokens, exact over the vocabulary       (--anchor-coef, 1)
-         + ptx_coef · cross-entropy on reference chains, statements read but not learned  (--ptx-coef, 3)
+         + ptx_coef · cross-entropy on reference chains, statements read but not learned  (--ptx-coef, 20)
 The second is InstructGPT's PPO-ptx (Ouyang et al. 2022), with the base model's training data in place of
 pretraining data. Both 0 give the paper's loss.
 
@@ -90,7 +90,7 @@ class RLConfig:
     mean_over_steps: bool = field(default=True, metadata=note("divide each step's reward by the response's step count (return = mean step reward)"))
     missing_penalty: float = field(default=-1.0, metadata=note("reward instead of β·R_EC + γ·R_CS for a step with no parseable statement"))
     kl_coef: float = field(default=0.1, metadata=note("per-token KL penalty to the frozen warm-up model, on every response token", NON_NEGATIVE))
-    ptx_coef: float = field(default=3.0, metadata=note("beyond the paper: weight of a loss term, next-token cross-entropy on reference chains of the training questions, content only, with random statements read but not learned (InstructGPT's PPO-ptx); 0 = off", NON_NEGATIVE))
+    ptx_coef: float = field(default=20.0, metadata=note("beyond the paper: weight of a loss term, next-token cross-entropy on reference chains of the training questions, content only, with random statements read but not learned (InstructGPT's PPO-ptx); 0 = off", NON_NEGATIVE))
     ptx_batch: int = field(default=16, metadata=note("reference chains per minibatch for --ptx-coef", POSITIVE))
     anchor_coef: float = field(default=1.0, metadata=note("beyond the paper: weight of a loss term, the exact KL to the warm-up model on content tokens (not statements), summed over the vocabulary, at the sampling temperature; 0 = off", NON_NEGATIVE))
     clip_eps: float = field(default=0.2, metadata=note("PPO ratio clip ε", OPEN_UNIT))
