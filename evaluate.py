@@ -108,7 +108,8 @@ QUICK = dict(n_test=12, n_ood=12, n_data=12, max_new_tokens=48)
 # checks and the README's tables read them by name, so they are fixed here and a test pins the set.
 REQUIRED_KEYS = ("acc", "f1", "ece", "mece", "mece_perception", "mece_reasoning", "auroc", "brier",
                  "n_questions", "n_steps")
-METRIC_KEYS = REQUIRED_KEYS + ("step_acc", "stated_fraction", "acc_by_type", "n_by_type", "knowledge_boundary")
+METRIC_KEYS = REQUIRED_KEYS + ("step_acc", "stated_fraction", "acc_by_type", "n_by_type", "knowledge_boundary",
+                               "class_floor")
 SPLITS = ("test", "ood")
 # seed offsets per split: test = seed + 1 is train_rl.py's held-out set; ood gets its own (seed + 2 is RL's train pool,
 # seed + 3 on the train split the warm-up's pool: a split draws apart from the others, mb.SPLIT_SEED_OFFSET)
@@ -176,14 +177,15 @@ def perception_flags(record, steps):
     return [is_perception(st.text) for st in steps]
 
 
-def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10):
-    """Every metric of the paper's section 4 for answered questions.
+def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10, fitted=None):
+    """Every metric of the paper's section 4 for answered questions, and the class-only floor.
     steps_per_response: per question a list of mb.Step; conf_per_response: per question one confidence per step
-    in [0, 1], or None where the step states nothing (counted as UNSTATED_CONFIDENCE). -> {metric: float}"""
+    in [0, 1], or None where the step states nothing (counted as UNSTATED_CONFIDENCE); fitted: class_floor's.
+    -> {metric: float}"""
     # two granularities (the "multi" of MECE): the response, judged by its final answer, and every single step
     answer_conf, answer_ok = [], []  # response level (ECE)
     step_conf, step_ok, step_perc = [], [], []  # step level (MECE, AUROC, Brier)
-    f1s, n_stated = [], 0
+    f1s, n_stated, classes = [], 0, []
     for rec, steps, conf in zip(records, steps_per_response, conf_per_response):
         assert len(conf) == len(steps), "one confidence per step"
         correct = mb.judge_steps(rec, steps)  # a_s: exact verifier (unparseable = wrong), or on real data token-F1
@@ -199,6 +201,7 @@ def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10):
         step_conf += conf
         step_ok += correct
         step_perc += perception_flags(rec, steps)
+        classes += [step_class(rec, st) for st in steps]
         restates = mb.restates_reference if rec.get("scene") is None else None  # real data: the judge's match
         f1s.append(chain_f1([st.text for st in steps], correct, mb.reference_steps(rec), restates)[2])
     step_conf, step_ok = np.array(step_conf, dtype=np.float64), np.array(step_ok, dtype=bool)
@@ -225,7 +228,52 @@ def chain_metrics(records, steps_per_response, conf_per_response, n_bins=10):
         "acc_by_type": {t: float(np.mean([ok for r, ok in zip(records, answer_ok) if r.get("qtype") == t]))
                         for t in n_by_type},
         "n_by_type": n_by_type,
+        "class_floor": class_floor(classes, step_ok, fitted, n_bins),
     }
+
+
+# ---------------------------------------------------------------------------- #
+# The class-only floor: where calibration stops without telling steps of one class apart
+# ---------------------------------------------------------------------------- #
+# A step's class is its question type × step kind (perception, count, relation, ..., answer): all that the prompt
+# and the step's own words show. A statement that reads only the class can at best say one level per class. The
+# Brier-best such level (what R_EC rewards) is the one nearest the class's step accuracy, so
+#   floor MECE      = ECE(level nearest acc(class of s), a_s) over all steps s
+#   ceiling AUROC   = AUROC(acc(class of s), a_s)            (the class accuracy itself, as a continuous score)
+# fitted in-sample, so both are optimistic. A stated MECE near the floor means the statements already carry what
+# the class says; going lower needs a statement that tells a right step from a wrong one of the same class. The
+# floor is of Brier-best levels, not an ECE minimum: levels picked for ECE itself can let an over- and an
+# under-confident class cancel within a bin, which no proper reward aims at.
+# On ood, "mece_test_levels" keeps the test split's class levels: what statements calibrated on familiar scenes
+# would score on shifted ones (a class test never saw counts UNSTATED_CONFIDENCE).
+
+def step_class(record, step):
+    """A step's class, "qtype/kind". e.g. ("color", "The red circle is left of ...") -> "color/relation";
+    an answer step is "answer", a step no template reads is "other" (all of real data but its answers)."""
+    kind = "answer" if mb.ANSWER_RE.match(step.text) else (mb.parse_step(step.text) or ("other",))[0]
+    return f"{record.get('qtype') or '-'}/{kind}"
+
+
+def class_floor(classes, correct, fitted=None, n_bins=10):
+    """Step MECE and AUROC of the best statements that see only each step's class (comment above).
+    classes (N,) strings, correct (N,) bools; fitted: {class: accuracy} of another split whose levels to score
+    here too. -> {"accuracy": {class: step accuracy}, "mece": floor, "auroc": ceiling[, "mece_test_levels"]}
+    e.g. classes [a a a a a b b b], correct [1 1 0 0 0 1 1 1]: acc a = .4 -> level .5, b = 1 -> 1.0;
+    mece = 5/8 · |.4 - .5| = .0625; auroc by class accuracy: b's 3 right over a's 3 wrong (9 pairs), a's 2 right
+    tie a's 3 wrong (6 half pairs) -> (9 + 3) / 15 = .8"""
+    classes, correct = list(classes), np.asarray(correct, dtype=bool)
+    accuracy = {c: float(correct[[x == c for x in classes]].mean()) for c in sorted(set(classes))}
+    levels = np.array([mb.level_to_confidence(k) for k in range(1, 6)])  # 0, .25, .5, .75, 1
+
+    def nearest(acc):  # the Brier-best of the five levels for a class right acc of the time (ties: the lower)
+        return float(levels[np.abs(levels - acc).argmin()])
+    out = {"accuracy": accuracy,
+           "mece": mb.ece(np.array([nearest(accuracy[c]) for c in classes]), correct, n_bins),
+           "auroc": mb.auroc(np.array([accuracy[c] for c in classes]), correct)}
+    if fitted is not None:
+        conf = [nearest(fitted[c]) if c in fitted else UNSTATED_CONFIDENCE for c in classes]
+        out["mece_test_levels"] = mb.ece(np.array(conf), correct, n_bins)
+    return out
 
 
 def stated_confidences(steps):
@@ -587,6 +635,20 @@ def results_markdown(results, cfg, command, split_info, wall, stages=None, split
             parts += [f"Acc by question type ({split}):", "",
                       markdown_table(["model"] + [f"{t} ({n})" for t, n in counts.items()], rows), "",
                       "Higher is better (final-answer accuracy per question type; the question count in brackets).", ""]
+        # how far each row's stated confidence sits from the best a statement that reads only the step's class does
+        test_levels = split == "ood" and any("mece_test_levels" in results[label][split]["class_floor"]
+                                             for label in results)
+        rows = [[label, fmt(m["mece"]), fmt(m["class_floor"]["mece"]), fmt(m["auroc"]), fmt(m["class_floor"]["auroc"])]
+                + ([fmt(m["class_floor"].get("mece_test_levels", math.nan))] if test_levels else [])
+                for label, m in ((label, results[label][split]) for label in results)]
+        parts += [f"Class-only bounds ({split}): the same chains, each step stated at the level nearest its class's "
+                  "step accuracy (class = question type × step kind; fitted on these steps)", "",
+                  markdown_table(["model", "MECE", "MECE floor", "AUROC", "AUROC ceiling"]
+                                 + (["MECE, test's levels"] if test_levels else []), rows), "",
+                  "A stated MECE near the floor carries what the class says; below it (or AUROC above the ceiling) "
+                  "the statements tell right from wrong steps within a class."
+                  + (" The last column keeps the test split's levels: statements calibrated on familiar scenes, "
+                     "scored on these." if test_levels else ""), ""]
     parts += boundary_markdown(results)
     sc_rows = [(label, split, results[label][split]["self_correct"]) for label in results for split in splits
                if "self_correct" in results[label][split]]
@@ -749,7 +811,9 @@ def evaluate_checkpoint(ck, label, data, cfg, device, plots=True):
         t0 = time.time()
         responses, steps = answer(ck, records, cfg, device)
         conf = [stated_confidences(st) for st in steps]
-        metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins)
+        # ood also scores the test split's class levels (class_floor): test is answered first
+        fitted = metrics["test"]["class_floor"]["accuracy"] if split == "ood" and "test" in metrics else None
+        metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins, fitted)
         metrics[split]["knowledge_boundary"] = knowledge_boundary(records, steps) if ck.stats is not None else None
         answers[split] = (responses, steps)
         # only a model that states confidence can self-correct, and its signals need TinyCLIP and the stats

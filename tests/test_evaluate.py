@@ -113,6 +113,39 @@ def test_mece_counts_every_step_not_only_the_answer():
     assert m["brier"] == pytest.approx(1.625 / 6)
 
 
+def test_class_floor_hand_computed():
+    """classes a (3 steps, 1 right), b (3 steps, all right), c (5 steps, 1 right): accuracies 1/3, 1 and 1/5, whose
+    nearest levels are .25, 1.0 and .25. floor MECE: a and c share the bin (.2, .3], 8 steps of which 2 are right,
+    accuracy .25 against confidence .25, gap 0; b's bin (.9, 1] gap 0 -> 0 (two classes' gaps cancel in one bin).
+    ceiling AUROC, scored by class accuracy (30 right-wrong pairs): b's 3 right beat all 6 wrong (18); a's right
+    ties a's 2 wrong (1) and beats c's 4 (4); c's right ties c's 4 wrong (2) -> 25/30. (By level, a = c: 24/30.)
+    With another split's accuracies {a: .9}: a stated 1.0 (3 steps, 1 right: gap 2/3), b and c unseen there -> 0.5
+    (8 steps, 4 right: gap 0) -> 3/11 · 2/3 = 2/11."""
+    classes = list("aaabbbccccc")
+    correct = [1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0]
+    f = ev.class_floor(classes, correct)
+    assert f["accuracy"] == pytest.approx({"a": 1 / 3, "b": 1.0, "c": 0.2})
+    assert f["mece"] == pytest.approx(0.0, abs=1e-12) and f["auroc"] == pytest.approx(25 / 30)
+    assert "mece_test_levels" not in f
+    assert ev.class_floor(classes, correct, fitted={"a": 0.9})["mece_test_levels"] == pytest.approx(2 / 11)
+
+
+def test_class_floor_in_chain_metrics():
+    """Class = question type × step kind. Four steps of "color" questions: perceptions CIRCLE (right), WRONG (wrong),
+    CIRCLE (right), answer ANSWER (right): color/perception right 2/3 -> level .75, color/answer 1/1 -> 1.0.
+    floor = 3/4 · |2/3 - .75| = .0625, AUROC ceiling: the answer beats the wrong step (1 pair), the two right
+    perceptions tie it (2 half pairs) -> 2/3. Stated at exactly those levels (4, 4, 4, 5), MECE equals the floor."""
+    color = dict(record(), qtype="color")
+    assert ev.step_class(color, step(CIRCLE)) == "color/perception"
+    assert ev.step_class(color, step(ANSWER)) == "color/answer"
+    assert ev.step_class(record(), step("hello.")) == "-/other"  # no qtype, no template
+    steps = [[step(CIRCLE, 4), step(WRONG, 4)], [step(CIRCLE, 4), step(ANSWER, 5)]]
+    m = ev.chain_metrics([color, color], steps, [ev.stated_confidences(s) for s in steps])
+    assert m["class_floor"]["accuracy"] == pytest.approx({"color/answer": 1.0, "color/perception": 2 / 3})
+    assert m["class_floor"]["mece"] == pytest.approx(0.0625) == pytest.approx(m["mece"])
+    assert m["class_floor"]["auroc"] == pytest.approx(2 / 3)
+
+
 def test_hallucinated_perception_counts_as_perception():
     """A perception claim about an empty cell is a (wrong) perception step, not a reasoning step."""
     assert ev.is_perception("At the top left there is a small blue square.")
@@ -143,6 +176,26 @@ def test_results_md_explains_its_columns_and_rows():
     assert md.count("calibrated on average but separates nothing") == 2  # the one constant row, once per table
     by_name = ev.results_markdown({"rl": results["r"], "base": results["b"]}, cfg, "", info, 1.0)
     assert "- rl: MMBoundary, the full method" in by_name and "- base: the base model" in by_name
+
+
+def test_ood_class_floor_scores_the_test_splits_levels(quick_pipeline):
+    """evaluate_checkpoint hands test's class accuracies to ood: its "mece_test_levels" is class_floor of the ood
+    steps with test's accuracies, recomputed here from the very chains it answered."""
+    ck = mb.load_checkpoint(quick_pipeline["rl"], "cpu")
+    cfg = ev.EvalConfig(n_test=8, n_ood=8, max_new_tokens=48)
+    data = {"test": mb.make_dataset(8, 5, "test"), "ood": mb.make_dataset(8, 6, "ood")}
+    metrics, answers = ev.evaluate_checkpoint(ck, "rl", data, cfg, "cpu", plots=False)
+
+    def flat(split):  # (classes, correct) of every step of the split's answers
+        classes, correct = [], []
+        for r, steps in zip(data[split], answers[split][1]):
+            classes += [ev.step_class(r, s) for s in steps]
+            correct += mb.judge_steps(r, steps)
+        return classes, correct
+    fitted = ev.class_floor(*flat("test"))["accuracy"]
+    assert metrics["test"]["class_floor"]["accuracy"] == pytest.approx(fitted)
+    expected = ev.class_floor(*flat("ood"), fitted=fitted)["mece_test_levels"]
+    assert metrics["ood"]["class_floor"]["mece_test_levels"] == pytest.approx(expected)
 
 
 def test_json_has_no_nan():
@@ -498,6 +551,10 @@ def test_evaluate_quick_outputs(quick_pipeline, tmp_path):
     assert md.count("Higher is better: Acc, F1, AUROC.") == 2
     n_types = results["rl"]["test"]["n_by_type"]  # the per-type table: every type with its question count
     assert sum(n_types.values()) == ev.QUICK["n_test"]
+    # ood also scores the test split's class levels; test has no other split to take them from
+    assert "mece_test_levels" in results["rl"]["ood"]["class_floor"]
+    assert "mece_test_levels" not in results["rl"]["test"]["class_floor"]
+    assert "| model | MECE | MECE floor | AUROC | AUROC ceiling | MECE, test's levels |" in md
     assert "Acc by question type (test):" in md and all(f"{t} ({n})" in md for t, n in n_types.items())
     for label in results:
         for split in ("test", "ood"):
