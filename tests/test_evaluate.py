@@ -273,7 +273,7 @@ HIGH_5 = "at the center there is a large red circle, with total certainty."  # l
 GARBLED = "at the center there is a large blue circle, but i rather unsure."  # a statement split_steps cannot read
 
 
-# the scripted c_final of each content (a stand-in for the four signals)
+# the scripted CLIPScore of each content (a stand-in for TinyCLIP)
 CONTENT_SCORE = {"at the center there is a large red circle.": 0.3,  # the greedy version's content
                  "at the center there is a small red circle.": 0.3,  # a tie with the greedy version
                  "at the center there is a large blue circle.": 0.8}
@@ -282,25 +282,23 @@ CONTENT_SCORE = {"at the center there is a large red circle.": 0.3,  # the greed
 @pytest.mark.parametrize("k, samples, kept", [
     (0, [], "center there is a large red circle, but i'm not sure"),  # off: greedy
     (1, [LOW_SAME], "center there is a large red circle, but i'm not sure"),  # a tie keeps the greedy version
-    # the content the model is surest of wins, whatever its sampled statement said (LOW_1 states level 1), and is
+    # the content TinyCLIP scores highest wins, whatever its sampled statement said (LOW_1 states level 1), and is
     # restated greedily; of two draws with the same content the earlier one is kept
     (3, [HIGH_5, LOW_1, HIGH_4], "center there is a large blue circle, and i am fairly confident"),
     (2, [HIGH_5, LOW_SAME], "center there is a large red circle, but i'm not sure"),  # a level-5 draw is no better
     (1, [GARBLED], "center there is a large blue circle, and i am fairly confident"),  # garbled: cut, not content
 ])
-def test_self_correction_keeps_the_version_with_the_highest_internal_confidence(tokenizer, monkeypatch, k, samples,
-                                                                                 kept):
+def test_self_correction_keeps_the_version_with_the_highest_clipscore(tokenizer, monkeypatch, k, samples, kept):
     recs = mb.make_dataset(2, 0, "test")
 
-    def c_final(ck, records, responses, steps, device):
-        assert len(records) == len(responses) == len(steps)
-        for r, rs in zip(records, responses):
-            assert mb.prompt_ids(tokenizer, r) and rs[-1] == tokenizer.index["."]
-        # each version is scored as the last step of its row's response; 0.1 for earlier steps
-        return [[(0.1, 3)] * (len(st) - 1) + [(CONTENT_SCORE[st[-1].text], 3)] for st in steps]
-    monkeypatch.setattr(ev, "fused_internal_confidence", c_final)
+    def clipscores(clip, tok, records, texts, device):
+        assert clip == "tinyclip" and len(records) == len(texts)
+        half = len(records) // 2  # both questions' versions, the first question's first: each with its own image
+        assert [id(r) for r in records] == [id(recs[0])] * half + [id(recs[1])] * half
+        return [CONTENT_SCORE[t] for t in texts]  # the step's content with its period, no statement
+    monkeypatch.setattr(ev, "step_clipscores", clipscores)
     model = ScriptedModel(tokenizer, samples)
-    ck = SimpleNamespace(model=model, tokenizer=tokenizer)
+    ck = SimpleNamespace(model=model, tokenizer=tokenizer, clip="tinyclip")
     responses, counts = ev.generate_self_corrected(ck, recs, k, max_new_tokens=40)
     replaced = "blue" in kept
     for r in responses:
@@ -343,15 +341,14 @@ class LateDoubtModel(ScriptedModel):
 
 
 def test_self_correction_scores_the_resampled_step_not_the_steps_before_it(tokenizer, monkeypatch):
-    """Each version is scored as the LAST step of its row's response; the sure step before it scores 0.9 for every
-    version, so reading it instead would tie every version and keep greedy. Here the draw's own step scores higher
-    (0.8 against 0.3) and must win."""
-    def c_final(ck, records, responses, steps, device):
-        assert all(len(st) == 2 and st[0].text.startswith("at the top left") for st in steps)
-        return [[(0.9, 5), (CONTENT_SCORE[st[-1].text], 3)] for st in steps]
-    monkeypatch.setattr(ev, "fused_internal_confidence", c_final)
+    """Each version is scored as the resampled step alone, not the sure step before it (which would tie every
+    version and keep greedy). Here the draw's own step scores higher (0.8 against 0.3) and must win."""
+    def clipscores(clip, tok, records, texts, device):
+        assert not any("top left" in t for t in texts)
+        return [CONTENT_SCORE[t] for t in texts]
+    monkeypatch.setattr(ev, "step_clipscores", clipscores)
     model = LateDoubtModel(tokenizer, [HIGH_4])
-    ck = SimpleNamespace(model=model, tokenizer=tokenizer)
+    ck = SimpleNamespace(model=model, tokenizer=tokenizer, clip=None)
     responses, counts = ev.generate_self_corrected(ck, mb.make_dataset(1, 0, "test"), 1, max_new_tokens=60)
     assert counts["resampled_steps"] == 1 and counts["replaced_steps"] == 1
     assert "large blue circle, and i am fairly confident" in tokenizer.decode(responses[0])
@@ -362,10 +359,9 @@ def test_self_correction_scores_the_resampled_step_not_the_steps_before_it(token
 def test_self_correction_resamples_steps_stating_level_3_or_below(tokenizer, monkeypatch, statement, level,
                                                                    resampled):
     assert mb.level_of_statement(statement) == level and ev.RESAMPLE_LEVEL == 3
-    monkeypatch.setattr(ev, "fused_internal_confidence", lambda ck, records, responses, steps, device:
-                        [[(0.5, 3)] * len(st) for st in steps])
+    monkeypatch.setattr(ev, "step_clipscores", lambda clip, tok, records, texts, device: [0.5] * len(texts))
     model = ScriptedModel(tokenizer, [HIGH_5], greedy=f"at the center there is a large red circle, {statement}.")
-    ck = SimpleNamespace(model=model, tokenizer=tokenizer)
+    ck = SimpleNamespace(model=model, tokenizer=tokenizer, clip=None)
     _, counts = ev.generate_self_corrected(ck, mb.make_dataset(2, 0, "test")[:1], 1, max_new_tokens=40)
     assert counts["resampled_steps"] == int(resampled) and counts["samples"] == int(resampled)
 
@@ -383,8 +379,34 @@ def test_content_of_a_step_drops_its_statement_even_a_garbled_one(tokenizer):
         assert tokenizer.decode(ev._content(tokenizer.encode(text), tokenizer)) == content, text
 
 
-def test_self_correction_scores_each_version_by_the_four_signals_of_its_own_step(tokenizer, one_thread, monkeypatch):
-    """fused_internal_confidence, as self-correction calls it, equals score_responses -> signals_to_levels read at
+def tiny_clip_and_model(tokenizer):
+    torch.manual_seed(0)
+    model = mb.TinyVLM(mb.VLMConfig(n_layer=1, n_head=2, n_embd=16, vit_layers=1, vit_embd=8,
+                                    vocab_size=len(tokenizer), block_size=120)).eval()
+    clip = mb.TinyCLIP(mb.CLIPConfig(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=16, embed_dim=8)).eval()
+    return model, clip
+
+
+def test_step_clipscores_equal_score_responses(tokenizer, one_thread):
+    """step_clipscores (self-correction's pick, one step text per record) equals score_responses' clipscore of the
+    same step inside its response: two responses of 2 and 1 steps, scored together in one batch of three texts, the
+    second record's image used twice. A wrong image (the rows swapped) changes the scores."""
+    model, clip = tiny_clip_and_model(tokenizer)
+    recs = mb.make_dataset(2, 1, "test")
+    responses = [tokenizer.encode(t) for t in ("at the center there is a large red circle, but i'm not sure. so, the "
+                                               "answer is red.", "at the top left there is a small blue square.")]
+    steps = [mb.split_steps(r, tokenizer) for r in responses]
+    raw = mb.score_responses(model, clip, tokenizer, recs, responses, steps)["clipscore"]  # (2, 2)
+    pairs = [(b, j) for b in range(2) for j in range(len(steps[b]))]
+    got = ev.step_clipscores(clip, tokenizer, [recs[b] for b, _ in pairs], [steps[b][j].text for b, j in pairs],
+                             batch_size=2)  # two chunks
+    assert got == pytest.approx([raw[b, j].item() for b, j in pairs], abs=1e-6)
+    swapped = ev.step_clipscores(clip, tokenizer, [recs[1 - b] for b, _ in pairs], [steps[b][j].text for b, j in pairs])
+    assert max(abs(a - b) for a, b in zip(swapped, got)) > 1e-4
+
+
+def test_fused_internal_confidence_reads_the_four_signals_of_each_step(tokenizer, one_thread, monkeypatch):
+    """fused_internal_confidence, as the examples page calls it, equals score_responses -> signals_to_levels read at
     the response's last step, computed for each response alone; an answer step's c_final is capped at its premise's
     (the step before it), a perception step's is its own. The answer's own signals are set to the surest values
     (c = 1), so the cap shows."""
@@ -400,10 +422,7 @@ def test_self_correction_scores_each_version_by_the_four_signals_of_its_own_step
                     raw["clipscore"][b, j] = 3.0  # hi: c = 1
         return raw
     monkeypatch.setattr(mb, "score_responses", sure_answers)
-    torch.manual_seed(0)
-    model = mb.TinyVLM(mb.VLMConfig(n_layer=1, n_head=2, n_embd=16, vit_layers=1, vit_embd=8,
-                                    vocab_size=len(tokenizer), block_size=120)).eval()
-    clip = mb.TinyCLIP(mb.CLIPConfig(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=16, embed_dim=8)).eval()
+    model, clip = tiny_clip_and_model(tokenizer)
     recs = mb.make_dataset(2, 1, "test")
     texts = ["at the center there is a large red circle, but i'm not sure. so, the answer is red.",
              "at the top left there is a small blue square."]
