@@ -140,7 +140,7 @@ def test_culturalvqa_trains_and_every_format_evaluates(tmp_path):
     proc = run_script("evaluate.py", "--quick", "--device", "cpu", "--out", str(ev_out),
                       "--checkpoints", str(out / "base"), str(out / "warmup"), str(out / "rl"),
                       "--data", *(str(tmp_path / f) for f in ("aokvqa_val_mmb.json", "cvqa_mmb.json", "sqa_val.jsonl")),
-                      "--images", *(str(tmp_path / d) for d in ("coco", "cvqa", "sqa")))
+                      "--images", *(str(tmp_path / d) for d in ("coco", "cvqa", "sqa")), "--self-correct", "1")
     assert_clean(proc)
     results = json.loads((ev_out / "results.json").read_text())
     assert list(results) == ["base", "base-internal", "warmup", "rl"]
@@ -148,8 +148,11 @@ def test_culturalvqa_trains_and_every_format_evaluates(tmp_path):
     for label, per_dataset in results.items():
         assert list(per_dataset) == list(sizes), label  # one entry per --data file, by stem, in order
         for name, metrics in per_dataset.items():
-            assert set(metrics) == set(ev.METRIC_KEYS) and metrics["n_questions"] == sizes[name]
+            assert set(metrics) - {"self_correct"} == set(ev.METRIC_KEYS) and metrics["n_questions"] == sizes[name]
+            # self-correction (TinyCLIP against the real image) runs for the stating checkpoints only
+            assert ("self_correct" in metrics) == (label in ("warmup", "rl")), (label, name)
     md = (ev_out / "results.md").read_text()
+    assert md.count("Class-only bounds (") == len(sizes)  # one per dataset; each step's class: "real/kind"
     assert "## All datasets (the paper's Table 1 columns)" in md
     assert "aokvqa_val_mmb ECE | aokvqa_val_mmb MECE | aokvqa_val_mmb Acc | aokvqa_val_mmb F1" in md
     for label in results:
