@@ -822,6 +822,11 @@ def answer(ck, records, cfg, device):
     return responses, [mb.split_steps(r, ck.tokenizer) for r in responses]
 
 
+def test_levels(metrics, split):
+    """class_floor's fitted accuracies for a split: on ood the test split's (answered first), else None."""
+    return metrics["test"]["class_floor"]["accuracy"] if split == "ood" and "test" in metrics else None
+
+
 def evaluate_checkpoint(ck, label, data, cfg, device, plots=True):
     """{split: metrics} for one checkpoint (plus the answers, for the post-hoc row); one progress line per split."""
     metrics, answers = {}, {}
@@ -829,9 +834,7 @@ def evaluate_checkpoint(ck, label, data, cfg, device, plots=True):
         t0 = time.time()
         responses, steps = answer(ck, records, cfg, device)
         conf = [stated_confidences(st) for st in steps]
-        # ood also scores the test split's class levels (class_floor): test is answered first
-        fitted = metrics["test"]["class_floor"]["accuracy"] if split == "ood" and "test" in metrics else None
-        metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins, fitted)
+        metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins, test_levels(metrics, split))
         metrics[split]["knowledge_boundary"] = knowledge_boundary(records, steps) if ck.stats is not None else None
         answers[split] = (responses, steps)
         # only a model that states confidence (a warm-up or RL checkpoint) can self-correct, and its pick needs TinyCLIP
@@ -862,7 +865,7 @@ def internal_row(base, stats, data, answers, cfg, device, label):
         t0 = time.time()
         responses, steps = answers[split]  # the base row's own answers: no second decoding, the same chains
         conf = mb.internal_confidence(base.model, base.clip, base.tokenizer, records, responses, steps, stats, device)
-        metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins)
+        metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins, test_levels(metrics, split))
         metrics[split]["knowledge_boundary"] = None  # no words, no stated level: no quadrants
         plot(records, steps, conf, label, split, metrics[split], cfg)
         print_line(label, split, metrics[split], time.time() - t0)

@@ -571,8 +571,9 @@ def test_evaluate_quick_outputs(quick_pipeline, tmp_path):
     n_types = results["rl"]["test"]["n_by_type"]  # the per-type table: every type with its question count
     assert sum(n_types.values()) == ev.QUICK["n_test"]
     # ood also scores the test split's class levels; test has no other split to take them from
-    assert "mece_test_levels" in results["rl"]["ood"]["class_floor"]
-    assert "mece_test_levels" not in results["rl"]["test"]["class_floor"]
+    for label in results:  # the post-hoc row too: its chains are the base's
+        assert "mece_test_levels" in results[label]["ood"]["class_floor"], label
+        assert "mece_test_levels" not in results[label]["test"]["class_floor"], label
     assert "| model | MECE | MECE floor | AUROC | AUROC ceiling | MECE, test's levels |" in md
     assert "Acc by question type (test):" in md and all(f"{t} ({n})" in md for t, n in n_types.items())
     for label in results:
