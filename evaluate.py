@@ -304,11 +304,11 @@ def step_confidence_arrays(records, steps_per_response, conf_per_response):
 # 758 / 547 / 439 resampled steps, mostly relations, answers and comparisons): the greedy version is right 46 / 43 /
 # 36% of the time and at least one of the four versions 60 / 57 / 46%; keeping the top CLIPScore gives 53 / 47 / 39%,
 # the top fused c_final of the four signals 49 / 44 / 37%, and the top LNLP, MTE or TokenSAR confidence alone within
-# 2 points of greedy. The three text signals measure the model's own certainty, and the greedy version is by construction
-# the one it is surest of, so c_final keeps it (34 / 29 / 17 replaced steps against CLIPScore's 168 / 124 / 106);
-# TinyCLIP is a second model that checks the step against the image. Answers: +5.1 / +0.9 / +1.6 points with
-# CLIPScore, +1.9 / +0.5 / 0.0 with c_final. The most confident *sampled* statement lowered accuracy: the model's
-# words after a draw reward an unusual step, its signals do not.
+# 2 points of greedy. The three text signals measure the model's own certainty, and the greedy version is by
+# construction the one it is surest of, so c_final keeps it (34 / 29 / 17 replaced steps against CLIPScore's
+# 168 / 124 / 106); TinyCLIP is a second model that checks the step against the image. Answers: +5.1 / +0.9 / +1.6
+# points with CLIPScore, +1.9 / +0.5 / 0.0 with c_final. The most confident *sampled* statement lowered accuracy:
+# the model's words after a draw reward an unusual step, its signals do not.
 # Why restate: a draw's statement was sampled too, often garbled; the greedy one is what the model means.
 
 @torch.no_grad()
@@ -654,19 +654,19 @@ def results_markdown(results, cfg, command, split_info, wall, stages=None, split
                       markdown_table(["model"] + [f"{t} ({n})" for t, n in counts.items()], rows), "",
                       "Higher is better (final-answer accuracy per question type; the question count in brackets).", ""]
         # how far each row's stated confidence sits from the best a statement that reads only the step's class does
-        test_levels = split == "ood" and any("mece_test_levels" in results[label][split]["class_floor"]
-                                             for label in results)
+        has_test_levels = split == "ood" and any("mece_test_levels" in results[label][split]["class_floor"]
+                                                 for label in results)
         rows = [[label, fmt(m["mece"]), fmt(m["class_floor"]["mece"]), fmt(m["auroc"]), fmt(m["class_floor"]["auroc"])]
-                + ([fmt(m["class_floor"].get("mece_test_levels", math.nan))] if test_levels else [])
+                + ([fmt(m["class_floor"].get("mece_test_levels", math.nan))] if has_test_levels else [])
                 for label, m in ((label, results[label][split]) for label in results)]
         parts += [f"Class-only bounds ({split}): the same chains, each step stated at the level nearest its class's "
                   "step accuracy (class = question type × step kind; fitted on these steps)", "",
                   markdown_table(["model", "MECE", "MECE floor", "AUROC", "AUROC ceiling"]
-                                 + (["MECE, test's levels"] if test_levels else []), rows), "",
+                                 + (["MECE, test's levels"] if has_test_levels else []), rows), "",
                   "A stated MECE near the floor carries what the class says; below it (or AUROC above the ceiling) "
                   "the statements tell right from wrong steps within a class."
                   + (" The last column keeps the test split's levels: statements calibrated on familiar scenes, "
-                     "scored on these." if test_levels else ""), ""]
+                     "scored on these." if has_test_levels else ""), ""]
     parts += boundary_markdown(results)
     sc_rows = [(label, split, results[label][split]["self_correct"]) for label in results for split in splits
                if "self_correct" in results[label][split]]
@@ -822,7 +822,7 @@ def answer(ck, records, cfg, device):
     return responses, [mb.split_steps(r, ck.tokenizer) for r in responses]
 
 
-def test_levels(metrics, split):
+def fitted_from_test(metrics, split):
     """class_floor's fitted accuracies for a split: on ood the test split's (answered first), else None."""
     return metrics["test"]["class_floor"]["accuracy"] if split == "ood" and "test" in metrics else None
 
@@ -834,7 +834,7 @@ def evaluate_checkpoint(ck, label, data, cfg, device, plots=True):
         t0 = time.time()
         responses, steps = answer(ck, records, cfg, device)
         conf = [stated_confidences(st) for st in steps]
-        metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins, test_levels(metrics, split))
+        metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins, fitted_from_test(metrics, split))
         metrics[split]["knowledge_boundary"] = knowledge_boundary(records, steps) if ck.stats is not None else None
         answers[split] = (responses, steps)
         # only a model that states confidence (a warm-up or RL checkpoint) can self-correct, and its pick needs TinyCLIP
@@ -865,7 +865,7 @@ def internal_row(base, stats, data, answers, cfg, device, label):
         t0 = time.time()
         responses, steps = answers[split]  # the base row's own answers: no second decoding, the same chains
         conf = mb.internal_confidence(base.model, base.clip, base.tokenizer, records, responses, steps, stats, device)
-        metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins, test_levels(metrics, split))
+        metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins, fitted_from_test(metrics, split))
         metrics[split]["knowledge_boundary"] = None  # no words, no stated level: no quadrants
         plot(records, steps, conf, label, split, metrics[split], cfg)
         print_line(label, split, metrics[split], time.time() - t0)
