@@ -313,15 +313,13 @@ def step_confidence_arrays(records, steps_per_response, conf_per_response):
 
 @torch.no_grad()
 def step_clipscores(clip, tokenizer, records, texts, device="cpu", batch_size=256):
-    """U_CLIPS of one step text per record, as score_responses computes it for a step: TinyCLIP reads record b's
-    image out for text b, then the clipped cosine. -> list of N floats in [0, 1]"""
+    """U_CLIPS of one step text per record (mb.clipscore_steps, as score_responses scores a step): TinyCLIP reads
+    record b's image out for text b, then the clipped cosine. -> list of N floats in [0, 1]"""
     out = []
     for i in range(0, len(texts), batch_size):
         recs, chunk = records[i:i + batch_size], texts[i:i + batch_size]
         images = torch.stack([torch.as_tensor(np.asarray(r["image"])) for r in recs]).to(device)
-        text_emb = mb.clip_embed_text(clip, tokenizer, chunk)[:, None]  # (b, 1, D): one step per row
-        image_emb = mb.clip_embed_image(clip, images, text_emb)  # (b, 1, D): the image read out for its step
-        out += mb.u_clipscore(image_emb[:, 0], text_emb).squeeze(1).tolist()
+        out += mb.clipscore_steps(clip, tokenizer, images, [[t] for t in chunk])[:, 0].tolist()  # one step per row
     return out
 
 

@@ -2303,6 +2303,16 @@ def tokensar_relevance(clip, tokenizer, records, responses, steps, T, offsets):
 
 
 @torch.no_grad()
+def clipscore_steps(clip, tokenizer, images, texts):
+    """U_CLIPS (§3.2) of every step text against its row's image: images (B, ...), texts B lists of S strings
+    -> (B, S) in [0, 1]. Each (image, step) pair is scored with the image read out for that step."""
+    B, S = len(texts), len(texts[0])
+    text_emb = clip_embed_text(clip, tokenizer, [t for row in texts for t in row]).view(B, S, -1)  # (B, S, D)
+    image_emb = clip_embed_image(clip, images, text_emb)  # (B, S, D): the image read out for each step
+    return u_clipscore(image_emb.flatten(0, 1), text_emb.flatten(0, 1)[:, None]).view(B, S)
+
+
+@torch.no_grad()
 def score_responses(model, clip, tokenizer, records, responses, steps, device="cpu", batch_size=64, logits=None):
     """The four raw signals of §3.2 for every step: {"lnlp","mte","tokensar","clipscore"} -> (B, S_max).
     Uncertainties come from the model's own distribution (temperature 1) on its own tokens (teacher forcing);
@@ -2324,10 +2334,7 @@ def score_responses(model, clip, tokenizer, records, responses, steps, device="c
         relevance = tokensar_relevance(clip, tokenizer, recs, resps, sts, T, offsets).to(device)
         texts = [[st.text for st in s] + [""] * (step_mask.size(1) - len(s)) for s in sts]
         S_b = step_mask.size(1)
-        text_emb = clip_embed_text(clip, tokenizer, [t for row in texts for t in row]).view(len(recs), S_b, -1)
-        image_emb = clip_embed_image(clip, images, text_emb)  # (b, S_b, D): the image read out for each step
-        # u_clipscore per (image, step) pair: the image embedding is the step's own read-out
-        clipscore = u_clipscore(image_emb.flatten(0, 1), text_emb.flatten(0, 1)[:, None]).view(len(recs), S_b)
+        clipscore = clipscore_steps(clip, tokenizer, images, texts)  # (b, S_b)
         out["lnlp"][i:i + len(recs), :S_b] = u_lnlp(logprobs, step_mask).cpu()
         out["mte"][i:i + len(recs), :S_b] = u_mte(entropy, step_mask).cpu()
         out["tokensar"][i:i + len(recs), :S_b] = u_tokensar(logprobs, relevance, step_mask).cpu()
