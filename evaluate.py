@@ -992,7 +992,7 @@ def run_ablations(cfg, command, device, t_start):
     table = {}
     for row, path in rows:
         ck = mb.load_checkpoint(path, device)
-        metrics, _ = evaluate_checkpoint(ck, row, data, cfg, device, plots=False)  # 22 diagrams would drown out/eval
+        metrics, _ = evaluate_checkpoint(ck, row, data, cfg, device, plots=False)  # 24 diagrams would drown out/eval
         table[row] = dict(checkpoint=path, **metrics)
     write_json(os.path.join(cfg.out, "ablations.json"), table)
     header = ["ablation"] + [f"{name} {split}" for split in SPLITS for name in ("ECE", "MECE", "Acc", "F1")]
@@ -1309,7 +1309,7 @@ def examples_page(results, diagrams, examples, command):
     # 3. the knowledge boundary, from the same boundary_table as results.md
     out.append(f'<h2 id="boundary">Knowledge boundary of the final answer</h2><p class="read">Every final answer '
                f"is right or wrong (exact verifier) and confident or hedged (hedged = stated level &lt;= {LOW_LEVEL} "
-               f"on the answer step, the threshold self-correction uses; an answer that states nothing counts as "
+               f"on the answer step; an answer that states nothing counts as "
                f"confident). The last column is the share of its wrong answers the model flags: higher is better. "
                f"The second table shows the levels behind that threshold: a model that knows its boundary states "
                f"lower levels on its wrong answers than on its right ones. {html.escape(PAPER_CONTEXT)}</p>")

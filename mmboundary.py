@@ -16,14 +16,14 @@ Reading order (sections under # ---- rulers, in this order):
                                    step_edits (one-attribute edits: TinyCLIP's hard negatives)
   real annotated data              load_annotated (official JSON / JSONL), judge_steps_by_reference
   tokenizer and models             Tokenizer, TinyVLM (ViT -> projector -> GPT, KV cache, value head), TinyCLIP
-  text                             format_prompt, generate_responses, split_steps, response_batch, judge_steps
-  §3.2 four signals                token_logprobs, token_entropy, u_lnlp, u_mte, u_tokensar, u_clipscore,
-                                   score_responses (all four for every step of real responses)
+  text                             format_prompt, attach_statement, generate_responses, split_steps, judge_steps
+  §3.2 four signals                token_logprobs, token_entropy, u_lnlp, u_mte, u_tokensar, u_clipscore; on a
+                                   batch: response_batch, score_responses (all four for every step of real
+                                   responses), internal_confidence (u_s: the recipe below applied to them)
   §3.2 normalise, fuse, level      fit_minmax, to_confidence, fuse_confidence, confidence_levels,
                                    premise_mask + cap_at_premise (beyond the paper: an answer no surer than its
-                                   premise), fit_confidence_stats + signals_to_levels (the recipe), internal_confidence
-  §3.2 statements                  STATEMENTS, statement_for, level_of_statement, is_unreadable_statement,
-                                   attach_statement
+                                   premise), fit_confidence_stats + signals_to_levels (the recipe)
+  §3.2 statements                  STATEMENTS, statement_for, level_of_statement, is_unreadable_statement
   §3.3 rewards and PPO maths       r_ka, r_ec, r_cs, masked_mean, masked_whiten, gae, ppo_policy_loss,
                                    ppo_value_loss, approx_kl_k3, exact_kl, explained_variance
   §4 metrics                       ece (MECE = ece over steps), reliability_bins, auroc, brier
@@ -595,7 +595,7 @@ STEP_PATTERNS = {
 def normalize_step(sentence):
     """Lower-case, collapse whitespace, drop one trailing period.
 
-    Example: "  There is a LARGE red  circle at the center . " -> "at the center there is a large red circle".
+    Example: "  There is a LARGE red  circle at the center . " -> "there is a large red circle at the center".
     """
     text = " ".join(sentence.split()).lower()  # split() with no argument also eats tabs/newlines
     if text.endswith("."):
@@ -1401,7 +1401,8 @@ def images_to_tensor(images, image_size, device="cpu"):
 class ViT(nn.Module):
     """Patch encoder: split the image into p x p patches, a linear map each, + learned positions, blocks.
     No [CLS] token: TinyVLM keeps all N patch features as image tokens (as LLaVA passes CLIP's patch grid) and
-    TinyCLIP projects the flattened grid, so neither needs a pooled summary."""
+    TinyCLIP pools the patches with attention, the step's text as the query (TinyCLIP.readout), so neither needs a
+    pooled summary."""
 
     def __init__(self, image_size, patch_size, width, n_layer, n_head):
         super().__init__()
@@ -2369,8 +2370,8 @@ def internal_confidence(model, clip, tokenizer, records, responses, steps, stats
 #   2. fuse: c_final = weighted mean of the c_i (equal weights by default; the "w U_Max" ablation takes the max);
 #   3. cut c_final at μ + kσ of the pool into five levels.
 # Cutting around the pool's own mean and spread is this project's choice (the paper gives no thresholds): the
-# levels are then relative to what this model usually feels, whatever the signals' raw scales; for a bell-shaped
-# c_final they hold about 7%, 24%, 38%, 24% and 7% of the pool, so the warm-up text shows every statement level.
+# levels are then relative to what this model usually feels, whatever the signals' raw scales. The pool is skewed
+# (most steps plainly sure), and the cuts (LEVEL_CUTS, below) sit at and under its mean, so every level is stated.
 
 SIGNALS = ("lnlp", "mte", "tokensar", "clipscore")  # keys of every per-signal dict, in paper order
 UNCERTAINTY_SIGNALS = ("lnlp", "mte", "tokensar")  # higher = less sure; clipscore is the one confidence signal

@@ -52,7 +52,7 @@ class SFTConfig:
     quick: bool = field(default=False, metadata=note("tiny model and few steps: a seconds-long smoke run"))
     n_train: int = field(default=6000, metadata=note("training questions generated from the shapes world", POSITIVE))
     # 2100 base steps: reading statements in half of its chains (--base-statements) makes a step about 1.4x longer,
-    # and 2400 such steps took the default run to 10 min 25 s; 2100 take it to 9 min 3-36 s (two runs; README)
+    # and 2400 such steps took the default run to 10 min 25 s; 2100 take it to 6-8 min (README)
     steps: int = field(default=2100, metadata=note("base: optimizer steps for TinyVLM", POSITIVE))
     batch_size: int = field(default=32, metadata=note("sequences per optimizer step", POSITIVE))
     lr: float = field(default=2e-3, metadata=note("peak AdamW learning rate (linear warm-up, cosine decay)", LEARNING_RATE))
