@@ -128,6 +128,9 @@ def test_class_floor_hand_computed():
     assert f["mece"] == pytest.approx(0.0, abs=1e-12) and f["auroc"] == pytest.approx(25 / 30)
     assert "mece_test_levels" not in f
     assert ev.class_floor(classes, correct, fitted={"a": 0.9})["mece_test_levels"] == pytest.approx(2 / 11)
+    # a tie goes to the lower level: accuracy .375 is .125 from both .25 and .5 -> .25; four right steps stated .25
+    # -> gap .75 (the upper level would give .5). In-sample the tie cannot show: both levels are .125 off.
+    assert ev.class_floor(["a"] * 4, [1, 1, 1, 1], fitted={"a": 0.375})["mece_test_levels"] == pytest.approx(0.75)
 
 
 def test_class_floor_in_chain_metrics():

@@ -310,6 +310,16 @@ def test_number_statements_round_trip():
     assert mb.level_of_number_statement("with total certainty") is None
     with pytest.raises(ValueError):
         mb.confidence_number_statement(0)
+    # two statements in one text: the last one is the step's (a step's statement closes it)
+    assert mb.level_of_number_statement("(confidence 2/5) (confidence 4/5)") == 4
+
+
+def test_a_fuzzy_clause_match_exactly_at_the_threshold_counts():
+    """"with txxxl certainty" against "with total certainty" (20 characters each): difflib matches "with t" (6) and
+    "l certainty" (11), ratio 2 * 17 / 40 = 0.85, exactly STATEMENT_MATCH_THRESHOLD: a match (>=, not >). Every
+    other clause is further off, so the level is 5."""
+    assert mb.STATEMENT_MATCH_THRESHOLD == 0.85
+    assert mb.level_of_statement("with txxxl certainty") == 5
 
 
 def test_level_of_statement_fuzz_never_raises():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import mmboundary as mb
+import train_rl
 from conftest import run_script
 
 
@@ -49,7 +50,6 @@ def test_kl_to_reference_is_zero_for_the_same_model():
     per-token log-ratio is exactly 0 on every token, so before the first update the KL penalty is 0 and the
     token rewards are the step rewards alone (train_rl.token_rewards)."""
     import copy
-    import train_rl
     model, tok, records, responses, (images, inputs, targets, text_mask, mask, offsets) = tiny_setup()
     steps = [mb.split_steps(r, tok) for r in responses]
     cfg = train_rl.RLConfig(temperature=0.7)
@@ -269,6 +269,36 @@ def test_ptx_teaches_the_reference_content(quick_pipeline, unguarded, tmp_path):
     with torch.no_grad():
         ce = {name: policy(*batch)[1].item() for name, policy in [("none", unguarded), ("ptx", taught)]}
     assert ce["ptx"] < ce["none"] - 0.5, ce
+
+
+def test_the_ptx_gradient_is_weighted_by_ptx_coef(quick_pipeline, tmp_path, monkeypatch):
+    """The loop backpropagates ptx_coef · ptx. With ptx_loss replaced by the value head's bias (its gradient there is
+    exactly 1), the bias gradient of the first minibatch, read just before the clip, is the PPO term's plus ptx_coef.
+    The PPO term is the same in two runs that differ only in --ptx-coef (the stand-in draws nothing from the
+    generators), so 20 and 10 differ by 10. An unweighted ptx backward gives 0; the subprocess test above cannot
+    see that: weight 1 still teaches the content, and the clip hides the scale."""
+    def first_bias_grad(coef):
+        seen, grads = {}, []
+
+        def stand_in(model, *args):
+            seen["model"] = mb.unwrap(model)
+            return seen["model"].value_head.bias.sum()
+
+        clip = torch.nn.utils.clip_grad_norm_
+
+        def read_then_clip(params, *args, **kwargs):
+            if not grads:
+                grads.append(seen["model"].value_head.bias.grad.clone())
+            return clip(params, *args, **kwargs)
+
+        monkeypatch.setattr(train_rl, "ptx_loss", stand_in)
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", read_then_clip)
+        train_rl.main(["--quick", "--device", "cpu", "--init", quick_pipeline["warmup"], "--out",
+                       str(tmp_path / f"rl{coef}"), "--iterations", "1", "--n-eval", "0", "--anchor-coef", "0",
+                       "--ptx-coef", str(coef)])
+        return grads[0]
+
+    assert torch.allclose(first_bias_grad(20) - first_bias_grad(10), torch.tensor([10.0]), atol=1e-4)
 
 
 def ddp_gradient_check(pg_file):

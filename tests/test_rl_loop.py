@@ -285,3 +285,58 @@ def test_ppo_ratio_is_taken_against_the_rollouts_logprobs():
     close(v_loss, 0.845)
     (pg_loss + v_loss).backward()
     assert all(p.grad is None or torch.all(p.grad == 0) for p in model.parameters())
+
+
+def test_anchor_loss_is_the_content_kl_only():
+    """anchor_loss: KL(π || π_ref) averaged over content tokens; statement tokens, though in the response mask, add
+    nothing. Policy logits 0 at both tokens: π = (1/2, 1/2). π_ref = (1/2, 1/2) at token 0 (content: KL 0) and
+    (1/4, 3/4) at token 1 (statement: KL = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3) = .0719). Expected 0; anchoring every
+    response token (the mask, not content) gives (0 + .0719) / 2 = .0360. At temperature 2 the policy is the same
+    (logits 0), so the value holds there too."""
+    from types import SimpleNamespace
+    ref = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75]]]))
+    ro = SimpleNamespace(ref_all=ref, content=torch.tensor([[1.0, 0.0]]), mask=torch.tensor([[1.0, 1.0]]))
+    for temperature in (1.0, 2.0):
+        close(train_rl.anchor_loss(torch.zeros(1, 2, 2), ro, torch.tensor([0]), temperature), 0.0, 1e-7)
+    # the same rollout with token 1 as content: the mean over both tokens, 1/2 ln(4/3) / 2
+    ro.content = torch.ones(1, 2)
+    close(train_rl.anchor_loss(torch.zeros(1, 2, 2), ro, torch.tensor([0]), 1.0), 0.5 * math.log(4 / 3) / 2)
+
+
+def test_ptx_loss_learns_the_content_and_eos_only():
+    """ptx_loss hands the model the loss mask of statement_reading_example: every reference step's content tokens
+    and the final <eos> are learned; the prompt, each ", statement ." and its period are not. For one training
+    question, the count is the content tokens of its reference steps (each step's words without its period) + 1.
+    A ptx term that drops the mask would learn every target, statements and prompt included."""
+    import random
+    from types import SimpleNamespace
+    records = mb.make_dataset(1, 0, "train")
+    tok = mb.build_tokenizer(records)
+    seen = {}
+
+    class Recorder:
+        """Stands in for the policy: records the loss mask it is given, returns a zero loss."""
+        cfg = SimpleNamespace(block_size=512)
+
+        def __call__(self, images, inputs, targets, loss_mask=None):
+            seen["loss_mask"], seen["targets"] = loss_mask, targets
+            return None, torch.tensor(0.0)
+
+    train_rl.ptx_loss(Recorder(), tok, records, random.Random(0), 1, "cpu")
+    steps = mb.reference_steps(records[0])
+    expected = sum(len(tok.encode(s.rstrip("."))) for s in steps) + 1
+    assert len(steps) >= 3 and seen["loss_mask"] is not None
+    assert seen["loss_mask"].sum().item() == expected < seen["targets"].numel() / 2
+
+
+def test_heldout_check_counts_an_unstated_step_as_half(monkeypatch):
+    """heldout_check's MECE states 0.5 for a step without a statement, as evaluate.py does (UNSTATED_CONFIDENCE):
+    one right reference step, no statement -> step accuracy 1, MECE |1 - .5| = .5 (a default of 0 would give 1)."""
+    from types import SimpleNamespace
+    records = mb.make_dataset(1, 0, "test")
+    tok = mb.build_tokenizer(records)
+    response = tok.encode(mb.reference_steps(records[0])[0])
+    monkeypatch.setattr(mb, "generate_responses", lambda *args, **kwargs: [response])
+    out = train_rl.heldout_check(None, tok, records, SimpleNamespace(max_new_tokens=64), "cpu", "check")
+    assert out["step_acc"] == 1.0
+    close(out["mece"], 0.5)
