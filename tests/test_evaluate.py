@@ -113,6 +113,23 @@ def test_mece_counts_every_step_not_only_the_answer():
     assert m["brier"] == pytest.approx(1.625 / 6)
 
 
+def test_the_diagrams_arrays_are_the_steps_mece_averages():
+    """step_confidence_arrays (the reliability diagram) counts an unstated step at UNSTATED_CONFIDENCE = 0.5, as
+    chain_metrics does: one record answered with its own reference chain (every step right, none stating a level)
+    and confidences [1.0, None, ...] -> conf [1.0, 0.5, ...], all right, and the ECE of those arrays is
+    chain_metrics' MECE, (n - 1)/n · .5 (the 0.5 bin; the 1.0 bin has gap 0)."""
+    rec = mb.make_dataset(1, 0, "train")[0]
+    tok = mb.build_tokenizer([rec])
+    steps = mb.split_steps(tok.encode(" ".join(mb.reference_steps(rec))), tok)
+    n = len(steps)
+    assert n >= 2 and all(st.level is None for st in steps)
+    confidences = [[1.0] + [None] * (n - 1)]
+    conf, correct = ev.step_confidence_arrays([rec], [steps], confidences)
+    assert conf.tolist() == [1.0] + [0.5] * (n - 1) and correct.tolist() == [True] * n
+    mece = ev.chain_metrics([rec], [steps], confidences)["mece"]
+    assert mb.ece(conf, correct) == pytest.approx(mece) and mece == pytest.approx((n - 1) / n * 0.5)
+
+
 def test_class_floor_hand_computed():
     """classes a (3 steps, 1 right), b (3 steps, all right), c (5 steps, 1 right): accuracies 1/3, 1 and 1/5, whose
     nearest levels are .25, 1.0 and .25. floor MECE: a and c share the bin (.2, .3], 8 steps of which 2 are right,

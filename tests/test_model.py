@@ -170,6 +170,20 @@ def test_value_head_zero_init_and_loss_mask():
     assert torch.allclose(loss, expect, atol=1e-6)
 
 
+def test_value_head_reads_the_hidden_state_the_logits_read():
+    """The critic reads h = ln_f(x), as lm_head does (not the residual stream before ln_f). lm_head is tied to
+    tok_embed and has no bias, so with value_head.weight = tok_embed.weight[7] and bias 0, V_t = w_7 · h_t =
+    logits[t, 7] exactly, at every text position."""
+    model = tiny_vlm()
+    with torch.no_grad():
+        model.value_head.weight.copy_(model.tok_embed.weight[7][None])
+        model.value_head.bias.zero_()
+    ids = torch.randint(5, 40, (2, 6), generator=torch.Generator().manual_seed(1))
+    logits, _, values = model(random_images(2), ids, return_values=True)
+    assert values.shape == (2, 6)
+    assert torch.allclose(values, logits[..., 7], atol=1e-5)
+
+
 def test_loss_gradient_reaches_the_projector_not_the_frozen_tower():
     """The ViT is frozen (its whitening is fitted once); the image still shapes the loss through the projector."""
     model = tiny_vlm()
@@ -332,6 +346,39 @@ def test_checkpoint_falls_back_to_previous_copy(tmp_path):
     make_checkpoint(path)
     os.replace(path, path + ".old")
     assert mb.load_checkpoint(path).model is not None
+
+
+def test_a_save_killed_between_its_renames_keeps_the_previous_copy(tmp_path, monkeypatch):
+    """save_checkpoint renames PATH to PATH.old, then PATH.tmp to PATH. A run killed between the two (here the
+    second rename raises) leaves no PATH, and PATH.old is the previous checkpoint, complete: load_checkpoint falls
+    back to it, weights equal bit for bit. Deleting PATH instead of renaming it would leave nothing to load."""
+    path = str(tmp_path / "ck")
+    first = make_checkpoint(path)
+    real_replace = os.replace
+
+    def killed_at_the_second_rename(src, dst):
+        if os.path.normpath(str(src)) == path + ".tmp":
+            raise OSError("killed")
+        return real_replace(src, dst)
+    monkeypatch.setattr(mb.os, "replace", killed_at_the_second_rename)
+    with pytest.raises(OSError):
+        make_checkpoint(path)
+    monkeypatch.undo()
+    assert not os.path.isdir(path) and os.path.isdir(path + ".old")
+    loaded = mb.load_checkpoint(path).model
+    for k, v in first.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+def test_seed_everything_reseeds_python_numpy_and_torch():
+    """After seed_everything(5), python's random, numpy's global generator and torch draw the same numbers each
+    time: two seedings, each followed by one draw from all three (the generators moved on in between), agree."""
+    draws = []
+    for _ in range(2):
+        mb.seed_everything(5)
+        draws.append((random.random(), float(np.random.rand()), torch.rand(1).item()))
+        random.random(), np.random.rand(), torch.rand(1)
+    assert draws[0] == draws[1]
 
 
 def test_config_flags_and_checks():
@@ -625,6 +672,43 @@ def test_warmup_states_no_answer_surer_than_its_premise(quick_pipeline, tmp_path
     assert pairs > 0
 
 
+def quick_warmup_examples(quick_pipeline, out, monkeypatch, *flags):
+    """run_warmup on the quick base with train_lm stubbed out -> (the examples it would train on, tokenizer)."""
+    import train_sft
+    cfg, _ = train_sft.parse(["--quick", "--stage", "warmup", "--device", "cpu", *flags])
+    seen = {}
+    monkeypatch.setattr(train_sft, "train_lm", lambda model, examples, *a, **k: seen.setdefault("examples", examples))
+    train_sft.run_warmup(cfg, quick_pipeline["base"], out, "cpu")
+    return seen["examples"], mb.load_checkpoint(quick_pipeline["base"]).tokenizer
+
+
+def test_warmup_without_statements_writes_number_statements(quick_pipeline, tmp_path, monkeypatch):
+    """--no-statements (the "w/o S-S mapping" ablation): every step of every self-answered chain (the 3-tuples)
+    ends in "(confidence k/5)", one per step, and split_steps reads a level from each; no verbal clause."""
+    examples, tok = quick_warmup_examples(quick_pipeline, str(tmp_path / "w"), monkeypatch, "--no-statements",
+                                          "--warmup-replay", "0")
+    own = [e for e in examples if len(e) == 3]
+    assert own
+    for _, ids, start in own:
+        steps, text = mb.split_steps(ids[start:], tok), tok.decode(ids[start:])
+        assert steps and all(st.level is not None for st in steps)
+        assert text.count("(confidence") == len(steps), text
+
+
+def test_warmup_stats_fuse_only_the_chosen_signals(quick_pipeline, tmp_path, monkeypatch):
+    """--signals lnlp,mte (an ablation): confidence_stats.json names those two, and its μ is the pool mean of their
+    fusion alone, recomputed here from the stored min/max on the pool the warm-up fitted (fuse all four and μ
+    differs; the ablation would drop a signal in name only)."""
+    pools, real_fit = [], mb.fit_confidence_stats
+    monkeypatch.setattr(mb, "fit_confidence_stats", lambda pool, *a, **k: pools.append(pool) or real_fit(pool, *a, **k))
+    quick_warmup_examples(quick_pipeline, str(tmp_path / "w"), monkeypatch, "--signals", "lnlp,mte",
+                          "--warmup-replay", "0")
+    stats = json.load(open(tmp_path / "w" / "confidence_stats.json"))
+    assert stats["signals"] == ["lnlp", "mte"] and len(pools) == 1
+    fused = mb.fuse_confidence(mb.to_confidence({k: pools[0][k] for k in ("lnlp", "mte")}, stats["minmax"]))
+    assert stats["mu"] == pytest.approx(fused.mean().item(), abs=1e-6)
+
+
 def test_signal_evidence_ranks_each_signal_on_all_steps_and_on_perception_steps():
     """Four steps, right = [1, 0, 1, 0], perception = [T, T, F, F]. clipscore [.9, .1, .2, .8] ranks the two
     perception steps right (AUROC 1) but all four at 2/4 = 0.5 (pairs (right, wrong): (.9,.1) (.9,.8) yes,
@@ -648,6 +732,11 @@ def test_checkpoint_of_another_format_version_is_refused_in_one_line(tmp_path):
     config = json.loads(path.read_text())
     path.write_text(json.dumps(dict(config, format_version=1)))
     with pytest.raises(mb.UserError, match=r"config.json: format_version 1 != 3 .*train it again"):
+        mb.load_checkpoint(str(tmp_path / "ck"))
+    # no format_version at all (a hand-made or older config) is another version too, not the current one
+    config.pop("format_version")
+    path.write_text(json.dumps(config))
+    with pytest.raises(mb.UserError, match=r"config.json: format_version None != 3"):
         mb.load_checkpoint(str(tmp_path / "ck"))
 
 
