@@ -93,6 +93,17 @@ def test_response_ece_uses_the_answer_step():
     # two answers: the last one is the final answer (the one mb.final_answer and Acc read)
     assert ev.answer_step_index([step(ANSWER), step(CIRCLE), step("So, the answer is blue."), step("hello.")]) == 2
     assert ev.answer_step_index([step(CIRCLE)]) is None
+    assert mb.final_answer([step("So, the answer is red."), step(CIRCLE), step("So, the answer is blue.")]) == "blue"
+
+
+def test_answer_is_correct_normalises_the_gold_answers_case_and_spacing():
+    """Shapes world: a gold answer "Red  Circle " (capitals, two inner spaces, a trailing one) is "red circle" once
+    case and spacing are normalised, so "So, the answer is red circle." is right, as verify_step judges that step:
+    Acc and the answer step's truth agree."""
+    gold = "Red  Circle "
+    answer = mb.Step(start=0, end=0, last=0, text="So, the answer is red circle.", level=None)
+    assert mb.verify_step({"objects": [], "answer": gold}, answer.text) is True
+    assert mb.answer_is_correct({"scene": {"objects": [], "answer": gold}, "answer": gold}, [answer])
 
 
 def test_mece_counts_every_step_not_only_the_answer():

@@ -548,6 +548,29 @@ def test_verifier_trains_on_after_the_tower_is_copied_and_leaves_tinyvlm_bit_ide
     assert not all(torch.equal(clip4["vit." + k], vlm4["vit." + k]) for k in tower)
 
 
+def test_a_reference_chain_fits_a_block_one_token_shorter_than_it():
+    """A chain of n ids trains on inputs ids[:-1] and targets ids[1:], n - 1 positions each, so it fits --block-size
+    n - 1 (one example, the chain whole) and is refused with one line only at n - 2."""
+    import train_sft
+    records = mb.make_dataset(1, 4, "train")
+    tok = mb.build_tokenizer(records)
+    ids, _ = mb.encode_example(tok, records[0], " ".join(mb.reference_steps(records[0])))
+    n = len(ids)
+    (example,) = train_sft.base_examples(tok, records, n - 1, 1.0)
+    assert example[1] == ids
+    with pytest.raises(mb.UserError, match=f"{n} tokens > --block-size {n - 2}"):
+        train_sft.base_examples(tok, records, n - 2, 1.0)
+
+
+def test_warmup_replay_rounds_its_fraction_of_the_records():
+    """--warmup-replay 0.5 of 3 records: round(1.5) = 2 replayed chains, records 0 and 1 (int() would give 1)."""
+    import train_sft
+    records = mb.make_dataset(3, 4, "train")
+    tok = mb.build_tokenizer(records)
+    replay = train_sft.warmup_replay(tok, records, 0.5, random.Random(0), 160)
+    assert [e[0] is r["image"] for e, r in zip(replay, records)] == [True, True] and len(replay) == 2
+
+
 def test_warmup_replay_is_the_reference_chain_with_hidden_statements():
     """The warm-up's replay: for the first fraction of the questions, the reference chain with a statement after
     every step; collate_sft's loss covers exactly each step's content tokens and the final <eos>, never a statement
