@@ -18,7 +18,8 @@ Reading order (sections under # ---- rulers, in this order):
   tokenizer and models             Tokenizer, TinyVLM (ViT -> projector -> GPT, KV cache, value head), TinyCLIP
   text                             format_prompt, attach_statement, generate_responses, split_steps, judge_steps
   §3.2 four signals                token_logprobs, token_entropy, u_lnlp, u_mte, u_tokensar, u_clipscore; on a
-                                   batch: response_batch, score_responses (all four for every step of real
+                                   batch: response_batch, clipscore_steps (U_CLIPS of step texts, also
+                                   self-correction's pick), score_responses (all four for every step of real
                                    responses), internal_confidence (u_s: the recipe below applied to them)
   §3.2 normalise, fuse, level      fit_minmax, to_confidence, fuse_confidence, confidence_levels,
                                    premise_mask + cap_at_premise (beyond the paper: an answer no surer than its
