@@ -233,6 +233,36 @@ def test_json_has_no_nan():
     assert ev.json_safe({"a": [math.nan, 1.0], "b": {"c": math.inf}}) == {"a": [None, 1.0], "b": {"c": None}}
 
 
+def test_markdown_table_and_print_line_hand(capsys):
+    """The separator row has one cell per column, all but the first right-aligned; print_line prints each metric
+    with 3 decimals after its own name."""
+    assert ev.markdown_table(["model", "Acc"], [["rl", "0.500"]]) == "| model | Acc |\n|---|---:|\n| rl | 0.500 |"
+    m = dict(n_questions=2, n_steps=5, acc=0.5, f1=0.25, ece=0.1, mece=0.2, auroc=0.75, brier=0.3)
+    ev.print_line("rl", "test", m, 1.0)
+    assert ("test 2 questions, 5 steps: acc 0.500 f1 0.250 ece 0.100 mece 0.200 auroc 0.750 brier 0.300 (1.0s)"
+            in capsys.readouterr().out)
+
+
+def test_reliability_bar_rises_to_the_bins_accuracy(tmp_path):
+    """One bin (.5, .6], accuracy 1.0, mean confidence .55. The plot area spans x 64..436 and y 412 (0) .. 64 (1), so
+    px(c, a) = (64 + 372 c, 412 - 348 a). The bar spans x 252..285 and rises to a = 1; the point (268, 99), at
+    c ≈ .548, a = .9, lies inside it and is the bar's blue (70, 120, 190). A bar drawn up to the confidence
+    (.55, y = 220.6) would leave that point white."""
+    bins = [dict(lo=b / 10, hi=(b + 1) / 10, count=0, accuracy=math.nan, confidence=math.nan) for b in range(10)]
+    bins[5].update(count=10, accuracy=1.0, confidence=0.55)
+    ev.draw_reliability(bins, "t", "s", str(tmp_path / "r.png"))
+    assert Image.open(tmp_path / "r.png").convert("RGB").getpixel((268, 99)) == (70, 120, 190)
+
+
+def test_real_splits_limit_0_reads_every_record(monkeypatch):
+    """--n-data 0 means every record: load_annotated(limit=None), not limit 0 (rows[:0], nothing); 5 -> 5."""
+    seen = []
+    monkeypatch.setattr(mb, "load_annotated", lambda path, folder, size, limit=None: seen.append(limit) or [])
+    ev.real_splits([("a", "a.json", None)], 32, 0)
+    ev.real_splits([("a", "a.json", None)], 32, 5)
+    assert seen == [None, 5]
+
+
 def test_join_list_flag_and_missing_defaults(tmp_path, capsys):
     joined = ev.join_list_flag(["--checkpoints", "a", "b", "--out", "o"], "--checkpoints")
     assert joined == ["--checkpoints", "a,b", "--out", "o"]
@@ -248,6 +278,9 @@ def test_join_list_flag_and_missing_defaults(tmp_path, capsys):
         "runs/a/s1/rl", "runs/b/s1/rl", "base"]
     with pytest.raises(mb.UserError, match="listed twice"):  # the same folder twice, however it is spelled
         ev.resolve_checkpoints(f"{tmp_path / 'x'},{tmp_path / 'x'}/", explicit=True)
+    # a save killed between its renames leaves only rl.old, which load_checkpoint falls back to: rl is found
+    (tmp_path / "rl.old").mkdir()
+    assert ev.resolve_checkpoints(str(tmp_path / "rl"), explicit=True) == [str(tmp_path / "rl")]
 
 
 # ---------------------------------------------------------------------------- #

@@ -88,6 +88,18 @@ def test_knowledge_boundary_hand_built():
     assert np.isnan(ev.knowledge_boundary(records[:1], steps[:1])["overall"]["wrong_flagged"])
 
 
+def test_example_answer_shows_the_statement_as_said():
+    """Every reference step of a question with ", but i'm not sure" attached: each shown step's "said" is the
+    statement alone, "but i'm not sure" (the tokens after the content, comma and period stripped), level 2."""
+    record = mb.make_dataset(1, 0)[0]
+    tok = mb.build_tokenizer([record])
+    response = tok.encode(" ".join(mb.attach_statement(s, "but i'm not sure") for s in mb.reference_steps(record)))
+    steps = mb.split_steps(response, tok)
+    shown = ev.example_answer(record, response, steps, [(None, None)] * len(steps), tok)
+    assert len(shown["steps"]) == len(mb.reference_steps(record)) > 1
+    assert all(s["said"] == "but i'm not sure" and s["level"] == 2 for s in shown["steps"]), shown["steps"]
+
+
 def test_pick_examples_fixed_rule():
     """warmup: right_confident q0, wrong_confident q2;  rl: right_confident q0, wrong_hedged q4, wrong_confident q1.
     Page order = EXAMPLE_ORDER (right and confident, wrong and hedged, wrong but confident, right but hedged):

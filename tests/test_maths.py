@@ -5,6 +5,7 @@ Every hand case writes its arithmetic in the docstring. Run: python -m pytest -q
 import math
 import random
 import string
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -82,6 +83,67 @@ def test_u_tokensar_hand():
     out = mb.u_tokensar(logprobs, zeros, step_mask)
     assert not torch.isnan(out).any()
     close(out, [[LN2, 3 * LN2, 0.0]], tol=1e-5)
+
+
+class BagOfWordsClip:
+    """A stand-in TinyCLIP text tower: embed_text = the unit count vector of the ids (padding excluded), so the
+    cosine of two texts is the dot product of their counts over |a| |b|."""
+    def __init__(self, vocab_size, block_size):
+        self.logit_scale = torch.zeros(())
+        self.cfg = SimpleNamespace(block_size=block_size, embed_dim=vocab_size)
+
+    def embed_text(self, ids, mask):
+        counts = torch.zeros(ids.size(0), self.cfg.embed_dim).scatter_add(1, ids, mask.float())
+        return torch.nn.functional.normalize(counts, dim=-1)
+
+
+def test_tokensar_relevance_hand():
+    """R_l = 1 - cos(x ∪ y, x ∪ y without token l), at each content token's target index (offset + step start + l).
+    Question "q"; response "a b . c ." with steps [a b] and [c]; offset 5.
+      step 1: cos([q,a,b], [q,b]) = 2 / (√3 √2) = .8165 -> R = .1835 at 5 and 6 (deleting both at once, [q] alone:
+              1 / √3 -> .4226);  step 2: cos([q,c], [q]) = 1 / √2 -> R = .2929 at 5 + 3 = 8; 0 elsewhere.
+    block_size 2 keeps a text's LAST 2 tokens: [q,a,b] -> [a,b] against [q,b] and [q,a]: cos 1/2 -> R = .5, .5
+    (keeping the first 2, [q,a] against [q,a], would give 0 for b)."""
+    tok = mb.Tokenizer(mb.SPECIAL_TOKENS + ["q", "a", "b", "c", "."])
+    a, b, c, dot = (tok.index[w] for w in ("a", "b", "c", "."))
+    response = [a, b, dot, c, dot]
+    steps = [[mb.Step(0, 2, 2, "a b.", None), mb.Step(3, 4, 4, "c.", None)]]
+    rel = mb.tokensar_relevance(BagOfWordsClip(len(tok), 64), tok, [{"question": "q"}], [response], steps, 10, [5])
+    r1, r2 = 1 - 2 / math.sqrt(6), 1 - 1 / math.sqrt(2)
+    close(rel, [[0, 0, 0, 0, 0, r1, r1, 0, r2, 0]])
+    rel = mb.tokensar_relevance(BagOfWordsClip(len(tok), 2), tok, [{"question": "q"}], [response[:3]],
+                                [steps[0][:1]], 4, [0])
+    close(rel, [[0.5, 0.5, 0.0, 0.0]])
+
+
+def test_step_mask_covers_the_content_only_hand():
+    """A step with content tokens 0..2 (end 3) and a statement through its period at 6, response offset 2, T = 10:
+    the mask is 1 at targets 2, 3, 4 only (the statement, 5..8, is left out); a one-token step at 7 -> target 9;
+    S = 2 slots for rows of 2 and 0 steps."""
+    steps = [[mb.Step(0, 3, 6, "a b c.", 5), mb.Step(7, 8, 8, "d.", None)], []]
+    mask = mb.step_mask_from_steps(steps, [2, 0], 10)
+    assert mask.shape == (2, 2, 10)
+    assert mask[0, 0].nonzero().flatten().tolist() == [2, 3, 4]
+    assert mask[0, 1].nonzero().flatten().tolist() == [9]
+    assert mask[1].sum() == 0
+
+
+def test_score_responses_empty_step_slots_hold_zero(monkeypatch):
+    """Two responses with 2 and 1 steps: every signal is (2, S_max = 2) and the second row's empty slot holds 0.
+    CLIPScore stubbed to 1 for every (image, text) pair, TokenSAR's relevance to 0: clipscore = [[1, 1], [1, 0]]
+    (without the empty-slot mask, the slot's "" text would score 1 there)."""
+    from test_ppo import tiny_setup
+    model, tok, records, _, _ = tiny_setup()
+    responses = [tok.encode("so , the answer is red . so , the answer is two ."), tok.encode("so , the answer is red .")]
+    steps = [mb.split_steps(r, tok) for r in responses]
+    assert [len(s) for s in steps] == [2, 1]
+    monkeypatch.setattr(mb, "clipscore_steps", lambda clip, tokenizer, images, texts:
+                        torch.ones(len(texts), len(texts[0])))
+    monkeypatch.setattr(mb, "tokensar_relevance", lambda clip, tokenizer, recs, resps, sts, T, offsets:
+                        torch.zeros(len(recs), T))
+    out = mb.score_responses(model, None, tok, records[:2], responses, steps)
+    assert out["clipscore"].tolist() == [[1.0, 1.0], [1.0, 0.0]]
+    assert all(out[k][1, 1] == 0 for k in mb.SIGNALS)
 
 
 def test_u_functions_batch_and_no_mutation():
@@ -287,14 +349,15 @@ def test_normalize_statement_hand():
 
 
 def test_statement_edge_cases_and_draws():
-    """Empty, punctuation-only and unrelated text -> None; statement_for draws from the pool; bad level -> ValueError."""
+    """Empty, punctuation-only and unrelated text -> None; statement_for draws from the pool; bad level -> ValueError,
+    a bool too (True == 1 in Python, but no level)."""
     for text in ["", "   ", ".,;!", "the triangle is above the circle", "so the answer is b", None]:
         assert mb.level_of_statement(text) is None
     rng = random.Random(0)
     for level in range(1, 6):
         draws = {mb.statement_for(level, rng) for _ in range(50)}
         assert draws <= set(mb.STATEMENTS[level]) and len(draws) > 1
-    for bad in (0, 6, -1):
+    for bad in (0, 6, -1, True, False):
         with pytest.raises(ValueError):
             mb.statement_for(bad, rng)
 

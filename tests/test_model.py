@@ -524,6 +524,61 @@ def test_clip_batch_streams_are_distinct_on_every_rank_and_unchanged_on_rank_0()
     assert len(set(seeds)) == len(seeds) and 1337 not in seeds
 
 
+def test_lr_at_warms_up_then_decays_by_cosine_to_a_tenth_hand():
+    """lr_at(step, total 10, peak 1, warm-up 2): warm-up (step + 1) / 2 -> .5, 1; then progress (step - 2) / 8 and
+    lr = .1 + .9 · .5 · (1 + cos(π · progress)): step 2 -> 1, step 6 (progress .5) -> .55, step 10 -> .1 (the floor).
+    (Progress step / total would give .411 at step 6; no floor, 0 at step 10; step / warm-up, 0 at step 0.)"""
+    import train_sft
+    got = [train_sft.lr_at(s, 10, 1.0, 2) for s in (0, 1, 2, 6, 10)]
+    assert got == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1], abs=1e-6)
+
+
+def tiny_lm_and_examples():
+    """A one-layer TinyVLM and the base's examples of 4 questions."""
+    import train_sft
+    records = mb.make_dataset(4, 3)
+    tok = mb.build_tokenizer(mb.make_dataset(40, 3))
+    torch.manual_seed(0)
+    model = mb.TinyVLM(mb.VLMConfig(n_layer=1, n_head=2, n_embd=32, vit_layers=1, vit_embd=16, vocab_size=len(tok)))
+    return model, train_sft.base_examples(tok, records, model.cfg.block_size, 1.0)
+
+
+def test_train_lm_runs_at_the_peak_lr_it_is_given(capsys):
+    """train_lm(..., lr=5e-4) beside --lr 2e-3 (the base's flag; the warm-up passes --warmup-lr): one step, warm-up 1,
+    so lr = 5e-4 · (0 + 1) / 1 and the progress line reads "lr 0.0005" (--lr would read 0.0020)."""
+    import train_sft
+    model, examples = tiny_lm_and_examples()
+    cfg = train_sft.SFTConfig(lr=2e-3, warmup_iters=1, batch_size=2, log_every=1)
+    train_sft.train_lm(model, examples, cfg, "cpu", 1, 5e-4, "warmup")
+    out = capsys.readouterr().out
+    assert "warmup 1/1 loss " in out and " lr 0.0005 |" in out, out
+
+
+def test_train_lm_clips_the_gradient_before_the_optimizer_step():
+    """--grad-clip 1e-12: AdamW's first step moves a weight by lr · g / (|g| + eps) (m-hat = g, v-hat = g²), here at
+    most 1e-2 · 1e-12 / 1e-8 = 1e-6 (no weight decay). Clipping after the step would move weights by about lr = 1e-2."""
+    import train_sft
+    model, examples = tiny_lm_and_examples()
+    before = copy.deepcopy(model.state_dict())
+    cfg = train_sft.SFTConfig(warmup_iters=1, batch_size=2, log_every=1, grad_clip=1e-12, weight_decay=0.0)
+    train_sft.train_lm(model, examples, cfg, "cpu", 1, 1e-2, "base")
+    moved = max((model.state_dict()[k].float() - v.float()).abs().max().item() for k, v in before.items())
+    assert moved <= 2e-6, moved
+
+
+def test_verifier_draws_from_batch_stream_2(tmp_path, monkeypatch):
+    """run_base: TinyCLIP's first --clip-steps draw from stream 1, the verifier's further steps from stream 2
+    (stream_seed(1337, 1, 0) = 1338, (1337, 2, 0) = 1339), so the verifier does not replay the first batches."""
+    import train_sft
+    calls, real = [], train_sft.stream_seed
+    monkeypatch.setattr(train_sft, "stream_seed", lambda seed, stream, rank: calls.append((seed, stream, rank)) or
+                        real(seed, stream, rank))
+    monkeypatch.setattr(train_sft, "train_lm", lambda model, *a, **k: model)
+    cfg, mcfg = train_sft.parse(["--quick", "--stage", "base", "--device", "cpu", "--n-eval", "0"])
+    train_sft.run_base(cfg, mcfg, str(tmp_path / "base"), torch.device("cpu"))
+    assert calls == [(1337, 1, 0), (1337, 2, 0)]
+
+
 def test_verifier_trains_on_after_the_tower_is_copied_and_leaves_tinyvlm_bit_identical(tmp_path):
     """run_base copies TinyCLIP's image tower into TinyVLM, then trains TinyCLIP --verifier-steps more (the verifier of
     CLIPScore and TokenSAR's g). So, against the same run with --verifier-steps 0: TinyVLM's weights are bit-identical
@@ -734,17 +789,22 @@ def test_warmup_stats_fuse_only_the_chosen_signals(quick_pipeline, tmp_path, mon
 
 def test_signal_evidence_ranks_each_signal_on_all_steps_and_on_perception_steps():
     """Four steps, right = [1, 0, 1, 0], perception = [T, T, F, F]. clipscore [.9, .1, .2, .8] ranks the two
-    perception steps right (AUROC 1) but all four at 2/4 = 0.5 (pairs (right, wrong): (.9,.1) (.9,.8) yes,
-    (.2,.1) yes, (.2,.8) no -> 3/4). lnlp (an uncertainty) [1, 2, 2, 1]: on perception right 1 < wrong 2 -> 1."""
+    perception steps right (AUROC 1) but all four at 3/4 (pairs (right, wrong): (.9,.1) (.9,.8) yes, (.2,.1) yes,
+    (.2,.8) no). The fused c is the same list: 3/4 on all, 1 on perception (taken on all four, it would be 3/4).
+    lnlp (an uncertainty) [1, 2, 2, 1]: on perception right 1 < wrong 2 -> 1; all four 2/4. mte [1, 2, 1, 2]: both
+    right steps lower -> 1 (unflipped, 0). Levels 5, 1, 4, 2: level 3 holds no step, its accuracy nan, not 0."""
     import train_sft
     pool = {"lnlp": torch.tensor([1., 2., 2., 1.]), "mte": torch.tensor([1., 2., 1., 2.]),
             "tokensar": torch.tensor([1., 2., 1., 2.]), "clipscore": torch.tensor([.9, .1, .2, .8])}
     correct = torch.tensor([1., 0., 1., 0.])
-    evidence = train_sft.signal_evidence(pool, torch.tensor([.9, .1, .6, .4]), torch.tensor([5, 1, 4, 2]), correct,
+    evidence = train_sft.signal_evidence(pool, torch.tensor([.9, .1, .2, .8]), torch.tensor([5, 1, 4, 2]), correct,
                                          torch.tensor([True, True, False, False]))
     assert evidence["auroc"]["clipscore"] == 0.75 and evidence["auroc_perception"]["clipscore"] == 1.0
     assert evidence["auroc"]["lnlp"] == 0.5 and evidence["auroc_perception"]["lnlp"] == 1.0
-    assert evidence["auroc_perception"]["fused"] == 1.0 and evidence["auroc"]["fused"] == 1.0
+    assert evidence["auroc"]["mte"] == 1.0 and evidence["auroc"]["tokensar"] == 1.0
+    assert evidence["auroc_perception"]["fused"] == 1.0 and evidence["auroc"]["fused"] == 0.75
+    assert evidence["levels"][3]["n"] == 0 and math.isnan(evidence["levels"][3]["accuracy"])
+    assert evidence["levels"][5] == {"n": 1, "accuracy": 1.0} and evidence["levels"][1] == {"n": 1, "accuracy": 0.0}
 
 
 def test_checkpoint_of_another_format_version_is_refused_in_one_line(tmp_path):
@@ -801,6 +861,50 @@ def test_base_report_breaks_perception_down_by_question_type(monkeypatch):
     table = train_sft.report(None, tok, records, train_sft.SFTConfig(), "cpu", "stand-in")
     assert table["perception: spatial questions"] == pytest.approx(6 / 9)
     assert table["perception: color questions"] == 1.0 and table["perception: count questions"] == 1.0
+
+
+def test_base_report_splits_perception_by_colour_confusability(monkeypatch):
+    """A stand-in model that writes the reference chain but names every confusable true colour (red, orange, blue,
+    purple) by its look-alike: those perception steps are all wrong, the others all right ->
+    "perception: confusable colour" 0.0, "perception: distinct colour" 1.0."""
+    import re
+    import train_sft
+    records = mb.make_dataset(12, 8, "test")
+    tok = mb.build_tokenizer(records)
+
+    def chain(r):
+        out = []
+        for s in mb.reference_steps(r):
+            d = mb.describe_step(r["scene"], s)
+            if d and d["kind"] == "perception" and d["confusable"]:
+                s = re.sub(rf"\b{d['color']}\b", mb.CONFUSABLE[d["color"]], s, count=1)
+            out.append(s)
+        return tok.encode(" ".join(out))
+    monkeypatch.setattr(mb, "generate_responses", lambda model, tokenizer, recs, **kw: [chain(r) for r in recs])
+    table = train_sft.report(None, tok, records, train_sft.SFTConfig(), "cpu", "stand-in")
+    assert table["perception: confusable colour"] == 0.0 and table["perception: distinct colour"] == 1.0
+
+
+def test_warmup_rank_takes_its_own_steps_levels_from_the_pooled_order(quick_pipeline, tmp_path, monkeypatch):
+    """Under torchrun the signal pool is gathered over ranks in rank order, so rank r's steps sit after those of ranks
+    0..r-1. As rank 1 of 2, with rank 0 contributing one step (a copy of rank 1's first), the pooled levels are
+    [L0', L_0, L_1, ...] and rank 1's examples must carry levels[1:1 + n] (its own), not levels[:n]."""
+    import train_sft
+    monkeypatch.setattr(mb, "rank_and_world", lambda: (1, 2))
+    monkeypatch.setattr(mb, "all_gather_objects", lambda obj: [
+        ({k: v[:1] for k, v in obj[0].items()}, obj[1][:1], obj[2][:1], obj[3][:1]), obj]
+        if isinstance(obj, tuple) and len(obj) == 4 else [obj, obj])
+    seen, real_levels, real_examples = {}, mb.signals_to_levels, mb.warmup_examples
+    monkeypatch.setattr(mb, "signals_to_levels", lambda *a, **k: seen.setdefault("pooled", real_levels(*a, **k)))
+    monkeypatch.setattr(mb, "warmup_examples", lambda tok, recs, steps, levels, *a, **k: seen.setdefault(
+        "mine", (levels, sum(len(s) for s in steps))) and real_examples(tok, recs, steps, levels, *a, **k))
+    monkeypatch.setattr(train_sft, "train_lm", lambda model, *a, **k: model)
+    cfg, _ = train_sft.parse(["--quick", "--stage", "warmup", "--device", "cpu", "--warmup-replay", "0"])
+    train_sft.run_warmup(cfg, quick_pipeline["base"], str(tmp_path / "w"), "cpu")
+    pooled = seen["pooled"][1]
+    levels, n = seen["mine"]
+    assert len(pooled) == n + 1 and not torch.equal(pooled[1:], pooled[:n])  # the case tells the two apart
+    assert torch.equal(torch.as_tensor(levels), pooled[1:1 + n])
 
 
 def test_batch_backward_in_two_halves_is_the_whole_batch():

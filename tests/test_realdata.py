@@ -414,7 +414,11 @@ def test_truncated_image(tmp_path, images):
 # ---------------------------------------------------------------------------- #
 
 def test_similarity_tokens():
+    """SQuAD's normalisation: lower case, punctuation removed without splitting its word ("Don't" -> "dont", not
+    "don t"), articles dropped. normalize_answer joins the tokens with one space, so "icecream" is another answer."""
     assert mb.similarity_tokens("The cake has 30 candles, on top!") == ["cake", "has", "30", "candles", "on", "top"]
+    assert mb.similarity_tokens("Don't stop at the 30th, mate!") == ["dont", "stop", "at", "30th", "mate"]
+    assert mb.normalize_answer("The Ice  Cream!") == "ice cream" != mb.normalize_answer("icecream")
 
 
 @pytest.mark.parametrize("a, b, expected", [

@@ -344,6 +344,16 @@ def test_graceful_stop_defers_the_first_signal():
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+def test_progress_rate_counts_this_processs_steps_only(monkeypatch, capsys):
+    """A run resumed at step 4 of 10 reaches step 6 two seconds later: rate (6 - 4) / 2 = 1.00 it/s, eta (10 - 6) / 1
+    = 4s (counting from step 0 would claim 3.00 it/s, eta 1s)."""
+    clock = iter([100.0, 102.0])
+    monkeypatch.setattr(mb.time, "time", lambda: next(clock))
+    progress = mb.Progress(10, "rl", start=4)
+    progress.line(6, loss=0.5)
+    assert capsys.readouterr().out == "rl 6/10 loss 0.5000 | 1.00 it/s | eta 4s\n"
+
+
 def test_resume_command_drops_stop_at():
     assert mb.resume_command(["--steps", "8", "--stop-at", "4", "--out", "a b"]).endswith("--steps 8 --out 'a b' --resume")
     assert mb.resume_command(["--stop-at=4", "--resume"]).endswith(" --resume")

@@ -6,11 +6,16 @@ a hand-built case whose arithmetic is written in the docstring. In the loop's or
        place_rewards     r_s on the step's last token; a response without steps: the penalty on its last token
        token_rewards     rewards_t = score_t - kl_coef · (log π_old - log π_ref)
     5. advantages_and_returns   GAE, advantages whitened over the batch, returns not
-    6. ppo_losses        the ratio π/π_old against the rollout's log-probs, both clips
+    6. ppo_losses        the ratio π/π_old against the rollout's log-probs, both clips; the diagnostics at T
+    7. around the loop   log_line's numbers, check_finite, each rank's generators, the minibatch order, resume
 Run: python -m pytest -q tests/test_rl_loop.py"""
 import copy
+import dataclasses
 import math
+import random
+from types import SimpleNamespace
 
+import pytest
 import torch
 
 import mmboundary as mb
@@ -88,6 +93,9 @@ def test_score_rollout_records_temperature_logprobs_and_the_kl_to_the_reference(
     close(ro.kl, (lp - ref_lp) * mask, 1e-5)
     assert (ro.kl[mask.bool()] != 0).all() and (ro.kl[~mask.bool()] == 0).all()
     assert ro.ref_all is not None and ro.ref_all.shape == (*targets.shape, model.cfg.vocab_size)
+    # the anchor's tokens: the response mask less the statements. The untrained policy states nothing, so content
+    # is the mask exactly (1 - statement mask alone would be 1 on every prompt and padding target too)
+    assert torch.equal(ro.content, ro.mask)
 
 
 def test_internal_confidence_reads_the_rollouts_own_forward_pass():
@@ -287,6 +295,30 @@ def test_ppo_ratio_is_taken_against_the_rollouts_logprobs():
     assert all(p.grad is None or torch.all(p.grad == 0) for p in model.parameters())
 
 
+class FixedLogits(torch.nn.Module):
+    """A stand-in policy: the same logits at every call, values 0."""
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images, inputs, text_mask=None, return_values=False):
+        return self.logits, None, torch.zeros(self.logits.shape[:2])
+
+
+def test_ppo_losses_entropy_diagnostic_is_at_the_sampling_temperature():
+    """One token, two-word vocabulary, logits [0, ln 3], T = 0.5: logits / T = [0, 2 ln 3], π = (1/10, 9/10),
+    entropy = 0.1 ln 10 + 0.9 ln(10/9) = .23026 + .09482 = .32508 nats. At T = 1 (logits not divided):
+    π = (1/4, 3/4), entropy = .25 ln 4 + .75 ln(4/3) = .56234. π_old(sampled token 1) = .9 = π: approx_kl 0."""
+    ro = SimpleNamespace(mask=torch.ones(1, 1), images=torch.zeros(1, 1), inputs=torch.zeros(1, 1, dtype=torch.long),
+                         text_mask=torch.ones(1, 1), targets=torch.ones(1, 1, dtype=torch.long),
+                         old_logprobs=torch.tensor([[math.log(0.9)]]), advantages=torch.ones(1, 1),
+                         values=torch.zeros(1, 1), returns=torch.zeros(1, 1))
+    policy = FixedLogits(torch.tensor([[[0.0, math.log(3.0)]]]))
+    _, _, _, diagnostics = train_rl.ppo_losses(policy, ro, torch.tensor([0]), train_rl.RLConfig(temperature=0.5))
+    close(diagnostics["entropy"], 0.1 * math.log(10) + 0.9 * math.log(10 / 9), 1e-5)
+    close(diagnostics["approx_kl"], 0.0)
+
+
 def test_anchor_loss_is_the_content_kl_only():
     """anchor_loss: KL(π || π_ref) averaged over content tokens; statement tokens, though in the response mask, add
     nothing. Policy logits 0 at both tokens: π = (1/2, 1/2). π_ref = (1/2, 1/2) at token 0 (content: KL 0) and
@@ -340,3 +372,121 @@ def test_heldout_check_counts_an_unstated_step_as_half(monkeypatch):
     out = train_rl.heldout_check(None, tok, records, SimpleNamespace(max_new_tokens=64), "cpu", "check")
     assert out["step_acc"] == 1.0
     close(out["mece"], 0.5)
+
+
+# ---- 7. around the loop: the log line, the NaN guard, each rank's generators, the minibatch order, resume
+
+class Lines:
+    """A stand-in Progress that keeps the last line's numbers."""
+    def line(self, done, **metrics):
+        self.done, self.metrics = done, metrics
+
+
+def log_case():
+    """Two responses. mask [[1,1,0],[1,1,1]] (5 tokens); score [[0,1.5,0],[0,0,.5]] (sum 2); kl [[.2,.2,0],[.4,0,0]]
+    (sum .8); V = 0 against R = [1,0,-,2,0,1]; steps: response 0 states 5 (right) then nothing (wrong), response 1
+    states 1 (wrong)."""
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    ro = SimpleNamespace(mask=mask, score=torch.tensor([[0.0, 1.5, 0.0], [0.0, 0.0, 0.5]]),
+                         kl=torch.tensor([[0.2, 0.2, 0.0], [0.4, 0.0, 0.0]]), values=torch.zeros(2, 3),
+                         returns=torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 1.0]]))
+    steps = [[mb.Step(0, 1, 1, "a.", 5), mb.Step(2, 3, 3, "b.", None)], [mb.Step(0, 1, 1, "c.", 1)]]
+    seen = {"r_ka": [1.0, 0.0, 0.0], "r_ec": [1.0, 0.0], "r_cs": []}
+    return ro, steps, [[True, False], [False]], seen
+
+
+def test_log_line_hand_computed():
+    """score = Σ score / #responses = 2 / 2 = 1.0 (per response; per token it would be 2 / 5 = .4); kl_ref = .8 / 2
+    = .4; pg_loss = mean(.1, .3) = .2; r_ka = 1/3, r_ec = .5, r_cs = 0 (none stated: 0 / max(1, 0)); step_acc = 1/3;
+    ev = 1 - Var[R - 0] / Var[R] = 0. mece: confidences [1, .5 (unstated), 0] against right [1, 0, 0]: each alone in
+    its bin, gaps 0, .5, 0 -> .5 / 3 = 1/6 (unstated as 0 would give 0). levels: the counts of 1..5, then None:
+    "1/0/0/0/1 none 1"."""
+    ro, steps, correct, seen = log_case()
+    p = Lines()
+    train_rl.log_line(p, 3, {"pg_loss": [0.1, 0.3]}, ro, seen, steps, correct, 1)
+    m = p.metrics
+    assert p.done == 3 and m["levels"] == "1/0/0/0/1 none 1"
+    close([m[k] for k in ("score", "kl_ref", "pg_loss", "r_ka", "r_ec", "r_cs", "step_acc", "ev", "mece")],
+          [1.0, 0.4, 0.2, 1 / 3, 0.5, 0.0, 1 / 3, 0.0, 1 / 6])
+
+
+def test_log_line_averages_metrics_over_ranks_and_sums_level_counts(monkeypatch):
+    """Under torchrun (world size 2) rank 0's line (the case above: score 1.0, kl_ref .4, pg_loss .2) is averaged with
+    a rank whose every metric is 0 and whose steps state 2, 2 and nothing: score (1 + 0) / 2 = .5, kl_ref .2, pg_loss
+    .1; the counts are summed: [1,0,0,0,1,1] + [0,2,0,0,0,1] -> "1/2/0/0/1 none 2"."""
+    ro, steps, correct, seen = log_case()
+    monkeypatch.setattr(mb, "all_gather_objects", lambda obj: [obj, ({k: 0.0 for k in obj[0]}, [0, 2, 0, 0, 0, 1])])
+    p = Lines()
+    train_rl.log_line(p, 1, {"pg_loss": [0.1, 0.3]}, ro, seen, steps, correct, 2)
+    close([p.metrics["score"], p.metrics["kl_ref"], p.metrics["pg_loss"]], [0.5, 0.2, 0.1])
+    assert p.metrics["levels"] == "1/2/0/0/1 none 2"
+
+
+def test_check_finite_counts_the_ptx_term():
+    """The NaN guard checks the whole loss, PPO loss + ptx_coef · ptx: a finite PPO loss beside a NaN ptx term
+    (1 + 20 · nan = nan) stops the run and names the last good save; 1 + 20 · .5 = 11 passes."""
+    cfg = train_rl.RLConfig(ptx_coef=20.0)
+    train_rl.check_finite(torch.tensor(1.0), torch.tensor(0.5), cfg, 3, None)
+    with pytest.raises(mb.UserError, match=r"loss is nan at iteration 3; stopping, out/rl keeps the last good save, "
+                                           r"iteration 2"):
+        train_rl.check_finite(torch.tensor(1.0), torch.tensor(float("nan")), cfg, 3, (2, "out/rl"))
+
+
+def quick_rl_config(quick_pipeline, out, **changes):
+    cfg = train_rl.RLConfig(init=quick_pipeline["warmup"], out=str(out), device="cpu", quick=True, **train_rl.QUICK)
+    return dataclasses.replace(cfg, **changes)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_rollouts_use_this_ranks_generators_the_temperature_and_the_learning_rate(quick_pipeline, tmp_path,
+                                                                                 monkeypatch):
+    """train(cfg, rank=1): the first rollout draws its 8 questions with random.Random(seed + 1) from the RL pool
+    make_dataset(32, seed + 2), samples at --temperature with a torch generator seeded seed + 1, and AdamW runs at
+    --lr. Here seed 5, temperature .9, lr 3e-4 (AdamW's default would be 1e-3; rank 0's generators, seed 5)."""
+    cfg = quick_rl_config(quick_pipeline, tmp_path / "rl", seed=5, temperature=0.9, lr=3e-4, n_eval=0)
+    opts, seen = [], {}
+    real_adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: opts.append(real_adamw(*a, **k)) or opts[-1])
+
+    def spy(model, tokenizer, records, **kw):
+        seen.update(kw, ids=[r["id"] for r in records])
+        raise Stop
+    monkeypatch.setattr(mb, "generate_responses", spy)
+    with pytest.raises(Stop):
+        train_rl.train(cfg, 1, 1, torch.device("cpu"))
+    pool, rng = mb.make_dataset(32, 7, "train"), random.Random(6)
+    assert seen["ids"] == [pool[rng.randrange(32)]["id"] for _ in range(8)]
+    assert seen["temperature"] == 0.9
+    assert seen["generator"] is not None and seen["generator"].initial_seed() == 6
+    assert len(opts) == 1 and opts[0].param_groups[0]["lr"] == 3e-4
+
+
+def test_ppo_minibatches_are_reshuffled_every_iteration(quick_pipeline, tmp_path, monkeypatch):
+    """Each (iteration, epoch) shuffles the rollout with its own generator, seed · 1000 + it · 10 + epoch (so a resumed
+    run shuffles as an uninterrupted one): seed 1337, 1 epoch, 2 minibatches of 4 of the 8 rollouts; iteration 0 uses
+    randperm(8) of seed 1337000, iteration 1 of seed 1337010: two orders, not one order twice."""
+    cfg = quick_rl_config(quick_pipeline, tmp_path / "rl", ppo_epochs=1, n_eval=0)
+    seen, real = [], train_rl.ppo_losses
+    monkeypatch.setattr(train_rl, "ppo_losses", lambda model, ro, idx, c: seen.append(idx.tolist()) or
+                        real(model, ro, idx, c))
+    train_rl.train(cfg, 0, 1, torch.device("cpu"))
+    expected = [c.tolist() for s in (1337000, 1337010)
+                for c in torch.randperm(8, generator=torch.Generator().manual_seed(s)).chunk(2)]
+    assert seen == expected and seen[:2] != seen[2:]
+
+
+def test_resumed_run_still_reports_the_heldout_check_from_before_rl(quick_pipeline, tmp_path, monkeypatch, capsys):
+    """The before-RL held-out numbers live in the training state, so a run stopped at iteration 1 and resumed prints
+    the closing line an uninterrupted run would. Held-out check stubbed: before MECE .2 / acc .5, after .1 / .6 ->
+    "held-out MECE 0.2000 -> 0.1000 (ratio 0.50), acc 0.500 -> 0.600" (ratio after / before = .1 / .2)."""
+    monkeypatch.setattr(train_rl, "heldout_check", lambda model, tok, records, cfg, device, title:
+                        {"mece": 0.2, "acc": 0.5} if "before" in title else {"mece": 0.1, "acc": 0.6})
+    cfg = quick_rl_config(quick_pipeline, tmp_path / "rl", stop_at=1)
+    with pytest.raises(mb.RunStopped):
+        train_rl.train(cfg, 0, 1, torch.device("cpu"))
+    capsys.readouterr()
+    train_rl.train(dataclasses.replace(cfg, stop_at=0, resume=True), 0, 1, torch.device("cpu"))
+    assert "held-out MECE 0.2000 -> 0.1000 (ratio 0.50), acc 0.500 -> 0.600" in capsys.readouterr().out
