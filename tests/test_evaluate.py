@@ -430,6 +430,26 @@ def test_self_correction_resamples_steps_stating_level_3_or_below(tokenizer, mon
     assert counts["resampled_steps"] == int(resampled) and counts["samples"] == int(resampled)
 
 
+def test_self_correct_entry_scores_the_corrected_answers(tokenizer, monkeypatch, tmp_path):
+    """The greedy answer "so, the answer is blue, but i'm not sure." is wrong at level 2 (.25); the self-corrected
+    one, "so, the answer is red, with total certainty.", right at level 5 (1.0). results: acc 0, MECE .25; its
+    "self_correct" entry: acc 1, MECE |1 − 1| = 0, with k and the counts beside them."""
+    records = [dict(record(), id="test-0-0", qtype="color", correct_choice_idx=0)]
+    plain = [tokenizer.encode("so, the answer is blue, but i'm not sure.")]
+    fixed = [tokenizer.encode("so, the answer is red, with total certainty.")]
+    monkeypatch.setattr(ev, "answer", lambda ck, recs, cfg, device: (plain, [mb.split_steps(r, tokenizer)
+                                                                              for r in plain]))
+    counts = {"resampled_steps": 1, "replaced_steps": 1, "samples": 2, "sampled_tokens": 20}
+    monkeypatch.setattr(ev, "generate_self_corrected", lambda *a, **k: (fixed, dict(counts)))
+    ck = SimpleNamespace(model=None, clip=object(), stats={}, tokenizer=tokenizer, path="rl")
+    metrics, _ = ev.evaluate_checkpoint(ck, "rl", {"test": records}, ev.EvalConfig(self_correct=2, out=str(tmp_path)),
+                                        "cpu", plots=False)
+    m = metrics["test"]
+    assert m["acc"] == 0.0 and m["mece"] == pytest.approx(0.25)
+    sc = m["self_correct"]
+    assert (sc["acc"], sc["mece"], sc["k"], sc["replaced_steps"]) == (1.0, pytest.approx(0.0), 2, 1)
+
+
 def test_content_of_a_step_drops_its_statement_even_a_garbled_one(tokenizer):
     """The content that self-correction scores: a recognised statement goes, a garbled one after a comma that a
     clause opener starts goes too, and the comma of "so, the answer is" stays."""

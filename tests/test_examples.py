@@ -3,6 +3,7 @@ escaping of every printed text (parsed back with the stdlib's html.parser), the 
 evaluate.py writes for the --quick pipeline."""
 import json
 import os
+import re
 from html.parser import HTMLParser
 
 import numpy as np
@@ -122,6 +123,38 @@ def fake_results(records, steps, labels):
     metrics = dict(ev.chain_metrics(records, steps, [ev.stated_confidences(s) for s in steps]),
                    knowledge_boundary=ev.knowledge_boundary(records, steps))
     return {label: {split: metrics for split in ev.SPLITS} for label in labels}
+
+
+def test_answer_level_table_has_a_column_per_level_and_none():
+    """Answers right at 5, right at 2, right with no statement, wrong at 1 -> the right row [0, 1, 0, 0, 1, 1] and
+    the wrong row [1, 0, 0, 0, 0, 0] under 1..5 and none; every row as long as the header."""
+    steps = [[step(RIGHT, 5)], [step(RIGHT, 2)], [step(RIGHT)], [step(WRONG, 1)]]
+    results = fake_results([record(i, "color") for i in range(4)], steps, ["rl"])
+    header, rows = ev.answer_level_table(results, "test")
+    assert header == ["model", "answers", "1", "2", "3", "4", "5", "none"]
+    assert rows == [["rl", "right", 0, 1, 0, 0, 1, 1], ["rl", "wrong", 1, 0, 0, 0, 0, 0]]
+
+
+def test_page_names_only_the_quadrants_no_model_fills():
+    """Checkpoint A's one answer is right and confident (level 5), B's wrong and hedged (level 1): the page names as
+    empty only the quadrants neither fills, in EXAMPLE_ORDER ("wrong but confident, right but hedged"), per split."""
+    records = [record(0, "color")]
+    results = {**fake_results(records, [[step(RIGHT, 5)]], ["A"]), **fake_results(records, [[step(WRONG, 1)]], ["B"])}
+    text = ev.examples_page(results, [], [], "")
+    assert text.count("No final answer of A or B falls in: wrong but confident, right but hedged.</p>") == 2
+
+
+def test_example_card_marks_the_gold_choice_and_the_true_steps():
+    """correct_choice_idx 2 -> only the third choice, "red", is marked gold; of two steps (true, false) only the
+    first carries the "ok" class."""
+    rec = dict(record(0, "color"), choices=["orange", "green", "red", "blue"], correct_choice_idx=2,
+               image=np.zeros((36, 36, 3), np.uint8))
+    answer = {"quadrant": "right_confident", "answer": "red", "steps": [
+        {"text": CIRCLE, "said": "", "level": 5, "internal": 0.9, "internal_level": 5, "true": True},
+        {"text": WRONG, "said": "", "level": 2, "internal": 0.2, "internal_level": 1, "true": False}]}
+    card = ev.example_card({"record": rec, "picked": ["rl: right and confident"], "answers": {"rl": answer}}, ["rl"])
+    assert re.findall(r'<li class="gold">(.*?)</li>', card) == ["red (gold)"]
+    assert re.findall(r'<div class="step( ok)?">', card) == [" ok", ""]
 
 
 def test_page_escapes_every_text_it_prints():

@@ -210,6 +210,24 @@ def test_fuse_confidence_hand():
         mb.fuse_confidence(conf, mode="median")
 
 
+def test_stats_record_every_signal_and_fuse_only_the_chosen():
+    """Pool lnlp [1, 2, 3], mte [0, 0, 4]. Stats fitted on lnlp alone still record mte's (lo, hi) = (0, 4) beside
+    lnlp's (1, 3); c_final = 1 − (U − lo) / (hi − lo) = [1, .5, 0], μ .5, σ = sqrt(1/6) = .408 (population).
+    Applied to values that also hold mte, signals_to_levels fuses lnlp alone: [1, .5, 0] (with mte's [1, 1, 0] in
+    the mean: [1, .75, 0]); cuts .5 + (−3, −2, −1, 0) · .408 = −.725, −.316, .092, .5 -> levels [5, 5, 3].
+    All-zero weights would divide 0 by 0: a ValueError."""
+    pool = {"lnlp": torch.tensor([1.0, 2.0, 3.0]), "mte": torch.tensor([0.0, 0.0, 4.0])}
+    stats = mb.fit_confidence_stats(pool, signals=["lnlp"])
+    assert stats["minmax"] == {"lnlp": (1.0, 3.0), "mte": (0.0, 4.0)}
+    close([stats["mu"], stats["sigma"]], [0.5, (1 / 6) ** 0.5])
+    fused, levels = mb.signals_to_levels(pool, stats)
+    close(fused, [1.0, 0.5, 0.0])
+    assert levels.tolist() == [5, 5, 3]
+    with pytest.raises(ValueError, match="positive sum"):
+        mb.fuse_confidence({"lnlp": torch.tensor([1.0, 0.0]), "mte": torch.tensor([0.5, 0.5])},
+                           {"lnlp": 0.0, "mte": 0.0})
+
+
 def test_confidence_levels_at_cuts():
     """mu = .75, sigma = .125 -> cuts .75 + .125 * (-3, -2, -1, 0) = .375, .5, .625, .75 (exact in float32).
     c == cut goes to the upper level: c = [0, .375, .4, .5, .55, .625, .7, .75, 1] -> [1, 2, 2, 3, 3, 4, 4, 5, 5]."""
@@ -375,6 +393,19 @@ def test_number_statements_round_trip():
         mb.confidence_number_statement(0)
     # two statements in one text: the last one is the step's (a step's statement closes it)
     assert mb.level_of_number_statement("(confidence 2/5) (confidence 4/5)") == 4
+
+
+def test_split_steps_ends_at_the_first_eos_and_reads_the_last_parenthesis():
+    """"so, the answer is red, with total certainty. <eos> so, the answer is blue." -> one step: nothing after <eos>
+    is a step. "the circle (left) is red (confidence 4/5)." (14 tokens): the content is tokens 0..6, the number
+    statement starts at the LAST "(" (index 7), level 4, period at 13."""
+    tok = mb.build_tokenizer(mb.make_dataset(3, 0))
+    ids = tok.encode("so, the answer is red, with total certainty.") + [mb.EOS] + tok.encode("so, the answer is blue.")
+    assert [(s.text, s.level) for s in mb.split_steps(ids, tok)] == [("so, the answer is red.", 5)]
+    ids = tok.encode("the circle (left) is red (confidence 4/5).")
+    assert mb.UNK not in ids
+    (step,) = mb.split_steps(ids, tok)
+    assert (step.start, step.end, step.last, step.level, step.text) == (0, 7, 13, 4, "the circle (left) is red.")
 
 
 def test_a_fuzzy_clause_match_exactly_at_the_threshold_counts():

@@ -224,6 +224,32 @@ def test_tokenizer_round_trip(tmp_path):
     assert mb.Tokenizer.load(tmp_path / "t.json").vocab == tok.vocab
 
 
+def test_decode_glues_punctuation_and_skips_special_tokens():
+    """"Is it hot?" decodes to "is it hot?" (no space before closing punctuation, ? included). Vocabulary: the 5
+    specials and the text's words. decode([<bos>, red, <sep>, <eos>, <pad>]) -> "red"; an id outside the vocabulary
+    (-1, or len) reads as <unk>, itself special: skipped, shown with skip_special=False."""
+    tok = mb.Tokenizer.build(["Is it hot?", "red zebra"])
+    assert tok.decode(tok.encode("Is it hot?")) == "is it hot?"
+    red = tok.index["red"]
+    assert tok.decode([mb.BOS, red, mb.SEP, mb.EOS, mb.PAD]) == "red"
+    assert tok.decode([-1, red, len(tok)]) == "red"
+    assert tok.decode([-1, red, len(tok)], skip_special=False) == "<unk> red <unk>"
+
+
+def test_build_tokenizer_knows_every_word_the_method_writes():
+    """build_tokenizer adds the method's own words to the training text's, so even from one colour question (one
+    cell, one object, no digit) no statement clause, number statement (levels 1..5), number word, fictional name,
+    position, colour, shape or template word encodes to <unk>."""
+    records = [next(r for r in mb.make_dataset(20, 0) if r["qtype"] == "color")]
+    tok = mb.build_tokenizer(records)
+    texts = [clause for pool in mb.STATEMENTS.values() for clause in pool]
+    texts += [mb.confidence_number_statement(k) for k in range(1, 6)]
+    texts += mb.NUMBER_WORDS + list(mb.LEXICON.values()) + mb.POSITIONS + list(mb.COLORS) + mb.SHAPES
+    texts += [mb.knowledge_step("orange", "diamond"), mb.answer_step("left"), mb.count_step("red", 3)]
+    for text in texts:
+        assert mb.UNK not in tok.encode(text), text
+
+
 def hand_readout(clip, images, text):
     """TinyCLIP's read-out of image b for text row s, written as loops over patches: softmax over the 9 patches of
     q_s . k_bn / sqrt(D), then the normalised weighted sum of the values."""
@@ -885,6 +911,25 @@ def test_base_report_splits_perception_by_colour_confusability(monkeypatch):
     assert table["perception: confusable colour"] == 0.0 and table["perception: distinct colour"] == 1.0
 
 
+def test_base_report_splits_perception_by_size_and_steps_by_kind(monkeypatch):
+    """A stand-in model writes the reference chain but calls every small object large: every perception step about a
+    small object is wrong, every other step right -> "perception: small" 0.0, "perception: large" 1.0,
+    "step: perception" = large / all perception steps, "step: answer" 1.0."""
+    import train_sft
+    records = mb.make_dataset(12, 8, "test")
+    tok = mb.build_tokenizer(records)
+    perception = [s for r in records for s in mb.reference_steps(r) if mb.parse_step(s)[0] == "perception"]
+    n_large = sum(" large " in s for s in perception)
+    assert 0 < n_large < len(perception)
+
+    def chain(r):
+        return tok.encode(" ".join(s.replace(" small ", " large ") for s in mb.reference_steps(r)))
+    monkeypatch.setattr(mb, "generate_responses", lambda model, tokenizer, recs, **kw: [chain(r) for r in recs])
+    table = train_sft.report(None, tok, records, train_sft.SFTConfig(), "cpu", "stand-in")
+    assert table["perception: small"] == 0.0 and table["perception: large"] == 1.0
+    assert table["step: perception"] == pytest.approx(n_large / len(perception)) and table["step: answer"] == 1.0
+
+
 def test_warmup_rank_takes_its_own_steps_levels_from_the_pooled_order(quick_pipeline, tmp_path, monkeypatch):
     """Under torchrun the signal pool is gathered over ranks in rank order, so rank r's steps sit after those of ranks
     0..r-1. As rank 1 of 2, with rank 0 contributing one step (a copy of rank 1's first), the pooled levels are
@@ -929,3 +974,20 @@ def test_batch_backward_in_two_halves_is_the_whole_batch():
         assert (p.grad is None) == (q.grad is None), name  # the frozen ViT and the unused value head: none
         if p.grad is not None:
             assert torch.allclose(q.grad, p.grad, rtol=1e-4, atol=1e-7), name
+
+
+# ---- --bench's arithmetic
+
+def test_count_forward_flops_by_hand():
+    """Linear(3, 4) on (2, 5, 3): 10 tokens × 2 × 3 × 4 = 240 FLOPs. SelfAttention(8, 2) on (1, 4, 8): qkv
+    4 × 2 × 8 × 24 = 1536, proj 4 × 2 × 8 × 8 = 512, the two attention matmuls 2 × 2 × 1 × 4 × 4 × 8 = 512: 2560."""
+    assert mb.count_forward_flops(torch.nn.Linear(3, 4), torch.zeros(2, 5, 3)) == 240
+    assert mb.count_forward_flops(mb.SelfAttention(8, 2), torch.zeros(1, 4, 8)) == 2560
+
+
+def test_median_time_is_the_median(monkeypatch):
+    """A stand-in clock: three calls take 5, 1 and 3 s -> the median 3 (not the minimum 1, nor the mean)."""
+    from types import SimpleNamespace
+    ticks = iter([0.0, 5.0, 10.0, 11.0, 20.0, 23.0])
+    monkeypatch.setattr(mb, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    assert mb._median_time(lambda: None, 3) == 3.0

@@ -537,3 +537,28 @@ def test_restates_reference():
     assert mb.restates_reference("So, the answer is Indian.", "So, the answer is people from South India.")  # F1 0.6
     assert mb.restates_reference("So, the answer is 30th.", "So, the answer is thirty.")
     assert not mb.restates_reference("So, the answer is.", ref)
+
+
+# ---- images and the fields' lower limits
+
+def test_a_real_image_is_box_downsampled(tmp_path):
+    """A random 72 × 72 image loaded at 36 px: each pixel is the mean of its 2 × 2 block (BOX, as render_scene),
+    within 1 for Pillow's fixed-point rounding (a BILINEAR resize, whose filter reaches past the block, is 70 levels
+    off somewhere on this image; NEAREST 177)."""
+    pixels = np.random.default_rng(0).integers(0, 256, size=(72, 72, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    path = write_json(tmp_path / "d.json", [dict(RECORDS[0], image="x.png")])
+    image = mb.load_annotated(path, None)[0]["image"].astype(float)
+    blocks = pixels.astype(float).reshape(36, 2, 36, 2, 3).mean(axis=(1, 3))
+    assert np.abs(image - blocks).max() <= 1.0
+
+
+def test_image_id_zero_names_a_coco_file_and_one_choice_is_refused(tmp_path):
+    """image_id must be a non-negative int: 0 names 000000000000.jpg. choices must hold at least 2 strings."""
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "000000000000.jpg")
+    record = {k: v for k, v in RECORDS[0].items() if k != "image"}
+    path = write_json(tmp_path / "d.json", [dict(record, image_id=0)])
+    assert len(mb.load_annotated(path, str(tmp_path))) == 1
+    path = write_json(tmp_path / "e.json", [dict(record, image_id=0, choices=["a cat"])])
+    with pytest.raises(mb.UserError, match="'choices' must be a list of at least 2 strings"):
+        mb.load_annotated(path, str(tmp_path))

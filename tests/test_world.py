@@ -151,6 +151,12 @@ def test_describe_step():
     assert info["kind"] == "knowledge" and info["fact_weight"] == mb.FACT_WEIGHTS[("red", "circle")]
 
 
+def test_answer_step_matches_a_gold_answer_in_any_case_and_spacing():
+    """verify_step compares normalised strings: gold "Red  Circle" and "So, the answer is red circle." agree."""
+    assert mb.verify_step({"objects": [], "answer": "Red  Circle"}, "So, the answer is red circle.") is True
+    assert mb.verify_step({"objects": [], "answer": "Red Circle"}, "So, the answer is blue circle.") is False
+
+
 def test_verify_step_scene_without_objects():
     for scene in ({}, {"objects": None}, {"objects": []}, {"objects": [{}]}, {"objects": "x"}, None, []):
         assert mb.verify_step(scene, "At the center there is a large red circle.") is False
@@ -326,6 +332,43 @@ def test_count_answers_mostly_positive(datasets):
     assert 0.6 <= positive < 1.0  # mostly > 0, but "zero" occurs too
 
 
+def test_count_choices_hold_both_neighbouring_counts(datasets):
+    """A count question's hard distractors are n − 1 and n + 1, each when it is a count (0..6): "zero" is a choice
+    whenever the answer is "one", "five" when it is "six"."""
+    zero_checked = 0
+    for rec in (r for s in datasets.values() for r in s if r["qtype"] == "count"):
+        n = mb.NUMBER_WORDS.index(rec["answer"])
+        for m in (n - 1, n + 1):
+            if 0 <= m < len(mb.NUMBER_WORDS):
+                assert mb.NUMBER_WORDS[m] in rec["choices"], rec["id"]
+                zero_checked += m == 0
+    assert zero_checked > 0  # an answer "one" occurred
+
+
+def test_spatial_relation_is_left_right_exactly_when_the_columns_differ(datasets):
+    """_ask_spatial asks left/right when the two objects' columns differ, above/below only within one column."""
+    diagonal = 0
+    for rec in (r for s in datasets.values() for r in s if r["qtype"] == "spatial"):
+        fields = mb.parse_step(rec["keys_filtered"]["Reasoning_level"][0])[1]
+        objects = {(o["color"], o["shape"]): o for o in rec["scene"]["objects"]}
+        a, b = objects[fields[0], fields[1]], objects[fields[3], fields[4]]
+        assert (rec["answer"] in ("left", "right")) == (a["col"] != b["col"]), rec["id"]
+        diagonal += a["col"] != b["col"] and a["row"] != b["row"]
+    assert diagonal > 0  # pairs in other rows and columns were seen: there the two rules differ
+
+
+def test_knowledge_choices_hold_the_look_alike_pairs_name(datasets):
+    """A knowledge question about a confusable colour offers the name of its look-alike pair, the answer of a model
+    that misread the colour (the red circle's name -> the orange circle's name among the choices)."""
+    n = 0
+    for rec in (r for s in datasets.values() for r in s if r["qtype"] == "knowledge"):
+        color, shape = mb.parse_step(rec["keys_filtered"]["Reasoning_level"][0])[1][:2]
+        if color in mb.CONFUSABLE:
+            assert mb.LEXICON[(mb.CONFUSABLE[color], shape)] in rec["choices"], rec["id"]
+            n += 1
+    assert n > 10
+
+
 def test_fact_weights_long_tail(datasets):
     weights = list(mb.FACT_WEIGHTS.values())
     assert set(mb.FACT_WEIGHTS) == set(mb.LEXICON) and len(weights) == 24
@@ -386,6 +429,84 @@ def test_render_small_is_smaller_and_noise_applies():
     _, noisy = covered("large", noise=14.0)
     background = noisy[24:, :12]  # bottom-left 12x24 block is empty
     assert 10 < background.std() < 18  # the noise std shows up in the empty pixels
+
+
+def coverage(centre4x, half4x):
+    """The share of each of the 36 pixels along one axis covered by the 4x-canvas pixels centre ± half (PIL fills a
+    polygon's edge pixels too); pixel k is the box of 4x pixels 4k .. 4k + 3."""
+    lo, hi = centre4x - half4x, centre4x + half4x
+    return np.array([len(set(range(4 * k, 4 * k + 4)) & set(range(lo, hi + 1))) / 4 for k in range(36)])
+
+
+def large_square(row, col, jx, jy, color, background=40):
+    """The noise-free render of one large square by hand: half side 0.9 · 5.0 = 4.5 px, 18 pixels of the 4x canvas,
+    centred at 4 · (12 · col + 6 + jx) (and row, jy); each pixel is background + coverage_x · coverage_y · (colour −
+    background), the BOX average of its 4x4 block."""
+    covered = np.outer(coverage(4 * (12 * row + 6 + jy), 18), coverage(4 * (12 * col + 6 + jx), 18))[..., None]
+    return background + covered * (np.array(color, dtype=float) - background)
+
+
+def one_object(row, col, shape="square"):
+    return {"objects": [{"shape": shape, "color": "red", "size": "large", "row": row, "col": col}],
+            "background": [40, 40, 40], "noise": 0.0}
+
+
+def test_render_large_square_in_the_top_right_cell_by_hand():
+    """Seed 1 draws the jitter (0, 0). A large red square in cell (row 0, col 2): 4x columns 120 ± 18 = 102..138, so
+    column 25 (4x 100..103) is half covered, 26..33 fully, 34 (136..139) three quarters; rows 24 ± 18 = 6..42: row 1
+    half, 2..9 full, 10 three quarters. Red channel at (row 1, col 25): 40 + .5 · .5 · 160 = 80; at (5, 30): 200; at
+    (10, 34): 40 + .75 · .75 · 160 = 130. Every pixel within 0.5 of the hand value (rounding). A column taken from
+    the row, a BILINEAR resize or a full-size square each move pixels by far more."""
+    assert list(np.random.default_rng(1).integers(-1, 2, size=2)) == [0, 0]
+    image = mb.render_scene(one_object(0, 2), np.random.default_rng(1)).astype(float)
+    expected = large_square(0, 2, 0, 0, mb.COLORS["red"])
+    assert (expected[1, 25, 0], expected[5, 30, 0], expected[10, 34, 0]) == (80, 200, 130)
+    assert np.abs(image - expected).max() <= 0.5
+    assert (image[24:, :12] == 40).all()  # the bottom-left cell is empty
+
+
+def test_render_jitter_is_the_first_draw_in_minus_one_to_one():
+    """An object's centre moves by (jx, jy) = rng.integers(-1, 2, size=2), the render's first draw: seeds 0..11
+    give each of -1, 0, 1 on both axes, and each render is the hand-built square moved by its own draw."""
+    seen_x, seen_y = set(), set()
+    for seed in range(12):
+        jx, jy = (int(v) for v in np.random.default_rng(seed).integers(-1, 2, size=2))
+        seen_x.add(jx)
+        seen_y.add(jy)
+        image = mb.render_scene(one_object(1, 1), np.random.default_rng(seed)).astype(float)
+        assert np.abs(image - large_square(1, 1, jx, jy, mb.COLORS["red"])).max() <= 0.5, (seed, jx, jy)
+    assert seen_x == seen_y == {-1, 0, 1}
+
+
+def test_render_noise_is_rounded_gaussian_noise_on_the_background():
+    """No object: the render is clip(rint(background + N(0, noise)), 0, 255), the noise the rng's first normal draw
+    of shape (36, 36, 3) (floor in place of rint would be one level low on half the pixels)."""
+    scene = {"objects": [], "background": [40, 40, 40], "noise": 14.0}
+    for seed in range(3):
+        noise = np.random.default_rng(seed).normal(0.0, 14.0, size=(36, 36, 3))
+        expected = np.clip(np.rint(40.0 + noise), 0, 255).astype(np.uint8)
+        assert np.array_equal(mb.render_scene(scene, np.random.default_rng(seed)), expected)
+
+
+def test_triangle_points_up():
+    """_shape_polygon("triangle", 10, 10, 2): apex (10, 8) at the top, base (12, 12)-(8, 12) at the bottom.
+    Rendered large at the center (seed 1: no jitter; no noise): 4x apex y = 72 − 20 = 52, base y = 92, so rows 13
+    (4x 52..55) to 23 (92..95) are covered, 12 and 24 not, and the apex row 13 holds fewer coloured pixels than the
+    row 22 above the base."""
+    assert mb._shape_polygon("triangle", 10, 10, 2) == [(10, 8), (12, 12), (8, 12)]
+    image = mb.render_scene(one_object(1, 1, "triangle"), np.random.default_rng(1)).astype(int)
+    coloured = (image[..., 0] > 40).sum(axis=1)
+    assert coloured[12] == 0 and coloured[24] == 0
+    assert 0 < coloured[13] < coloured[22]
+
+
+@pytest.mark.parametrize("split", ["train", "test", "ood"])
+def test_first_image_is_rendered_with_the_split_offset_seed(split):
+    """make_dataset's numpy generator is seeded seed + SPLIT_SEED_OFFSET[split]: the first record's image is
+    render_scene(its scene, default_rng(seed + offset))."""
+    rec = mb.make_dataset(1, 5, split)[0]
+    again = mb.render_scene(rec["scene"], np.random.default_rng(5 + mb.SPLIT_SEED_OFFSET[split]))
+    assert np.array_equal(rec["image"], again)
 
 
 def test_longest_chain_with_statements_fits_the_generation_budget():
