@@ -229,8 +229,20 @@ def test_ood_class_floor_scores_the_test_splits_levels(quick_pipeline):
     assert metrics["ood"]["class_floor"]["mece_test_levels"] == pytest.approx(expected)
 
 
-def test_json_has_no_nan():
+def test_json_has_no_nan(tmp_path):
+    """json_safe turns nan and inf into null, in lists and tuples too, so write_json (allow_nan=False) writes them."""
     assert ev.json_safe({"a": [math.nan, 1.0], "b": {"c": math.inf}}) == {"a": [None, 1.0], "b": {"c": None}}
+    assert ev.json_safe({"t": (math.nan, 1.0), "l": [(math.inf,)]}) == {"t": [None, 1.0], "l": [[None]]}
+    ev.write_json(str(tmp_path / "r.json"), {"t": (math.nan, 2.0)})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"t": [None, 2.0]}
+
+
+def test_held_out_split_has_n_test_questions_of_the_train_split():
+    """--held-out 777 --n-test 3 --n-ood 5: one split, "held-out", of the 3 questions make_dataset(3, 777, "train")
+    draws (--n-test, not --n-ood; the quick presets set both to 12, so the pipeline test cannot tell)."""
+    data = ev.eval_splits(ev.EvalConfig(held_out=777, n_test=3, n_ood=5))
+    assert list(data) == ["held-out"]
+    assert [r["question"] for r in data["held-out"]] == [r["question"] for r in mb.make_dataset(3, 777, "train")]
 
 
 def test_markdown_table_and_print_line_hand(capsys):

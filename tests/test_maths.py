@@ -389,8 +389,10 @@ def test_number_statements_round_trip():
     assert mb.level_of_number_statement("the circle is red ( confidence 4 / 5 ) .") == 4
     assert mb.level_of_number_statement("(confidence 7/5)") is None
     assert mb.level_of_number_statement("with total certainty") is None
-    with pytest.raises(ValueError):
-        mb.confidence_number_statement(0)
+    for bad in (0, True):  # True == 1 and hashes like 1: only an explicit bool check refuses it
+        with pytest.raises(ValueError):
+            mb.confidence_number_statement(bad)
+    assert mb.confidence_number_statement(np.int64(1)) == "(confidence 1/5)"
     # two statements in one text: the last one is the step's (a step's statement closes it)
     assert mb.level_of_number_statement("(confidence 2/5) (confidence 4/5)") == 4
 

@@ -144,6 +144,33 @@ def test_generation_matches_forward_argmax():
     assert torch.equal(first[:, 0], logits[:, -1].argmax(-1))
 
 
+def test_sampling_at_a_tiny_temperature_is_greedy():
+    """softmax(logits / T) at T = 1e-4 puts all the mass on the argmax (a logit gap of 0.01 becomes a factor e^100), so
+    10 sampled tokens per row equal greedy decoding; softmax(logits · T) would be near uniform over the ~35 allowed
+    tokens and differ almost surely."""
+    model = tiny_vlm()
+    ids, mask = mb.pad_left([[1, 7, 8, 4], [1, 9, 4], [1, 10, 11, 12, 4]])
+    greedy = model.generate(random_images(3), ids, mask, 10, temperature=0.0, eos_id=-1)
+    sampled = model.generate(random_images(3), ids, mask, 10, temperature=1e-4, eos_id=-1,
+                             generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy, sampled)
+
+
+def test_pad_right_cuts_to_the_first_ids_and_images_resize_without_aligned_corners():
+    """pad_right([[1, 2, 3, 4], [5]], max_len=3) keeps a longer row's FIRST 3 ids: [[1, 2, 3], [5, 0, 0]], mask
+    [[1, 1, 1], [1, 0, 0]]. images_to_tensor of a 2 × 2 image (left column 0, right 255) at image_size 4: bilinear
+    with align_corners=False samples source x = (i + .5) / 2 − .5 = −.25, .25, .75, 1.25, clamped to [0, 1], so 0,
+    .25, .75, 1 of the way right; normalised (v − .5) / .25 -> −2, −1, 1, 2 on every row and channel
+    (align_corners=True: −2, −2/3, 2/3, 2)."""
+    ids, mask = mb.pad_right([[1, 2, 3, 4], [5]], max_len=3)
+    assert ids.tolist() == [[1, 2, 3], [5, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    image = np.zeros((2, 2, 3), dtype=np.uint8)
+    image[:, 1] = 255
+    x = mb.images_to_tensor([image], 4)
+    assert x.shape == (1, 3, 4, 4)
+    assert torch.allclose(x, torch.tensor([-2.0, -1.0, 1.0, 2.0]).expand(1, 3, 4, 4), atol=1e-5)
+
+
 def test_eos_then_pad():
     """After a row emits its stop token every later token is <pad>. The stop token is chosen as row 0's first
     greedy token, so row 0 must stop at once; the test cannot pass vacuously."""
@@ -430,6 +457,28 @@ def test_config_flags_and_checks():
         train_sft.parse_weights("mte=1", ["lnlp"])
 
 
+def test_flag_edges():
+    """--lr is in (0, 1]: 1 passes, 1.5 and 0 are one-line errors naming the flag. The --quick presets apply only
+    with --quick, and an explicit flag still beats them. --signals "" (or ",") names no signal: an error about
+    --signals, not a later symptom."""
+    import dataclasses
+    import train_rl
+    import train_sft
+    cfg, _ = mb.parse_configs(["--lr", "1"], "", [train_sft.SFTConfig, mb.VLMConfig])
+    assert cfg.lr == 1.0
+    for bad in ("1.5", "0"):
+        with pytest.raises(mb.UserError, match=r"--lr must be in \(0, 1\]"):
+            mb.parse_configs(["--lr", bad], "", [train_sft.SFTConfig, mb.VLMConfig])
+    cfg, = mb.parse_configs([], "", [train_rl.RLConfig], train_rl.QUICK)
+    defaults = {f.name: f.default for f in dataclasses.fields(train_rl.RLConfig)}
+    assert cfg.iterations == defaults["iterations"] != train_rl.QUICK["iterations"]
+    cfg, = mb.parse_configs(["--quick", "--rollouts", "4"], "", [train_rl.RLConfig], train_rl.QUICK)
+    assert cfg.iterations == train_rl.QUICK["iterations"] and cfg.rollouts == 4
+    for text in ("", ","):
+        with pytest.raises(mb.UserError, match="--signals must be a comma list"):
+            train_sft.parse(["--signals", text])
+
+
 def test_sft_loss_mask_covers_the_response_and_eos_only():
     """[<bos>] prompt [<sep>] response [<eos>]: the targets under loss_mask are exactly response + <eos>."""
     rec = mb.make_dataset(1, 3)[0]
@@ -700,12 +749,15 @@ def test_base_examples_read_statements_without_learning_them():
 def test_mix_with_replay_draws_own_and_replayed_chains_equally_often():
     """2 own chains, 6 replayed: each own chain is listed round(6 / 2) = 3 times, then the replay: 12 entries, half of
     them own, so a uniform draw (train_lm) picks either kind with probability 1/2. 3 own and 4 replayed: round(4/3) =
-    1 copy. No replay (the paper's warm-up, --warmup-replay 0): the own chains alone, once."""
+    1 copy, 3 own and 5 replayed round(5/3) = 2 (a floor would give 1). No replay (the paper's warm-up,
+    --warmup-replay 0): the own chains alone, once; no own chain: the replay alone, not nothing."""
     import train_sft
     mixed = train_sft.mix_with_replay(["a", "b"], list("RSTUVW"))
     assert mixed == ["a", "b"] * 3 + list("RSTUVW")
     assert train_sft.mix_with_replay(["a", "b", "c"], list("RSTU")) == ["a", "b", "c", "R", "S", "T", "U"]
+    assert train_sft.mix_with_replay(["a", "b", "c"], list("RSTUV")) == ["a", "b", "c"] * 2 + list("RSTUV")
     assert train_sft.mix_with_replay(["a", "b"], []) == ["a", "b"]
+    assert train_sft.mix_with_replay([], ["R", "S"]) == ["R", "S"]
 
 
 def test_warmup_replays_the_reference_chains_of_all_the_bases_training_questions(quick_pipeline, tmp_path, monkeypatch):

@@ -437,6 +437,16 @@ def test_text_similarity_hand_cases(a, b, expected):
     assert mb.text_similarity(b, a) == pytest.approx(expected)  # symmetric
 
 
+def test_restates_reference_at_exactly_the_threshold():
+    """The edge is inclusive: "The cake shows the number." -> [cake, shows, number] against "The image shows a
+    birthday cake with the number 30 on it." -> [image, shows, birthday, cake, with, number, 30, on, it]: 3 in
+    common, F1 = 2 · 3 / (3 + 9) = 0.5 >= 0.5, so it restates it (and the judge agrees); at τ = 0.51 it does not."""
+    text, ref = "The cake shows the number.", "The image shows a birthday cake with the number 30 on it."
+    assert mb.text_similarity(text, ref) == pytest.approx(0.5)
+    assert mb.restates_reference(text, ref) and mb.judge_steps_by_reference([text], [ref]) == [True]
+    assert not mb.restates_reference(text, ref, threshold=0.51)
+
+
 def test_judge_steps_by_reference_thresholds():
     reference = ["The cake has candles on top.", "So, the answer is thirty."]
     steps = ["The cake has no candles.", "A dog sleeps.", "So, the answer is one.", "So, the answer is Thirty."]

@@ -152,7 +152,24 @@ def test_output_that_is_the_input_is_refused(tmp_path, quick_pipeline):
     proc = run_script("train_rl.py", "--quick", "--device", "cpu", "--init", str(warmup), "--out", str(warmup),
                       check=False)
     assert_one_error_line(proc, "is the --init checkpoint")
+    import train_rl
+    for out in (str(warmup) + os.sep, os.path.join(str(tmp_path), ".", "warmup")):  # the same folder, spelled apart
+        with pytest.raises(mb.UserError, match="is the --init checkpoint"):
+            train_rl.main(["--init", str(warmup), "--out", out, "--device", "cpu"])
     assert digest(tmp_path) == before
+
+
+def test_rl_runs_with_any_two_rewards_switched_off(tmp_path, monkeypatch):
+    """Only all three of --no-r-ka, --no-r-ec, --no-r-cs leave no reward; any two leave one and pass the checks
+    (train itself stubbed)."""
+    import train_rl
+    seen = []
+    monkeypatch.setattr(train_rl, "train", lambda cfg, *a: seen.append((cfg.no_r_ka, cfg.no_r_ec, cfg.no_r_cs)))
+    for i, flags in enumerate((["--no-r-ka", "--no-r-ec"], ["--no-r-ka", "--no-r-cs"], ["--no-r-ec", "--no-r-cs"])):
+        train_rl.main(flags + ["--init", str(tmp_path / "w"), "--out", str(tmp_path / f"rl{i}"), "--device", "cpu"])
+    assert seen == [(True, True, False), (True, False, True), (False, True, True)]
+    with pytest.raises(mb.UserError, match="leave no reward"):
+        train_rl.main(["--no-r-ka", "--no-r-ec", "--no-r-cs", "--out", str(tmp_path / "x"), "--device", "cpu"])
 
 
 def test_resume_of_another_stage_is_refused(tmp_path, quick_pipeline):
@@ -187,7 +204,8 @@ def test_rl_stop_and_resume_match_an_uninterrupted_run(tmp_path, quick_pipeline)
     flags = ["--quick", "--device", "cpu", "--init", quick_pipeline["warmup"], "--out", str(tmp_path / "rl")]
     stopped = run_script("train_rl.py", *flags, "--stop-at", "1")
     assert "stopped after iteration 1/2 (--stop-at)" in stopped.stdout
-    assert mb.read_training_state(str(tmp_path / "rl"))["step"] == 1
+    state = mb.read_training_state(str(tmp_path / "rl"))
+    assert (state["step"], state["total"]) == (1, 2)  # the run's length, which --resume's checks read
     resumed = run_script("train_rl.py", *flags, "--resume")
     assert "rl 2/2" in resumed.stdout and "rl 1/2" not in resumed.stdout
     assert_same_tensors(quick_pipeline["rl"], tmp_path / "rl")
@@ -288,11 +306,24 @@ def test_same_seed_gives_identical_rl_runs(tmp_path, quick_pipeline):
 
 # ---- in process: the training state round trip, the Ctrl-C handler, the resume hint
 
+def write_state(folder, extra_json, extra_tensors):
+    """Write training_state_files' output as a checkpoint save does."""
+    from safetensors.torch import save_file
+    for name, obj in extra_json.items():
+        (folder / name).write_text(json.dumps(obj))
+    for name, tensors in extra_tensors.items():
+        save_file(tensors, str(folder / name))
+
+
+def small_optimizer():
+    torch.manual_seed(0)
+    return torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-2)
+
+
 def test_training_state_round_trip(tmp_path):
     """Optimizer moments, python/numpy/torch global generators and the loop's own generators come back exactly,
     through safetensors + JSON only."""
     import numpy as np
-    from safetensors.torch import save_file
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
@@ -301,10 +332,7 @@ def test_training_state_round_trip(tmp_path):
     rng, gen = random.Random(7), torch.Generator().manual_seed(7)
     rng.random(), torch.rand(2, generator=gen)
     extra_json, extra_tensors = mb.training_state_files(3, opt, {"batches": rng, "sampling": gen}, total=9)
-    for name, obj in extra_json.items():
-        (tmp_path / name).write_text(json.dumps(obj))
-    for name, tensors in extra_tensors.items():
-        save_file(tensors, str(tmp_path / name))
+    write_state(tmp_path, extra_json, extra_tensors)
     expected = (rng.random(), torch.rand(2, generator=gen), random.random(), np.random.rand(), torch.rand(2))
     expected_moments = {k: v.clone() for k, v in opt.state[model.weight].items()}
 
@@ -328,6 +356,38 @@ def test_training_state_round_trip(tmp_path):
             mb.load_training_state(str(tmp_path), opt2, {"batches": rng2, "sampling": gen2})
 
 
+def test_training_state_keeps_pythons_cached_gaussian(tmp_path):
+    """random.gauss draws values in pairs and caches the second (gauss_next): after one gauss() the state holds it,
+    and the resumed generator's next gauss() is that cached value, for the loop's generator and the global one."""
+    rng = random.Random(5)
+    rng.gauss(0, 1)
+    random.seed(11)
+    random.gauss(0, 1)
+    write_state(tmp_path, *mb.training_state_files(1, small_optimizer(), {"batches": rng}, total=3))
+    expected = (rng.gauss(0, 1), random.gauss(0, 1))
+    rng2 = random.Random(0)
+    random.seed(0)
+    mb.load_training_state(str(tmp_path), small_optimizer(), {"batches": rng2})
+    assert (rng2.gauss(0, 1), random.gauss(0, 1)) == expected
+
+
+def test_training_state_restores_this_ranks_generators_and_refuses_another_world_size(tmp_path, monkeypatch):
+    """Two ranks' states gathered (rank 0's loop generator seeded 100, rank 1's 7): a process resumed as rank 1 of 2
+    gets rank 1's generator back (its next draw is a fresh seed-7 generator's), not rank 0's. The same state resumed
+    by one process is a UserError, never silently rank 0's."""
+    rank0 = mb._rng_state({"sampling": torch.Generator().manual_seed(100)})
+    monkeypatch.setattr(mb, "all_gather_objects", lambda obj: [rank0, obj])
+    write_state(tmp_path, *mb.training_state_files(2, small_optimizer(), {"sampling": torch.Generator().manual_seed(7)},
+                                                   total=5))
+    monkeypatch.setattr(mb, "rank_and_world", lambda: (1, 2))
+    gen = torch.Generator().manual_seed(0)
+    mb.load_training_state(str(tmp_path), small_optimizer(), {"sampling": gen})
+    assert torch.equal(torch.rand(4, generator=gen), torch.rand(4, generator=torch.Generator().manual_seed(7)))
+    monkeypatch.undo()
+    with pytest.raises(mb.UserError, match="saved by 2 processes, resumed by 1"):
+        mb.load_training_state(str(tmp_path), small_optimizer(), {"sampling": gen})
+
+
 def test_graceful_stop_defers_the_first_signal():
     """Inside the block a SIGINT only raises the flag (the loop saves at the step's end); one the loop never
     acted on becomes KeyboardInterrupt when the block ends; outside, the old handler is back."""
@@ -344,6 +404,15 @@ def test_graceful_stop_defers_the_first_signal():
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+def test_graceful_stop_exit_code_is_128_plus_the_signal_received():
+    """SIGTERM (15) -> 128 + 15 = 143; no signal in this process (another rank got one) -> SIGINT's 130. The
+    handler is called directly, so no real signal is sent."""
+    stop = mb.GracefulStop()
+    stop._handle(signal.SIGTERM, None)
+    assert stop.stop("saved").code == 128 + int(signal.SIGTERM) == 143
+    assert mb.GracefulStop().stop("saved").code == 130
+
+
 def test_progress_rate_counts_this_processs_steps_only(monkeypatch, capsys):
     """A run resumed at step 4 of 10 reaches step 6 two seconds later: rate (6 - 4) / 2 = 1.00 it/s, eta (10 - 6) / 1
     = 4s (counting from step 0 would claim 3.00 it/s, eta 1s)."""
@@ -354,6 +423,11 @@ def test_progress_rate_counts_this_processs_steps_only(monkeypatch, capsys):
     assert capsys.readouterr().out == "rl 6/10 loss 0.5000 | 1.00 it/s | eta 4s\n"
 
 
-def test_resume_command_drops_stop_at():
-    assert mb.resume_command(["--steps", "8", "--stop-at", "4", "--out", "a b"]).endswith("--steps 8 --out 'a b' --resume")
-    assert mb.resume_command(["--stop-at=4", "--resume"]).endswith(" --resume")
+def test_resume_command_drops_stop_at(monkeypatch):
+    """In one process (not torchrun): 'python SCRIPT flags --resume', both spellings of --stop-at dropped, --resume not
+    doubled, an argument with a space quoted."""
+    monkeypatch.setattr(mb.sys, "argv", ["train_sft.py"])
+    assert mb.rank_and_world() == (0, 1)
+    assert mb.resume_command(["--steps", "8", "--stop-at", "4", "--out", "a b"]) == (
+        "python train_sft.py --steps 8 --out 'a b' --resume")
+    assert mb.resume_command(["--resume", "--stop-at=2", "--out", "o"]) == "python train_sft.py --resume --out o"

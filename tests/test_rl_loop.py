@@ -372,6 +372,11 @@ def test_heldout_check_counts_an_unstated_step_as_half(monkeypatch):
     out = train_rl.heldout_check(None, tok, records, SimpleNamespace(max_new_tokens=64), "cpu", "check")
     assert out["step_acc"] == 1.0
     close(out["mece"], 0.5)
+    # step accuracy is per step: two right steps of one question -> 2 / 2 = 1 (per question it would be 2)
+    assert len(mb.reference_steps(records[0])) >= 2
+    response = tok.encode(" ".join(mb.reference_steps(records[0])[:2]))
+    out = train_rl.heldout_check(None, tok, records, SimpleNamespace(max_new_tokens=64), "cpu", "check")
+    assert out["step_acc"] == 1.0
 
 
 # ---- 7. around the loop: the log line, the NaN guard, each rank's generators, the minibatch order, resume
