@@ -450,7 +450,8 @@ def test_rollouts_use_this_ranks_generators_the_temperature_and_the_learning_rat
                                                                                  monkeypatch):
     """train(cfg, rank=1): the first rollout draws its 8 questions with random.Random(seed + 1) from the RL pool
     make_dataset(32, seed + 2), samples at --temperature with a torch generator seeded seed + 1, and AdamW runs at
-    --lr. Here seed 5, temperature .9, lr 3e-4 (AdamW's default would be 1e-3; rank 0's generators, seed 5)."""
+    --lr. Here seed 5, temperature .9, lr 3e-4: both generators seeded 6 (rank 0 would seed them 5), AdamW at 3e-4
+    (its default is 1e-3)."""
     cfg = quick_rl_config(quick_pipeline, tmp_path / "rl", seed=5, temperature=0.9, lr=3e-4, n_eval=0)
     opts, seen = [], {}
     real_adamw = torch.optim.AdamW
