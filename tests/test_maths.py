@@ -380,6 +380,35 @@ def test_statement_edge_cases_and_draws():
             mb.statement_for(bad, rng)
 
 
+def test_contract_functions_name_their_bad_input():
+    """Each refusal names the function and what is wrong, before any arithmetic: an empty pool has no min or max, a
+    signal without stats cannot be scaled, an empty conf has nothing to fuse, a weight dict that misses a present
+    signal cannot weight it; the statement readers take str or None only; an unknown shape has no polygon."""
+    one = torch.tensor([1.0])
+    cases = [
+        (lambda: mb.fit_minmax({"lnlp": torch.tensor([])}), ValueError, "fit_minmax: signal 'lnlp' has no values"),
+        (lambda: mb.to_confidence({"mte": one}, {"lnlp": (0.0, 1.0)}), ValueError,
+         r"no \(lo, hi\) stats for signal 'mte'"),
+        (lambda: mb.fuse_confidence({}), ValueError, "conf is empty"),
+        (lambda: mb.fuse_confidence({"perplexity": one}), ValueError, "unknown signal 'perplexity'"),
+        (lambda: mb.fuse_confidence({"lnlp": one, "mte": one}, {"lnlp": 1.0}), ValueError,
+         r"no weight for signal\(s\) \['mte'\]"),
+        (lambda: mb.level_of_statement(5), TypeError, "level_of_statement: text must be a str, got int"),
+        (lambda: mb.level_of_number_statement(b"(confidence 4/5)"), TypeError, "must be a str, got bytes"),
+        (lambda: mb._shape_polygon("star", 10, 10, 2), ValueError, "unknown shape 'star'"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_statement_for_takes_a_tensor_or_numpy_level():
+    """A level read off a tensor of levels (torch.tensor(3), np.int64(3)) draws exactly what int 3 draws from the same
+    generator state: a tensor is not a key of STATEMENTS (it hashes by identity) until it is turned into an int."""
+    for level in (torch.tensor(3), np.int64(3)):
+        assert mb.statement_for(level, random.Random(7)) == mb.statement_for(3, random.Random(7))
+
+
 def test_number_statements_round_trip():
     """'(confidence k/5)' for k = 1..5 parses back to k, also as '( confidence 4 / 5 )' inside a step; 7/5 -> None."""
     for level in range(1, 6):
@@ -609,6 +638,15 @@ def test_ece_hand_bin_edges():
     assert bins[2]["lo"] == 0.2 and bins[2]["hi"] == 0.3 and bins[2]["accuracy"] == 0.5
     assert math.isnan(bins[3]["accuracy"])
     assert math.isnan(mb.ece([], []))
+
+
+def test_ece_reads_bool_confidences_as_zero_and_one():
+    """conf [True, False] (a hard yes / no), correct [False, True]: bin 9 holds the True (acc 0, conf 1) and bin 0 the
+    False (acc 1, conf 0): ECE = 1/2 · 1 + 1/2 · 1 = 1, as for conf [1., 0.]. Binned as bools (the edges k/10 cast
+    to True), both would share bin 0 with acc .5 and conf .5: ECE 0. Ints [1, 0] bin like the floats too."""
+    assert mb.ece(np.array([True, False]), np.array([False, True])) == 1.0
+    assert mb.ece(np.array([1, 0]), np.array([False, True])) == 1.0
+    assert [b["count"] for b in mb.reliability_bins(np.array([True, False]), [0, 1])] == [1] + [0] * 8 + [1]
 
 
 def test_ece_perfect_calibration_is_zero():
