@@ -75,6 +75,18 @@ def test_generation_budget_beyond_block_size():
     assert cached.shape == (2, 41) and torch.equal(cached, plain)
 
 
+def test_a_full_block_or_a_zero_budget_generates_nothing():
+    """A padded batch 48 tokens wide fills block_size 48: no position is left, so every row gets an empty (2, 0) long
+    tensor, with and without the cache (stacking no step would raise); --max-new-tokens 0 likewise gives (1, 0)."""
+    model = tiny_vlm()
+    ids, mask = mb.pad_left([list(range(5, 40)) + list(range(5, 18)), [1, 7, 4]])
+    for use_cache in (True, False):
+        out = model.generate(random_images(2), ids, mask, max_new_tokens=10, use_cache=use_cache, eos_id=-1)
+        assert out.shape == (2, 0) and out.dtype == torch.long
+    ids, mask = mb.pad_left([[1, 7, 4]])
+    assert model.generate(random_images(1), ids, mask, max_new_tokens=0).shape == (1, 0)
+
+
 class Favour(torch.nn.Module):
     """Wraps lm_head and adds +50 to the logits of `token_ids`, so decoding picks them whenever it may."""
 
