@@ -3,12 +3,14 @@ of the script on the --quick pipeline (subprocess)."""
 import json
 import math
 import os
+import shutil
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import mmboundary as mb
 import evaluate as ev
@@ -462,6 +464,20 @@ def test_self_correct_entry_scores_the_corrected_answers(tokenizer, monkeypatch,
     assert (sc["acc"], sc["mece"], sc["k"], sc["replaced_steps"]) == (1.0, pytest.approx(0.0), 2, 1)
 
 
+def test_self_correct_skipped_with_a_note_without_tinyclip(tokenizer, monkeypatch, capsys, tmp_path):
+    """A checkpoint that states confidence (stats) but has no TinyCLIP cannot pick among resamples: --self-correct
+    is skipped for it with one note per split, its metrics have no "self_correct" entry, and nothing is resampled."""
+    records = [dict(record(), id="test-0-0", qtype="color", correct_choice_idx=0)]
+    plain = [tokenizer.encode("so, the answer is red, but i'm not sure.")]
+    monkeypatch.setattr(ev, "answer", lambda ck, recs, cfg, device: (plain, [mb.split_steps(plain[0], tokenizer)]))
+    monkeypatch.setattr(ev, "generate_self_corrected", lambda *a, **k: pytest.fail("resampled without TinyCLIP"))
+    ck = SimpleNamespace(model=None, clip=None, stats={}, tokenizer=tokenizer, path="out/rl")
+    metrics, _ = ev.evaluate_checkpoint(ck, "rl", {"test": records}, ev.EvalConfig(self_correct=2, out=str(tmp_path)),
+                                        "cpu", plots=False)
+    assert "self_correct" not in metrics["test"] and metrics["test"]["acc"] == 1.0
+    assert capsys.readouterr().err == "note: out/rl has no TinyCLIP; --self-correct skipped for rl\n"
+
+
 def test_content_of_a_step_drops_its_statement_even_a_garbled_one(tokenizer):
     """The content that self-correction scores: a recognised statement goes, a garbled one after a comma that a
     clause opener starts goes too, and the comma of "so, the answer is" stays."""
@@ -537,6 +553,30 @@ def test_fused_internal_confidence_reads_the_four_signals_of_each_step(tokenizer
         assert abs(got[i][-1][0] - c) < 1e-5 and got[i][-1][1] == mb.confidence_levels(torch.tensor([c]), 0.5, 0.1).item()
 
 
+def test_fused_internal_confidence_without_tinyclip_stats_or_steps(tokenizer, one_thread):
+    """Nothing to score with (no TinyCLIP, or no stats): (None, None) for every step of every response, as the
+    examples page shows "-". No records: []. A response without a step (an immediate <eos>) gets [] and leaves its
+    neighbours' values as they are alone."""
+    model, clip = tiny_clip_and_model(tokenizer)
+    recs = mb.make_dataset(2, 1, "test")
+    texts = ["at the center there is a large red circle, but i'm not sure. so, the answer is red.", ""]
+    responses = [tokenizer.encode(t) for t in texts]
+    steps = [mb.split_steps(r, tokenizer) for r in responses]
+    assert [len(s) for s in steps] == [2, 0]
+    stats = {"signals": list(mb.SIGNALS), "minmax": {k: (-1.0, 3.0) for k in mb.SIGNALS}, "weights": None,
+             "fusion": "mean", "mu": 0.5, "sigma": 0.1}
+    for no_clip, no_stats in ((None, stats), (clip, None)):
+        ck = SimpleNamespace(model=model, tokenizer=tokenizer, clip=no_clip, stats=no_stats)
+        assert ev.fused_internal_confidence(ck, recs, responses, steps, "cpu") == [[(None, None)] * 2, []]
+    ck = SimpleNamespace(model=model, tokenizer=tokenizer, clip=clip, stats=stats)
+    assert ev.fused_internal_confidence(ck, [], [], [], "cpu") == []
+    got = ev.fused_internal_confidence(ck, recs, responses, steps, "cpu")
+    alone = ev.fused_internal_confidence(ck, recs[:1], responses[:1], steps[:1], "cpu")
+    assert got[1] == [] and len(got[0]) == 2
+    assert [level for _, level in got[0]] == [level for _, level in alone[0]]
+    assert [c for c, _ in got[0]] == pytest.approx([c for c, _ in alone[0]], abs=1e-6)
+
+
 # ---------------------------------------------------------------------------- #
 # The ablation plan: the paper's Table 1, in order, with the training flags of each row
 # ---------------------------------------------------------------------------- #
@@ -596,6 +636,162 @@ def test_ablation_plan_rows_and_flags(tmp_path):
     commands, _ = ev.ablation_plan(cfg)
     assert "wo_mte/rl" not in dict(commands) and "wo_lnlp/rl" in dict(commands)
     assert "--resume" in dict(commands)["wo_lnlp/warmup"] and "--resume" not in dict(commands)["wo_lnlp/rl"]
+
+
+# the rows of Table 1 in order, with the folder under --ablations-dir each is trained in (None: a main checkpoint)
+TABLE_1 = [("w/o U_LNLP", "wo_lnlp"), ("w/o U_MTE", "wo_mte"), ("w/o U_TSAR", "wo_tokensar"),
+           ("w/o U_CLIPS", "wo_clipscore"), ("w U_Max", "w_max"), ("w/o S-S mapping", "wo_ss_mapping"),
+           ("w/o R_KA", "wo_r_ka"), ("w/o R_EC", "wo_r_ec"), ("w/o R_CS", "wo_r_cs"), ("w/o RL", None),
+           ("paper's losses only", "paper_losses"), ("MMBoundary", None)]
+# the paper's variants that retrain the warm-up (signals, fusion, statements) before their RL; the reward ablations
+# after them retrain RL only, from the main warm-up, and paper_losses (warm-up and RL) comes last
+WARMUP_VARIANTS = ("wo_lnlp", "wo_mte", "wo_tokensar", "wo_clipscore", "w_max", "wo_ss_mapping")
+
+
+def expected_training(ck, abl):
+    """The --out of every training command of a run that starts from a base alone, in plan order: the main warm-up
+    and RL, then each variant's warm-up (if it has one) and RL: 2 + 6 x 2 + 3 + 2 = 19."""
+    outs = [os.path.join(ck, "warmup"), os.path.join(ck, "rl")]
+    for name in WARMUP_VARIANTS:
+        outs += [os.path.join(abl, name, "warmup"), os.path.join(abl, name, "rl")]
+    outs += [os.path.join(abl, name, "rl") for name in ("wo_r_ka", "wo_r_ec", "wo_r_cs")]
+    return outs + [os.path.join(abl, "paper_losses", "warmup"), os.path.join(abl, "paper_losses", "rl")]
+
+
+def row_folders(ck, abl):
+    """{row: the checkpoint folder it is scored from}: a variant's RL under --ablations-dir, "w/o RL" the main
+    warm-up, "MMBoundary" the main RL."""
+    folders = {row: os.path.join(abl, name, "rl") for row, name in TABLE_1 if name}
+    return dict(folders, **{"w/o RL": os.path.join(ck, "warmup"), "MMBoundary": os.path.join(ck, "rl")})
+
+
+def ablations_argv(ck, abl, out):
+    return ["--quick", "--device", "cpu", "--ablations", "--n-test", "2", "--n-ood", "2", "--out", out,
+            "--ablations-dir", abl, "--checkpoints", *(os.path.join(ck, n) for n in ("base", "warmup", "rl"))]
+
+
+def md_rows(md):
+    """A markdown table's lines -> their cells (the separator row dropped)."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+            if line.startswith("| ") and not line.startswith("|---")]
+
+
+MD_HEADER = ["ablation", "ECE test", "MECE test", "Acc test", "F1 test", "ECE ood", "MECE ood", "Acc ood", "F1 ood"]
+
+
+def test_run_ablations_scores_each_row_with_its_own_checkpoint(quick_pipeline, tmp_path, monkeypatch, capsys,
+                                                                one_thread):
+    """`evaluate.py --ablations` from a base alone, in-process, with subprocess.run standing in for the trainers:
+    each training command gets a copy of the --quick checkpoint of its stage (train_sft.py: warmup, train_rl.py: rl)
+    in the folder its --out names, its weights redrawn from the command's own seed (its position), so every row's
+    model answers differently. The 19 commands run in plan order (the main warm-up and RL first, as neither exists
+    yet); ablations.json holds the 12 rows of Table 1 in order, each with the folder it names and exactly the
+    metrics evaluate_checkpoint gives that folder's checkpoint (the 12 differ: a row scored from another row's
+    folder fails); ablations.md's header and each row's cells are those metrics in the order ECE, MECE, Acc, F1 per
+    split, test then ood; no reliability diagram is drawn."""
+    ck, abl, out = str(tmp_path / "ck"), str(tmp_path / "abl"), str(tmp_path / "out")
+    shutil.copytree(quick_pipeline["base"], os.path.join(ck, "base"))
+    period = mb.Tokenizer.load(os.path.join(quick_pipeline["base"], "tokenizer.json")).index["."]
+    ran = []
+
+    def train(argv):
+        target = argv[argv.index("--out") + 1]
+        stage = "warmup" if os.path.basename(argv[1]) == "train_sft.py" else "rl"
+        shutil.copytree(quick_pipeline[stage], target)
+        weights = load_file(os.path.join(target, "model.safetensors"))
+        g = torch.Generator().manual_seed(100 + len(ran))  # 100 + its position in the plan
+        weights = {k: torch.randn(v.shape, generator=g) if v.dim() >= 2 else v for k, v in weights.items()}
+        e = weights["tok_embed.weight"][period]
+        weights["ln_f.bias"] = 3 * e / e.norm()  # leans to "." (tied head): answers of several steps, not one
+        save_file(weights, os.path.join(target, "model.safetensors"))
+        ran.append(argv)
+        return SimpleNamespace(returncode=0)
+    monkeypatch.setattr(ev.subprocess, "run", train)
+    ev.main(ablations_argv(ck, abl, out))
+    assert [a[a.index("--out") + 1] for a in ran] == expected_training(ck, abl)
+    assert "ablations: 19 checkpoints to train, then 12 rows to evaluate" in capsys.readouterr().out
+    table = json.loads((tmp_path / "out" / "ablations.json").read_text())
+    folder = row_folders(ck, abl)
+    assert list(table) == [row for row, _ in TABLE_1]
+    cfg = ev.EvalConfig(quick=True, n_test=2, n_ood=2, max_new_tokens=ev.QUICK["max_new_tokens"], out=out)
+    # --n-test 2 --n-ood 2 at the default --seed 1337: test from seed + 1, ood from seed + 3
+    data = {"test": mb.make_dataset(2, 1338, "test"), "ood": mb.make_dataset(2, 1340, "ood")}
+    for row in table:
+        metrics, _ = ev.evaluate_checkpoint(mb.load_checkpoint(folder[row]), row, data, cfg, "cpu", plots=False)
+        assert table[row] == json.loads(json.dumps(ev.json_safe(dict(checkpoint=folder[row], **metrics)))), row
+    scores = [json.dumps({s: table[row][s] for s in ev.SPLITS}, sort_keys=True) for row in table]
+    assert len(set(scores)) == 12  # the case tells every row's checkpoint from the others
+    assert sorted(os.listdir(out)) == ["ablations.json", "ablations.md"]  # plots=False: no diagrams
+    rows = md_rows((tmp_path / "out" / "ablations.md").read_text())
+    assert rows[0] == MD_HEADER
+    assert rows[1:] == [[row] + [ev.fmt(table[row][s][k]) for s in ("test", "ood") for k in ("ece", "mece", "acc", "f1")]
+                        for row in table]
+
+
+def test_ablations_md_columns_name_their_metrics(tmp_path, monkeypatch, capsys):
+    """The md table's cell under "<metric> <split>" is that metric of that split, whatever the values: here every
+    row's checkpoint scores row i + metric m / 10 + split s / 100 (ece 0, mece 1, acc 2, f1 3; test 0, ood 1), so
+    row 3 ("w/o U_CLIPS") shows 3.110 under "MECE ood" and 3.300 under "F1 test". Nothing is trained (the fake
+    trainer only succeeds) and nothing loaded: the table's layout alone."""
+    ck, abl, out = str(tmp_path / "ck"), str(tmp_path / "abl"), str(tmp_path / "out")
+    os.makedirs(os.path.join(ck, "base"))
+    monkeypatch.setattr(ev.subprocess, "run", lambda argv: SimpleNamespace(returncode=0))
+    monkeypatch.setattr(mb, "load_checkpoint", lambda path, device="cpu": SimpleNamespace(path=path))
+    folders = row_folders(ck, abl)
+    index = {folders[row]: i for i, (row, _) in enumerate(TABLE_1)}  # folder -> its row's position
+    keys = ("ece", "mece", "acc", "f1")
+
+    def scored(ck_, label, data, cfg, device, plots=True):
+        assert not plots
+        i = index[ck_.path]
+        return {split: {k: i + m / 10 + s / 100 for m, k in enumerate(keys)} for s, split in enumerate(data)}, None
+    monkeypatch.setattr(ev, "evaluate_checkpoint", scored)
+    argv = ablations_argv(ck, abl, out)
+    ev.main(argv)
+    md = (tmp_path / "out" / "ablations.md").read_text()
+    assert md.startswith("# Ablations (the paper's Table 1 on the shapes world)\n\n`python evaluate.py "
+                         + " ".join(argv) + "`. Each row")
+    rows = md_rows(md)
+    assert rows[0] == MD_HEADER and [r[0] for r in rows[1:]] == [row for row, _ in TABLE_1]
+    cell = {(r[0], column): value for r in rows[1:] for column, value in zip(MD_HEADER[1:], r[1:])}
+    assert cell[("w/o U_CLIPS", "MECE ood")] == "3.110" and cell[("w/o U_CLIPS", "F1 test")] == "3.300"
+    for i, (row, _) in enumerate(TABLE_1):
+        for m, name in enumerate(("ECE", "MECE", "Acc", "F1")):
+            for s, split in enumerate(("test", "ood")):
+                assert cell[(row, f"{name} {split}")] == f"{i + m / 10 + s / 100:.3f}", (row, name, split)
+    table = json.loads((tmp_path / "out" / "ablations.json").read_text())
+    assert list(table["MMBoundary"]) == ["checkpoint", "test", "ood"]
+    assert table["MMBoundary"]["checkpoint"] == os.path.join(ck, "rl")
+    assert table["MMBoundary"]["ood"] == pytest.approx({"ece": 11.01, "mece": 11.11, "acc": 11.21, "f1": 11.31})
+
+
+def cli_error(argv, capsys):
+    """mb.run_cli(ev.main, argv), as `python evaluate.py ARGV` runs it, in-process: it must exit 2 with no traceback
+    (any other exception fails the test) -> its stderr lines, the last one the one `error:` line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        mb.run_cli(ev.main, argv)
+    err = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and err and [line for line in err if line.startswith("error: ")] == err[-1:], err
+    return err
+
+
+def test_ablations_stop_at_a_failed_training_run(tmp_path, monkeypatch, capsys):
+    """The third training command (wo_lnlp's warm-up) exits 3: one error line naming it and how to resume, the
+    commands after it never run, and nothing is scored (no ablations.json)."""
+    ck, abl, out = str(tmp_path / "ck"), str(tmp_path / "abl"), str(tmp_path / "out")
+    os.makedirs(os.path.join(ck, "base"))
+    ran = []
+
+    def train(argv):
+        ran.append(argv[argv.index("--out") + 1])
+        return SimpleNamespace(returncode=3 if len(ran) == 3 else 0)
+    monkeypatch.setattr(ev.subprocess, "run", train)
+    err = cli_error(ablations_argv(ck, abl, out), capsys)
+    assert err == ["error: ablations: training wo_lnlp/warmup failed (exit 3); rerun to resume (finished variants "
+                   "are kept)"]
+    assert ran == expected_training(ck, abl)[:3]
+    assert not os.path.exists(os.path.join(out, "ablations.json"))
 
 
 # ---------------------------------------------------------------------------- #
@@ -731,6 +927,107 @@ def test_self_correct_quick(quick_pipeline, tmp_path):
         sc = results["rl"][split]["self_correct"]
         assert sc["k"] == 2 and set(ev.REQUIRED_KEYS) <= set(sc)
     assert "Self-correction" in (out / "results.md").read_text()
+
+
+NO_CHECKPOINT = ("error: no checkpoint to evaluate: run `python train_sft.py && python train_rl.py` first, or name "
+                 "folders with --checkpoints")
+HELD_OUT = "error: --held-out is a split of the shapes world for the main table; it takes no --data or --ablations"
+
+
+@pytest.mark.parametrize("argv, lines", [
+    (["--checkpoints", ","], ["error: --checkpoints: no folder given"]),
+    (["--data", ","], ["error: --data: no file given"]),
+    (["--held-out", "777", "--data", "x.json"], [HELD_OUT]),
+    (["--held-out", "777", "--ablations"], [HELD_OUT]),
+    (["--ablations", "--ablations-dir", "a_file"],
+     ["error: --ablations-dir a_file: a file is there, not a folder; name another --ablations-dir"]),
+    (["--ablations", "--checkpoints", "ck/base", "ck/warmup"],
+     ["error: --ablations needs folders named base, warmup and rl in --checkpoints (no rl)"]),
+    (["--ablations", "--checkpoints", "ck/base", "ck/warmup", "ck/rl"],
+     ["error: --ablations: base checkpoint ck/base not found (run `python train_sft.py --stage base`)"]),
+    ([], [f"note: default checkpoint out/{n} not found, skipped (train it first)" for n in ("base", "warmup", "rl")]
+     + [NO_CHECKPOINT]),  # no --checkpoints and none of the defaults trained yet
+])
+def test_evaluate_refuses_in_one_line(tmp_path, monkeypatch, capsys, argv, lines):
+    """Each of these is one `error:` line and exit 2 (notes before it where a default is skipped), with no
+    traceback, before any checkpoint is read or trained; the main table's refusals leave no --out behind."""
+    monkeypatch.chdir(tmp_path)  # the defaults (out/..., out/eval) are relative to here
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(ev.subprocess, "run", lambda argv: pytest.fail(f"trained {argv}"))
+    assert cli_error(["--device", "cpu", *argv], capsys) == lines
+    if "--ablations" not in argv:
+        assert not (tmp_path / "out").exists()
+
+
+def copy_checkpoint(src, dst, drop=(), **config):
+    """A copy of checkpoint folder src at dst without the files in drop, its config.json's top-level fields
+    updated from config."""
+    shutil.copytree(src, dst)
+    for name in drop:
+        os.remove(os.path.join(dst, name))
+    if config:
+        updated = dict(mb.read_json(os.path.join(dst, "config.json")), **config)
+        with open(os.path.join(dst, "config.json"), "w") as f:
+            json.dump(updated, f)
+    return str(dst)
+
+
+def test_image_size_of_reads_the_config_or_its_old_copy(quick_pipeline, tmp_path, capsys):
+    """--data loads real images at the size the checkpoint's config.json records (model.image_size): a folder that
+    survives only as PATH.old (a save killed between its renames) is read there, as load_checkpoint reads it. A
+    config without model.image_size is one error line naming the file, before any data is read (x.json does not
+    exist) even though load_checkpoint accepts it (VLMConfig's default 36 is the quick model's size)."""
+    model = dict(mb.read_json(os.path.join(quick_pipeline["rl"], "config.json"))["model"])
+    copy_checkpoint(quick_pipeline["rl"], tmp_path / "rl.old", model=dict(model, image_size=72))
+    assert ev.image_size_of(str(tmp_path / "rl")) == 72
+    del model["image_size"]
+    path = copy_checkpoint(quick_pipeline["rl"], tmp_path / "ck", model=model)
+    mb.load_checkpoint(path)
+    assert cli_error(["--device", "cpu", "--data", str(tmp_path / "x.json"), "--out", str(tmp_path / "out"),
+                      "--checkpoints", path], capsys) == [f"error: {path}/config.json: no model.image_size"]
+
+
+def quick_eval(checkpoints, out):
+    """ev.main on 2 test and 2 ood questions -> results.json, results.md."""
+    ev.main(["--quick", "--device", "cpu", "--n-test", "2", "--n-ood", "2", "--out", str(out), "--checkpoints",
+             *checkpoints])
+    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+
+
+def test_a_checkpoint_left_only_as_old_is_scored_from_it(quick_pipeline, tmp_path, capsys, one_thread):
+    """A warm-up folder that survives only as warmup.old (a save killed between its two renames) is evaluated from
+    that copy, as load_checkpoint falls back to it: the row "warmup" has exactly the metrics of the .old
+    checkpoint, its stage is read from the .old config (results.md's legend calls it stage 1, and it is the
+    warm-up the post-hoc row base-internal takes its levels from), and the fallback is said in a note."""
+    base = copy_checkpoint(quick_pipeline["base"], tmp_path / "ck" / "base")
+    old = copy_checkpoint(quick_pipeline["warmup"], tmp_path / "ck" / "warmup.old")
+    warmup = str(tmp_path / "ck" / "warmup")
+    results, md = quick_eval([base, warmup], tmp_path / "out")
+    assert list(results) == ["base", "base-internal", "warmup"]
+    assert f"note: {warmup} missing, loading the previous complete copy {old}" in capsys.readouterr().err
+    cfg = ev.EvalConfig(quick=True, n_test=2, n_ood=2, max_new_tokens=ev.QUICK["max_new_tokens"])
+    metrics, _ = ev.evaluate_checkpoint(mb.load_checkpoint(old), "warmup", ev.eval_splits(cfg), cfg, "cpu",
+                                        plots=False)
+    assert results["warmup"] == json.loads(json.dumps(ev.json_safe(metrics)))
+    assert md.count(f"- warmup: {ev.ROW_MEANING['warmup']}") == 2
+
+
+@pytest.mark.parametrize("missing", ["stats", "clip"])
+def test_post_hoc_row_skipped_with_a_note(quick_pipeline, tmp_path, capsys, one_thread, missing):
+    """The post-hoc row needs the warm-up's confidence_stats.json (the levels) and the base's TinyCLIP (a signal):
+    without either, the table holds base and warmup only and one note says which file lacks what."""
+    ck = tmp_path / "ck"
+    if missing == "clip":
+        base = copy_checkpoint(quick_pipeline["base"], ck / "base", drop=["clip.safetensors"], clip=None)
+        warmup = copy_checkpoint(quick_pipeline["warmup"], ck / "warmup")
+        note = f"note: {base} has no TinyCLIP; post-hoc row skipped"
+    else:
+        base = copy_checkpoint(quick_pipeline["base"], ck / "base")
+        warmup = copy_checkpoint(quick_pipeline["warmup"], ck / "warmup", drop=["confidence_stats.json"])
+        note = f"note: {warmup} has no confidence_stats.json; post-hoc row skipped"
+    results, _ = quick_eval([base, warmup], tmp_path / "out")
+    assert list(results) == ["base", "warmup"]
+    assert capsys.readouterr().err.splitlines().count(note) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
