@@ -828,6 +828,9 @@ def fitted_from_test(metrics, split):
 def evaluate_checkpoint(ck, label, data, cfg, device, plots=True):
     """{split: metrics} for one checkpoint (plus the answers, for the post-hoc row); one progress line per split."""
     metrics, answers = {}, {}
+    # only a model that states confidence (a warm-up or RL checkpoint) can self-correct, and its pick needs TinyCLIP
+    if cfg.self_correct > 0 and ck.stats is not None and ck.clip is None:
+        print(f"note: {ck.path} has no TinyCLIP; --self-correct skipped for {label}", file=sys.stderr)
     for split, records in data.items():
         t0 = time.time()
         responses, steps = answer(ck, records, cfg, device)
@@ -835,9 +838,6 @@ def evaluate_checkpoint(ck, label, data, cfg, device, plots=True):
         metrics[split] = chain_metrics(records, steps, conf, cfg.n_bins, fitted_from_test(metrics, split))
         metrics[split]["knowledge_boundary"] = knowledge_boundary(records, steps) if ck.stats is not None else None
         answers[split] = (responses, steps)
-        # only a model that states confidence (a warm-up or RL checkpoint) can self-correct, and its pick needs TinyCLIP
-        if cfg.self_correct > 0 and ck.stats is not None and ck.clip is None:
-            print(f"note: {ck.path} has no TinyCLIP; --self-correct skipped for {label}", file=sys.stderr)
         if cfg.self_correct > 0 and ck.stats is not None and ck.clip is not None:
             # one generator per split, seeded alike: every checkpoint draws its resamples from the same stream
             gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -977,6 +977,7 @@ def run_ablations(cfg, command, device, t_start):
     base, _, _ = main_pipeline(cfg)
     if not os.path.isdir(base):
         raise UserError(f"--ablations: base checkpoint {base} not found (run `python train_sft.py --stage base`)")
+    os.makedirs(cfg.out, exist_ok=True)  # after the check: a refused run leaves no empty --out behind
     commands, rows = ablation_plan(cfg)
     print(f"ablations: {len(commands)} checkpoints to train, then {len(rows)} rows to evaluate")
     for i, (name, argv) in enumerate(commands):
@@ -1403,7 +1404,6 @@ def main(argv=None):
                         f"(--seed {cfg.seed}: SFT {cfg.seed}, RL {cfg.seed + 2}, warm-up pool {cfg.seed + 3}); "
                         f"choose one no training run used")
     if cfg.ablations:
-        os.makedirs(cfg.out, exist_ok=True)
         run_ablations(cfg, command, device, t_start)
         print(f"evaluate: wall time {time.time() - t_start:.1f}s")
         return

@@ -466,15 +466,18 @@ def test_self_correct_entry_scores_the_corrected_answers(tokenizer, monkeypatch,
 
 def test_self_correct_skipped_with_a_note_without_tinyclip(tokenizer, monkeypatch, capsys, tmp_path):
     """A checkpoint that states confidence (stats) but has no TinyCLIP cannot pick among resamples: --self-correct
-    is skipped for it with one note per split, its metrics have no "self_correct" entry, and nothing is resampled."""
+    is skipped for it with one note (not one per split), its metrics have no "self_correct" entry, and nothing is
+    resampled."""
     records = [dict(record(), id="test-0-0", qtype="color", correct_choice_idx=0)]
     plain = [tokenizer.encode("so, the answer is red, but i'm not sure.")]
     monkeypatch.setattr(ev, "answer", lambda ck, recs, cfg, device: (plain, [mb.split_steps(plain[0], tokenizer)]))
     monkeypatch.setattr(ev, "generate_self_corrected", lambda *a, **k: pytest.fail("resampled without TinyCLIP"))
     ck = SimpleNamespace(model=None, clip=None, stats={}, tokenizer=tokenizer, path="out/rl")
-    metrics, _ = ev.evaluate_checkpoint(ck, "rl", {"test": records}, ev.EvalConfig(self_correct=2, out=str(tmp_path)),
-                                        "cpu", plots=False)
-    assert "self_correct" not in metrics["test"] and metrics["test"]["acc"] == 1.0
+    data = {"test": records, "ood": [dict(records[0], id="ood-0-0")]}
+    metrics, _ = ev.evaluate_checkpoint(ck, "rl", data, ev.EvalConfig(self_correct=2, out=str(tmp_path)), "cpu",
+                                        plots=False)
+    for split in data:
+        assert "self_correct" not in metrics[split] and metrics[split]["acc"] == 1.0
     assert capsys.readouterr().err == "note: out/rl has no TinyCLIP; --self-correct skipped for rl\n"
 
 
@@ -950,13 +953,13 @@ HELD_OUT = "error: --held-out is a split of the shapes world for the main table;
 ])
 def test_evaluate_refuses_in_one_line(tmp_path, monkeypatch, capsys, argv, lines):
     """Each of these is one `error:` line and exit 2 (notes before it where a default is skipped), with no
-    traceback, before any checkpoint is read or trained; the main table's refusals leave no --out behind."""
+    traceback, before any checkpoint is read or trained, and no --out is left behind (an empty out/eval would
+    look like a finished evaluation that wrote nothing)."""
     monkeypatch.chdir(tmp_path)  # the defaults (out/..., out/eval) are relative to here
     (tmp_path / "a_file").write_text("")
     monkeypatch.setattr(ev.subprocess, "run", lambda argv: pytest.fail(f"trained {argv}"))
     assert cli_error(["--device", "cpu", *argv], capsys) == lines
-    if "--ablations" not in argv:
-        assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def copy_checkpoint(src, dst, drop=(), **config):
