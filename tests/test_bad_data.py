@@ -1,6 +1,7 @@
 """Bad data files, flags and checkpoint files end in one clear line and exit code 2 from the scripts themselves, and
 nothing already saved is touched (the loader's messages are pinned in test_realdata.py; here: that the scripts pass
 them through without a traceback)."""
+import importlib
 import json
 import shutil
 
@@ -116,6 +117,22 @@ def test_train_rl_refuses_ptx_when_no_chain_fits(tmp_path, quick_pipeline):
     assert not out.exists()
 
 
+def test_ptx_loss_has_no_term_when_no_drawn_chain_fits_the_block():
+    """train_rl.ptx_loss drops a drawn chain that, with a statement after each step, is longer than block_size. The
+    chains of these four records run 96 to 116 tokens with their statements: at block_size 64 every one is dropped
+    and the minibatch gets no ptx term (None, not a collate of nothing); at 160 every one fits: a finite loss."""
+    import random
+    import train_rl
+    records = mb.make_dataset(4, 3)
+    tok = mb.build_tokenizer(records)
+    for block_size in (64, 160):
+        torch.manual_seed(0)
+        model = mb.TinyVLM(mb.VLMConfig(n_layer=1, n_head=2, n_embd=16, vit_layers=1, vit_embd=16,
+                                        vocab_size=len(tok), block_size=block_size))
+        loss = train_rl.ptx_loss(model, tok, records, random.Random(0), 3, "cpu")
+        assert (loss is None) if block_size == 64 else bool(torch.isfinite(loss)), (block_size, loss)
+
+
 @pytest.mark.parametrize("script", ["train_sft.py", "train_rl.py", "evaluate.py"])
 def test_help_prints_no_empty_default(script):
     """--help explains every flag: a flag whose default is derived from others (--out, --init) says so in its note,
@@ -145,6 +162,15 @@ def test_check_stats_names_the_bad_field(field, value):
     assert mb.check_stats(good_stats(), "x.json")["fusion"] == "mean"  # the written form passes
     with pytest.raises(mb.UserError, match=rf"^x\.json: field '{field}' must be"):
         mb.check_stats(dict(good_stats(), **{field: value}), "x.json")
+
+
+@pytest.mark.parametrize("stats", [[{"mu": 0.5}], "stats", None])
+def test_check_stats_refuses_a_file_that_is_not_an_object(stats):
+    """A confidence_stats.json holding a list, a string or null: named at its top level, not an AttributeError
+    from stats.get."""
+    with pytest.raises(mb.UserError) as err:
+        mb.check_stats(stats, "x.json")
+    assert str(err.value) == "x.json: field '(top level)' must be an object"
 
 
 def test_evaluate_rejects_a_malformed_stats_file_in_one_line(tmp_path, quick_pipeline):
@@ -246,3 +272,93 @@ def test_seed_outside_numpys_range_is_one_line(tmp_path, script, seed):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"error: --seed must be in [0, 2^31) (got {seed})", proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("script", ["train_sft", "train_rl"])
+def test_images_without_data_is_one_line(tmp_path, capsys, script):
+    """--images alone would be silently ignored (the shapes world draws its own images): through run_cli, as the
+    scripts run, one line on stderr, exit 2, nothing written. (--quick: were the check lost, a seconds-long run.)"""
+    main = importlib.import_module(script).main
+    with pytest.raises(SystemExit) as exit_:
+        mb.run_cli(main, ["--quick", "--images", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and capsys.readouterr().err == "error: --images needs --data\n"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("weights, message", [
+    ("lnlp=high", "--weights: 'lnlp=high' is not name=number"),
+    ("lnlp", "--weights: 'lnlp' is not name=number"),  # no "=": float("") fails
+    ("entropy=1", "--weights: 'entropy=1' needs a signal of lnlp,mte,tokensar,clipscore and a weight >= 0"),
+    ("mte=-0.5", "--weights: 'mte=-0.5' needs a signal of lnlp,mte,tokensar,clipscore and a weight >= 0"),
+])
+def test_train_sft_weights_flag_errors_name_the_item(weights, message):
+    """A bad --weights item fails at parse time, before the base trains, naming the item."""
+    import train_sft
+    with pytest.raises(mb.UserError) as err:
+        train_sft.parse(["--weights", weights])
+    assert str(err.value) == message
+
+
+def test_warmup_n_below_the_number_of_processes_is_refused(tmp_path, monkeypatch):
+    """Under torchrun each rank answers its share [rank::world_size] of the --warmup-n pool questions: with 4 processes
+    (setup_distributed patched), --warmup-n 3 leaves rank 3 none, refused before any work. 4 questions for 4
+    processes pass, and so does --warmup-n 3 with --stage base, which has no pool (the stages patched away)."""
+    import train_sft
+    monkeypatch.setattr(mb, "setup_distributed", lambda device: (0, 4, torch.device("cpu")))
+    ran = []
+    monkeypatch.setattr(train_sft, "run_base", lambda cfg, *args: ran.append(("base", cfg.warmup_n)))
+    monkeypatch.setattr(train_sft, "run_warmup", lambda cfg, *args: ran.append(("warmup", cfg.warmup_n)))
+    with pytest.raises(mb.UserError) as err:
+        train_sft.main(["--quick", "--warmup-n", "3", "--out", str(tmp_path / "o")])
+    assert str(err.value) == "--warmup-n 3 < 4 processes: every rank needs questions to answer"
+    assert ran == [] and not (tmp_path / "o").exists()
+    train_sft.main(["--quick", "--warmup-n", "4", "--out", str(tmp_path / "o")])
+    train_sft.main(["--quick", "--warmup-n", "3", "--stage", "base", "--out", str(tmp_path / "b")])
+    assert ran == [("base", 4), ("warmup", 4), ("base", 3)]
+
+
+def test_train_rl_init_without_confidence_stats_is_refused(tmp_path, quick_pipeline):
+    """RL's R_CS needs the warm-up's signal statistics: a base checkpoint (TinyCLIP, no confidence_stats.json) as
+    --init is one UserError naming it, before anything is written."""
+    import train_rl
+    with pytest.raises(mb.UserError) as err:
+        train_rl.main(["--quick", "--device", "cpu", "--init", quick_pipeline["base"], "--out", str(tmp_path / "rl")])
+    assert str(err.value) == (f"{quick_pipeline['base']}: no confidence_stats.json "
+                              "(run train_sft.py --stage warmup first)")
+    assert not (tmp_path / "rl").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+])
+def test_unknown_or_mistyped_flag_is_one_line(capsys, flags, message):
+    """argparse's own errors (an unknown flag, a value of the wrong type) go through ArgParser.error: one line and
+    exit 2 like every other bad input, not argparse's usage text and its exit code."""
+    import train_sft
+    with pytest.raises(SystemExit) as exit_:
+        mb.run_cli(train_sft.main, flags)
+    assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("name", ["data.json", "data.jsonl"])
+def test_data_file_that_is_not_utf8_is_named(tmp_path, name):
+    """A data file saved as Latin-1 (a spreadsheet's export, say): its "é" is the one byte 0xE9, which in UTF-8
+    opens a 3-byte sequence that the next byte, "?", breaks. Both readers, read_json (.json) and the JSONL reader,
+    name the file."""
+    images, good = write_fixture(tmp_path)
+    record = json.dumps(dict(good, question="café?"), ensure_ascii=False)
+    path = tmp_path / name
+    path.write_bytes((f"[{record}]" if name.endswith(".json") else record + "\n").encode("latin-1"))
+    with pytest.raises(mb.UserError) as err:
+        mb.load_annotated(str(path), str(images))
+    assert str(err.value) == f"{path}: not a UTF-8 text file"
+
+
+@pytest.mark.parametrize("text", ["[1]", "{not json"])
+def test_out_holding_a_config_json_this_code_did_not_write_has_no_stage_to_protect(tmp_path, text):
+    """check_out_folder refuses an --out that holds another stage's checkpoint; a config.json that is no checkpoint's
+    (a list, or not JSON) has no stage, so there is nothing to protect by stage: None, not an AttributeError or the
+    JSON error of a file this run never reads."""
+    (tmp_path / "config.json").write_text(text)
+    assert mb.check_out_folder(str(tmp_path), stage="rl") is None

@@ -405,6 +405,64 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
             mb.load_checkpoint(path)
 
 
+def test_checkpoint_file_errors_name_the_file_and_field(tmp_path):
+    """A checkpoint folder with one file wrong, each a UserError naming the file (and the field), where before a
+    KeyError or TypeError came from deep inside: config.json without a "model" section (or not an object), a "model"
+    section with a field this version does not have (or not an object), a vocab_size that is not the tokenizer's,
+    a config.json that is not UTF-8 (Latin-1 "é" is the byte 0xE9); a tokenizer.json that is missing, has no
+    "vocab" list, or whose vocab does not start with the special tokens. And a checkpoint without TinyCLIP loads
+    (clip None), except where TinyCLIP is needed (the warm-up's CLIPScore)."""
+    path = str(tmp_path / "ck")
+    config_path, tokenizer_path = os.path.join(path, "config.json"), os.path.join(path, "tokenizer.json")
+
+    def error(**kwargs):
+        with pytest.raises(mb.UserError) as err:
+            mb.load_checkpoint(path, **kwargs)
+        return str(err.value)
+    make_checkpoint(path)
+    config = json.load(open(config_path))
+    vocab = config["model"]["vocab_size"]
+    for bad in ({"stage": "base"}, [config]):
+        json.dump(bad, open(config_path, "w"))
+        assert error() == f"{path}/config.json: no 'model' section"
+    json.dump(dict(config, model=dict(config["model"], n_experts=4)), open(config_path, "w"))
+    assert error() == f"{path}/config.json model: unknown fields ['n_experts']"
+    json.dump(dict(config, model=3), open(config_path, "w"))
+    assert error() == f"{path}/config.json model: unknown fields 3"
+    json.dump(dict(config, model=dict(config["model"], vocab_size=vocab + 1)), open(config_path, "w"))
+    assert error() == f"{path}: config vocab_size {vocab + 1} != tokenizer size {vocab}"
+    open(config_path, "wb").write('{"stage": "bas\u00e9"}'.encode("latin-1"))
+    assert error() == f"{path}/config.json: not a UTF-8 text file"
+    json.dump(dict(config, clip=None), open(config_path, "w"))
+    assert mb.load_checkpoint(path).clip is None
+    assert error(need_clip=True) == f"{path}: no TinyCLIP in this checkpoint (train_sft.py --stage base writes one)"
+    json.dump({"words": mb.SPECIAL_TOKENS}, open(tokenizer_path, "w"))
+    assert error() == f"{tokenizer_path}: not a tokenizer file (no 'vocab' list)"
+    json.dump({"vocab": ["a", "b"]}, open(tokenizer_path, "w"))
+    assert error() == f"{tokenizer_path}: vocab does not start with {mb.SPECIAL_TOKENS}"
+    os.remove(tokenizer_path)
+    assert error() == f"{tokenizer_path}: file not found"
+
+
+def test_load_weights_names_missing_and_unexpected_tensors(tmp_path):
+    """Three Linear(1, 1) in a Sequential expect six tensors, sorted 0.bias 0.weight 1.bias 1.weight 2.bias 2.weight.
+    A file holding only "x": all six missing, the first five named and then "...", and "x" unexpected. A file with the
+    first five and "y": 2.weight missing (no "..."), "y" unexpected."""
+    from safetensors.torch import save_file
+    module = torch.nn.Sequential(*(torch.nn.Linear(1, 1) for _ in range(3)))
+    path = str(tmp_path / "w.safetensors")
+    save_file({"x": torch.zeros(1)}, path)
+    with pytest.raises(mb.UserError) as err:
+        mb.load_weights(module, path)
+    assert str(err.value) == (f"{path}: weights do not match config.json (missing 0.bias, 0.weight, 1.bias, 1.weight, "
+                              "2.bias ...; unexpected x)")
+    tensors = {k: v for k, v in module.state_dict().items() if k != "2.weight"}
+    save_file(dict(tensors, y=torch.zeros(1)), path)
+    with pytest.raises(mb.UserError) as err:
+        mb.load_weights(module, path)
+    assert str(err.value) == f"{path}: weights do not match config.json (missing 2.weight; unexpected y)"
+
+
 def test_checkpoint_falls_back_to_previous_copy(tmp_path):
     """A run killed between the two renames of save_checkpoint leaves PATH.old, which still loads."""
     path = str(tmp_path / "ck")
@@ -651,6 +709,20 @@ def test_train_lm_clips_the_gradient_before_the_optimizer_step():
     train_sft.train_lm(model, examples, cfg, "cpu", 1, 1e-2, "base")
     moved = max((model.state_dict()[k].float() - v.float()).abs().max().item() for k, v in before.items())
     assert moved <= 2e-6, moved
+
+
+def test_train_lm_without_a_save_turns_a_signal_into_a_plain_ctrl_c(monkeypatch, capsys):
+    """A caller that passes no save (a test, a notebook) and gets a Ctrl-C: train_lm finishes the step in flight and
+    raises KeyboardInterrupt, where a script's loop would save and raise RunStopped. A signal pending from the start
+    (GracefulStop.requested patched): step 1 of 5 runs and logs, step 2 never starts."""
+    import train_sft
+    monkeypatch.setattr(mb.GracefulStop, "requested", lambda self: True)
+    model, examples = tiny_lm_and_examples()
+    cfg = train_sft.SFTConfig(warmup_iters=1, batch_size=2, log_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft.train_lm(model, examples, cfg, "cpu", 5, 1e-3, "base")
+    out = capsys.readouterr().out
+    assert "base 1/5 loss " in out and "base 2/5" not in out, out
 
 
 def test_verifier_draws_from_batch_stream_2(tmp_path, monkeypatch):
@@ -1055,3 +1127,50 @@ def test_median_time_is_the_median(monkeypatch):
     ticks = iter([0.0, 5.0, 10.0, 11.0, 20.0, 23.0])
     monkeypatch.setattr(mb, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
     assert mb._median_time(lambda: None, 3) == 3.0
+
+
+def test_bench_turns_its_timings_into_rates(monkeypatch, capsys):
+    """`python mmboundary.py --bench --repeats 1` with a stand-in timer (each timed function still runs once, so every
+    line of bench runs): matmul 1/8 s, train step 1/2 s, decoding 1/16 s with the KV cache and 1/4 s without (powers
+    of two: the rates are exact). Then: matmul 2 · 1024³ / (1/8) = 2^34 FLOP/s (17.2 GFLOP/s); 32 × (9 image + 100
+    text tokens) / (1/2) = 6976 tokens/s; train FLOP/s = 3 × the forward's FLOPs / (1/2) (forward + backward), as a
+    fraction of the matmul rate; decoding 8 × 100 / (1/16) = 12800 and 8 × 100 / (1/4) = 3200 tokens/s, a speed-up of
+    4.0. Repeats 1: the matmul is timed 2 × 1 times, the train step once, each decoding max(1, 1 // 2) = 1 time."""
+    timings, repeats_asked = iter([1 / 8, 1 / 2, 1 / 16, 1 / 4]), []
+
+    def stand_in_timer(fn, repeats):
+        fn()
+        repeats_asked.append(repeats)
+        return next(timings)
+    monkeypatch.setattr(mb, "_median_time", stand_in_timer)
+    results, real_bench = [], mb.bench
+
+    def recorded_bench(device, repeats):
+        results.append(real_bench(device, repeats=repeats))
+        return results[-1]
+    monkeypatch.setattr(mb, "bench", recorded_bench)
+    mb._main(["--bench", "--repeats", "1", "--device", "cpu"])
+    r = results[0]
+    assert repeats_asked == [2, 1, 1, 1]
+    cfg = mb.VLMConfig(vocab_size=300)
+    images = torch.zeros(32, cfg.image_size, cfg.image_size, 3, dtype=torch.uint8)
+    ids = torch.zeros(32, 100, dtype=torch.long)
+    forward_flops = mb.count_forward_flops(mb.TinyVLM(cfg), images, ids, ids)  # depends on the shapes only
+    assert (r["device"], r["threads"], r["image_tokens"]) == ("cpu", torch.get_num_threads(), 9)
+    assert r["matmul_flops"] == 2 ** 34 and r["train_step_s"] == 0.5 and r["train_tokens_per_s"] == 6976
+    assert r["train_flops"] == 3 * forward_flops * 2 and r["train_fraction_of_matmul"] == r["train_flops"] / 2 ** 34
+    assert (r["decode_tokens_per_s_cache"], r["decode_tokens_per_s_nocache"], r["cache_speedup"]) == (12800, 3200, 4.0)
+    fraction = f"{r['train_fraction_of_matmul']:.0%}"
+    assert capsys.readouterr().out.splitlines() == [
+        f"device cpu, {torch.get_num_threads()} threads",
+        "fp32 matmul 1024^3:               17.2 GFLOP/s",
+        f"train step (B=32, T=9+100):      500.0 ms,      6976 tokens/s, {6 * forward_flops / 1e9:.1f} GFLOP/s = "
+        f"{fraction} of matmul (target >= 40%)",
+        "decode 100 tokens, batch 8:      12800 tokens/s with KV cache, 3200 without: 4.0x (target >= 5x)"]
+
+
+def test_library_command_line_without_a_flag_prints_its_help(capsys):
+    """`python mmboundary.py` alone: the usage and both commands, nothing run."""
+    mb._main([])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ") and "--bench" in out and "--golden PATH" in out

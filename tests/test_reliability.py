@@ -140,6 +140,20 @@ def test_a_base_that_writes_no_step_stops_the_warmup_with_one_line(tmp_path, qui
     assert not (tmp_path / "warmup").exists()
 
 
+def test_a_rank_left_without_examples_stops_the_warmup_with_one_line(tmp_path, quick_pipeline, monkeypatch):
+    """A rank with nothing to fine-tune on (under torchrun: no pool chain of its own and --warmup-replay 0) would have
+    no batch to draw while the other ranks wait in DDP's first all-reduce: the warm-up stops with a UserError (run_cli
+    prints it as one line) before train_lm, and writes nothing. In one process: warmup_examples patched to give none.
+    (The test above never gets here: its empty pool stops the warm-up earlier, at "wrote no step".)"""
+    import train_sft
+    monkeypatch.setattr(mb, "warmup_examples", lambda *args, **kwargs: [])
+    cfg, _ = train_sft.parse(["--quick", "--stage", "warmup", "--device", "cpu", "--warmup-replay", "0"])
+    with pytest.raises(mb.UserError) as err:
+        train_sft.run_warmup(cfg, quick_pipeline["base"], str(tmp_path / "warmup"), "cpu")
+    assert str(err.value) == "warmup: the base model produced no steps to train on"
+    assert not (tmp_path / "warmup").exists()
+
+
 def test_output_that_is_the_input_is_refused(tmp_path, quick_pipeline):
     """A warm-up (or RL run) writing over its own --init would destroy the base: refused before anything runs."""
     base, warmup = tmp_path / "base", tmp_path / "warmup"
@@ -198,6 +212,79 @@ def test_sft_stop_and_resume_match_an_uninterrupted_run(tmp_path, quick_pipeline
     assert "base 12/12" in resumed.stdout and "base 4/12" not in resumed.stdout
     assert mb.read_training_state(str(tmp_path / "base")) is None  # a finished run keeps no training state
     assert_same_tensors(quick_pipeline["base"], tmp_path / "base", ("model.safetensors", "clip.safetensors"))
+
+
+def test_warmup_stop_and_resume_match_an_uninterrupted_run(tmp_path, quick_pipeline):
+    """The warm-up's 6 steps in one go (quick_pipeline's `--stage all`) == `--stage warmup --stop-at 3`, then
+    `--stage all --resume` on the parent folder: the base is found complete and skipped (its files untouched), the
+    warm-up's pool is recomputed (deterministic) and its fine-tuning continues from the stopped run's weights at
+    step 3. The same TinyVLM tensors and confidence_stats.json, exactly."""
+    shutil.copytree(quick_pipeline["base"], tmp_path / "base")
+    base_before = digest(tmp_path / "base")
+    flags = ["--quick", "--device", "cpu"]
+    stopped = run_script("train_sft.py", *flags, "--stage", "warmup", "--init", str(tmp_path / "base"),
+                         "--out", str(tmp_path / "warmup"), "--stop-at", "3")
+    assert "warmup: stopped after step 3/6 (--stop-at)" in stopped.stdout
+    assert mb.read_training_state(str(tmp_path / "warmup"))["step"] == 3
+    resumed = run_script("train_sft.py", *flags, "--out", str(tmp_path), "--resume")
+    assert f"base: {tmp_path / 'base'} is complete, skipping (--resume)" in resumed.stdout
+    assert "base 12/12" not in resumed.stdout and "warmup 6/6" in resumed.stdout
+    assert digest(tmp_path / "base") == base_before
+    assert mb.read_training_state(str(tmp_path / "warmup")) is None  # finished
+    assert_same_tensors(quick_pipeline["warmup"], tmp_path / "warmup")
+    assert (mb.read_json(os.path.join(quick_pipeline["warmup"], "confidence_stats.json"))
+            == mb.read_json(str(tmp_path / "warmup" / "confidence_stats.json")))
+
+
+def test_resume_point_skips_a_complete_stage_and_starts_a_missing_one_fresh(tmp_path, quick_pipeline, capsys):
+    """train_sft.resume_point with --resume: a finished stage -> "complete" (skipped), a folder that does not exist ->
+    None (fresh), each with its line; a folder holding another stage, or a config.json that is no checkpoint's
+    (a list; an object without "stage"), is refused by name. Without --resume: None, silently."""
+    import train_sft
+    cfg, _ = train_sft.parse(["--resume"])
+    missing = str(tmp_path / "missing")
+    assert train_sft.resume_point(cfg, quick_pipeline["base"], "base") == "complete"
+    assert train_sft.resume_point(cfg, missing, "warmup") is None
+    assert capsys.readouterr().out == (f"base: {quick_pipeline['base']} is complete, skipping (--resume)\n"
+                                       f"warmup: nothing to resume in {missing}, starting fresh\n")
+    with pytest.raises(mb.UserError) as err:
+        train_sft.resume_point(cfg, quick_pipeline["warmup"], "base")
+    assert str(err.value) == f"--resume: {quick_pipeline['warmup']} holds a 'warmup' checkpoint, not a 'base' run"
+    for i, config in enumerate(([1], {"model": {}})):
+        folder = tmp_path / f"foreign{i}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(mb.UserError) as err:
+            mb.run_status(str(folder), "rl")
+        assert str(err.value) == f"--resume: {folder} holds a None checkpoint, not a 'rl' run"
+    cfg.resume = False
+    assert train_sft.resume_point(cfg, quick_pipeline["base"], "base") is None
+    assert capsys.readouterr().out == ""
+
+
+def test_rl_resume_of_a_finished_run_does_nothing_and_of_a_missing_one_starts_fresh(tmp_path, quick_pipeline,
+                                                                                     monkeypatch, capsys):
+    """train_rl.py --resume on a finished RL folder: one line, return, the folder byte-for-byte unchanged. On a folder
+    that does not exist: one line, then a fresh run (stopped here at its first data draw, mb.make_dataset)."""
+    import train_rl
+    out = tmp_path / "rl"
+    shutil.copytree(quick_pipeline["rl"], out)
+    before = digest(out)
+    flags = ["--quick", "--device", "cpu", "--init", quick_pipeline["warmup"], "--resume"]
+    train_rl.main(flags + ["--out", str(out)])
+    assert f"rl: {out} is complete, nothing to resume\n" in capsys.readouterr().out
+    assert digest(out) == before
+
+    class FreshRunStarted(Exception):
+        pass
+
+    def first_draw(*args, **kwargs):
+        raise FreshRunStarted
+    monkeypatch.setattr(mb, "make_dataset", first_draw)
+    with pytest.raises(FreshRunStarted):
+        train_rl.main(flags + ["--out", str(tmp_path / "new")])
+    assert f"rl: nothing to resume in {tmp_path / 'new'}, starting fresh\n" in capsys.readouterr().out
+    assert not (tmp_path / "new").exists()
 
 
 def test_rl_stop_and_resume_match_an_uninterrupted_run(tmp_path, quick_pipeline):
@@ -272,6 +359,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert mb.read_training_state(str(out))["step"] == step  # the state after the last finite step
     model = mb.load_checkpoint(str(out)).model
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_clip_loss_stops_before_its_step(monkeypatch):
+    """TinyCLIP's InfoNCE loss turns NaN at its second call (TinyCLIP.forward patched; steps count from 0, so "at step
+    1"): train_clip stops before the optimizer applies it, with one line saying that no checkpoint holds this stage
+    yet, and TinyCLIP's weights are still finite (the one good step applied)."""
+    import train_sft
+    records = mb.make_dataset(8, 3)
+    tok = mb.build_tokenizer(records)
+    torch.manual_seed(0)
+    clip = mb.TinyCLIP(mb.CLIPConfig(n_layer=1, n_embd=16, embed_dim=8, n_head=2, vocab_size=len(tok)))
+    forward, calls = mb.TinyCLIP.forward, [0]
+
+    def nan_from_the_second_call(self, *args, **kwargs):
+        calls[0] += 1
+        loss = forward(self, *args, **kwargs)
+        return loss * float("nan") if calls[0] > 1 else loss
+    monkeypatch.setattr(mb.TinyCLIP, "forward", nan_from_the_second_call)
+    cfg = train_sft.SFTConfig(clip_batch_size=4, warmup_iters=1, log_every=1)
+    with pytest.raises(mb.UserError) as err:
+        train_sft.train_clip(clip, tok, records, cfg, "cpu", steps=3)
+    assert str(err.value) == "clip: loss is nan at step 1; stopping (no checkpoint written for this stage)"
+    assert calls[0] == 2 and all(torch.isfinite(p).all() for p in clip.parameters())
 
 
 # ---- 3. determinism: same seed, same weights, same printed metrics (against the quick_pipeline's runs)
@@ -431,3 +541,100 @@ def test_resume_command_drops_stop_at(monkeypatch):
     assert mb.resume_command(["--steps", "8", "--stop-at", "4", "--out", "a b"]) == (
         "python train_sft.py --steps 8 --out 'a b' --resume")
     assert mb.resume_command(["--resume", "--stop-at=2", "--out", "o"]) == "python train_sft.py --resume --out o"
+
+
+def test_a_signal_between_rl_iterations_saves_and_stops_with_the_resume_command(tmp_path, monkeypatch):
+    """train_rl.save_iteration after iteration 1 of 3 with a SIGTERM pending (and no --save-every or --stop-at due):
+    a resumable checkpoint (training state at iteration 1 of 3), then RunStopped with code 128 + 15 = 143 and the
+    line that says where it saved and how to continue."""
+    import train_rl
+    monkeypatch.setattr(mb.sys, "argv", ["train_rl.py", "--out", str(tmp_path / "rl")])
+    tok = mb.Tokenizer.build(["a b c"])
+    torch.manual_seed(0)
+    model = mb.TinyVLM(mb.VLMConfig(n_layer=1, n_head=2, n_embd=16, vit_layers=1, vit_embd=16, vocab_size=len(tok)))
+    cfg = train_rl.RLConfig(out=str(tmp_path / "rl"), iterations=3, save_every=100)
+    checkpoint = dict(model=model, tokenizer=tok, config={"stage": "rl"}, stats={"mu": 0.5})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stop = mb.GracefulStop()
+    stop._handle(signal.SIGTERM, None)
+    with pytest.raises(mb.RunStopped) as err:
+        train_rl.save_iteration(cfg, 1, checkpoint, opt, {"rollouts": random.Random(0)}, {}, stop, None)
+    assert err.value.code == 143
+    assert str(err.value) == (f"rl: interrupted after iteration 1/3, saved {tmp_path / 'rl'}; "
+                              f"continue with: python train_rl.py --out {tmp_path / 'rl'} --resume")
+    state = mb.read_training_state(str(tmp_path / "rl"))
+    assert (state["step"], state["total"]) == (1, 3)
+    assert mb.read_json(str(tmp_path / "rl" / "confidence_stats.json")) == {"mu": 0.5}
+
+
+def test_a_second_signal_stops_at_once():
+    """GracefulStop: the first signal only sets the flag; a second one (the user insists) raises KeyboardInterrupt
+    inside the handler, and the first signal is the one remembered (its exit code is the one reported)."""
+    stop = mb.GracefulStop()
+    stop._handle(signal.SIGTERM, None)
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+    assert stop.signum == signal.SIGTERM
+
+
+def test_run_cli_turns_ctrl_c_into_one_line_and_exit_130(capsys):
+    """A KeyboardInterrupt that reaches run_cli (a second Ctrl-C, or one outside any training loop): the one line
+    "interrupted" on stderr and exit code 130, no traceback."""
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exit_:
+        mb.run_cli(interrupted, [])
+    assert exit_.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+class CountingSGD(torch.optim.SGD):
+    """SGD that also keeps a plain-number entry in each parameter's state ("count", a python int), as older torch
+    kept AdamW's "step": the training state must carry non-tensor optimizer state through its JSON part."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["count"] = self.state[p].get("count", 0) + 1
+
+
+def test_training_state_carries_plain_number_optimizer_state(tmp_path):
+    """Two steps of CountingSGD -> count 2 for both parameters of a Linear(2, 2), in the JSON part of the state
+    (its tensors hold no "count"); a fresh optimizer resumed from it has count 2 back."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(2, 2)
+    opt = CountingSGD(layer.parameters(), lr=0.1)
+    for _ in range(2):
+        layer(torch.ones(1, 2)).sum().backward()
+        opt.step()
+    extra_json, extra_tensors = mb.training_state_files(2, opt, {}, total=4)
+    assert extra_json[mb.TRAINING_STATE_JSON]["optimizer"]["scalars"] == {"0": {"count": 2}, "1": {"count": 2}}
+    assert not any("count" in k for k in extra_tensors[mb.TRAINING_STATE_TENSORS])
+    write_state(tmp_path, extra_json, extra_tensors)
+    layer2 = torch.nn.Linear(2, 2)
+    opt2 = CountingSGD(layer2.parameters(), lr=0.1)
+    mb.load_training_state(str(tmp_path), opt2, {})
+    assert [opt2.state[p]["count"] for p in layer2.parameters()] == [2, 2]
+
+
+def test_training_state_errors_name_the_file(tmp_path):
+    """Each a UserError naming the folder or its training_state.json: a folder without one (a finished run) is not a
+    stopped run; an optimizer state saved for another model (a Linear(2, 2)'s 2 parameters) cannot go into an
+    optimizer of 4 (Linear(2, 3) then Linear(3, 1)); a state without its "world_size" key is malformed (KeyError)."""
+    folder = str(tmp_path)
+    with pytest.raises(mb.UserError) as err:
+        mb.load_training_state(folder, small_optimizer(), {})
+    assert str(err.value) == f"{folder}: no training_state.json, so not a stopped run (nothing to resume)"
+    extra_json, extra_tensors = mb.training_state_files(1, small_optimizer(), {}, total=2)
+    write_state(tmp_path, extra_json, extra_tensors)
+    where = os.path.join(folder, mb.TRAINING_STATE_JSON)
+    other = torch.optim.AdamW(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1)).parameters())
+    with pytest.raises(mb.UserError) as err:
+        mb.load_training_state(folder, other, {})
+    assert str(err.value) == f"{where}: optimizer state is for another model (parameter groups [2] != [4])"
+    meta = dict(extra_json[mb.TRAINING_STATE_JSON])
+    del meta["world_size"]
+    (tmp_path / mb.TRAINING_STATE_JSON).write_text(json.dumps(meta))
+    with pytest.raises(mb.UserError) as err:
+        mb.load_training_state(folder, small_optimizer(), {})
+    assert str(err.value) == f"{where}: malformed training state (KeyError: 'world_size')"
