@@ -3215,13 +3215,22 @@ class Progress:
 
 def check_out_folder(path, flag="--out", stage=None):
     """An output folder (made later if missing) must not be an existing file: save_checkpoint would move that file
-    aside to PATH.old and put a folder in its place. With stage ("base", "warmup", "rl": what the run writes), it must
-    not hold a checkpoint of another stage either: a typo such as `train_rl.py --out out/base` would replace the base
-    model. The same stage is a rerun or a --resume and is fine. -> None, or a UserError naming the flag."""
+    aside to PATH.old and put a folder in its place. With stage ("base", "warmup", "rl": what the run writes), the
+    folder is a checkpoint that save_checkpoint replaces whole, so it must hold nothing but a checkpoint's files
+    (CHECKPOINT_FILES: `--out ~/thesis` would delete the thesis), and not a checkpoint of another stage either: a
+    typo such as `train_rl.py --out out/base` would replace the base model. The same stage is a rerun or a --resume
+    and is fine. -> None, or a UserError naming the flag."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path}: a file is there, not a folder; name another {flag}")
+    if stage is None or not os.path.isdir(path):
+        return
+    foreign = sorted(set(os.listdir(path)) - CHECKPOINT_FILES)
+    if foreign:
+        raise UserError(f"{flag} {path} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
+                        f"which no checkpoint writes: saving the {stage} checkpoint there would delete it; "
+                        f"name another {flag}")
     config = os.path.join(path, "config.json")
-    if stage is None or not os.path.isfile(config):
+    if not os.path.isfile(config):
         return
     try:
         held = read_json(config).get("stage")
@@ -3441,6 +3450,10 @@ def check_stats(stats, where):
 
 TRAINING_STATE_JSON = "training_state.json"
 TRAINING_STATE_TENSORS = "training_state.safetensors"
+# every file a checkpoint folder may hold: save_checkpoint's own, the stages' extra_json (confidence_stats.json,
+# report.json) and a stopped run's state. check_out_folder refuses an --out that holds anything else.
+CHECKPOINT_FILES = {"model.safetensors", "clip.safetensors", "config.json", "tokenizer.json", "confidence_stats.json",
+                    "report.json", TRAINING_STATE_JSON, TRAINING_STATE_TENSORS}
 
 
 def setup_distributed(device_name="auto"):

@@ -3,6 +3,7 @@ nothing already saved is touched (the loader's messages are pinned in test_reald
 them through without a traceback)."""
 import importlib
 import json
+import os
 import shutil
 
 import numpy as np
@@ -262,6 +263,34 @@ def test_out_that_is_a_file_is_refused_and_kept(tmp_path, script, flags):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         f"error: --out {target}: a file is there, not a folder; name another --out"), proc.stderr
     assert target.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("script, flags, folder, copy", [
+    ("train_sft", ["--stage", "base"], "", None),  # before: thesis.txt deleted by save_checkpoint's swap
+    ("train_sft", ["--stage", "all"], "base", None),  # --out is the parent; the base checkpoint goes to OUT/base
+    ("train_rl", ["--init", "WARMUP"], "", None),
+    ("train_rl", ["--init", "WARMUP"], "", "rl"),  # an RL checkpoint, and a file of the user's beside it
+])
+def test_out_holding_files_no_checkpoint_writes_is_refused_and_kept(tmp_path, quick_pipeline, capsys, script, flags,
+                                                                    folder, copy):
+    """A checkpoint folder is replaced whole (PATH.tmp swapped in, the previous PATH deleted), so an --out that
+    holds anything a checkpoint does not (mb.CHECKPOINT_FILES) is refused before any work, naming the file: one
+    line, exit 2, every byte kept. A checkpoint of the run's own stage alone is a rerun and stays allowed."""
+    out = tmp_path / "mine"
+    if copy:
+        shutil.copytree(quick_pipeline[copy], out)
+    (out / folder).mkdir(parents=True, exist_ok=True)
+    (out / folder / "thesis.txt").write_text("mine")
+    before = sorted((str(p), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+    flags = [quick_pipeline["warmup"] if f == "WARMUP" else f for f in flags]
+    with pytest.raises(SystemExit) as exit_:
+        mb.run_cli(importlib.import_module(script).main, ["--quick", "--device", "cpu", *flags, "--out", str(out)])
+    target = os.path.normpath(os.path.join(out, folder))
+    assert exit_.value.code == 2 and capsys.readouterr().err == (
+        f"error: --out {target} holds thesis.txt, which no checkpoint writes: saving the "
+        f"{'rl' if script == 'train_rl' else 'base'} checkpoint there would delete it; name another --out\n")
+    assert sorted((str(p), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
+    assert mb.check_out_folder(quick_pipeline["rl"], stage="rl") is None  # its own stage's checkpoint: a rerun
 
 
 @pytest.mark.parametrize("script, seed", [("train_sft.py", "-1"), ("train_rl.py", str(2 ** 31)), ("evaluate.py", "-1")])
