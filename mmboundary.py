@@ -3894,10 +3894,11 @@ def bench(device="cpu", batch_size=32, text_len=100, new_tokens=100, repeats=5):
     # 3. decoding new_tokens tokens for a batch of 8, with and without the KV cache
     model.eval()
     prompt = torch.randint(5, 300, (8, 20), device=device)  # ids from 5: no special token in the prompt
+    images = images[torch.arange(8, device=device) % batch_size]  # 8 images, whatever the training batch was
     # eos_id=-1 never matches a token, so every run decodes exactly new_tokens tokens and the two paths compare
     for use_cache in (True, False):
-        model.generate(images[:8], prompt, max_new_tokens=4, use_cache=use_cache, eos_id=-1)
-        t = _median_time(lambda: (model.generate(images[:8], prompt, max_new_tokens=new_tokens, use_cache=use_cache,
+        model.generate(images, prompt, max_new_tokens=4, use_cache=use_cache, eos_id=-1)
+        t = _median_time(lambda: (model.generate(images, prompt, max_new_tokens=new_tokens, use_cache=use_cache,
                                                  eos_id=-1), sync()), max(1, repeats // 2))
         results["decode_tokens_per_s_" + ("cache" if use_cache else "nocache")] = 8 * new_tokens / t
     results["cache_speedup"] = results["decode_tokens_per_s_cache"] / results["decode_tokens_per_s_nocache"]

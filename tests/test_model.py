@@ -1169,6 +1169,15 @@ def test_bench_turns_its_timings_into_rates(monkeypatch, capsys):
         "decode 100 tokens, batch 8:      12800 tokens/s with KV cache, 3200 without: 4.0x (target >= 5x)"]
 
 
+def test_bench_decodes_a_batch_of_8_after_a_smaller_training_batch(monkeypatch):
+    """bench(batch_size=2) as a library call: the decoding batch is still 8 (the images cycle through the 2 drawn),
+    where slicing images[:8] gave 2 images for 8 prompts and generate failed. With the stand-in timer at 1/4 s
+    for each decoding: 8 × 3 new tokens / (1/4) = 96 tokens/s."""
+    monkeypatch.setattr(mb, "_median_time", lambda fn, repeats: (fn(), 0.25)[1])
+    r = mb.bench("cpu", batch_size=2, text_len=5, new_tokens=3, repeats=1)
+    assert r["decode_tokens_per_s_cache"] == r["decode_tokens_per_s_nocache"] == 96 and r["cache_speedup"] == 1.0
+
+
 def test_library_command_line_without_a_flag_prints_its_help(capsys):
     """`python mmboundary.py` alone: the usage and both commands, nothing run."""
     mb._main([])
