@@ -3782,7 +3782,8 @@ def run_status(path, stage):
     config = read_json(os.path.join(folder, "config.json"))
     if not isinstance(config, dict) or config.get("stage") != stage:
         found = config.get("stage") if isinstance(config, dict) else None
-        raise UserError(f"--resume: {folder} holds a {found!r} checkpoint, not a {stage!r} run")
+        held = f"a {found!r} checkpoint" if found is not None else "a config.json with no stage (no checkpoint of ours)"
+        raise UserError(f"--resume: {folder} holds {held}, not a {stage!r} run")
     return ("stopped" if read_training_state(folder) is not None else "complete"), folder
 
 

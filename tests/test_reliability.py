@@ -256,7 +256,8 @@ def test_resume_point_skips_a_complete_stage_and_starts_a_missing_one_fresh(tmp_
         (folder / "config.json").write_text(json.dumps(config))
         with pytest.raises(mb.UserError) as err:
             mb.run_status(str(folder), "rl")
-        assert str(err.value) == f"--resume: {folder} holds a None checkpoint, not a 'rl' run"
+        assert str(err.value) == (f"--resume: {folder} holds a config.json with no stage (no checkpoint of ours), "
+                                  "not a 'rl' run")
     cfg.resume = False
     assert train_sft.resume_point(cfg, quick_pipeline["base"], "base") is None
     assert capsys.readouterr().out == ""
