@@ -418,6 +418,7 @@ def test_number_statements_round_trip():
     assert mb.level_of_number_statement("the circle is red ( confidence 4 / 5 ) .") == 4
     assert mb.level_of_number_statement("(confidence 7/5)") is None
     assert mb.level_of_number_statement("with total certainty") is None
+    assert mb.level_of_number_statement(None) is None  # a step with no statement, as level_of_statement(None)
     for bad in (0, True):  # True == 1 and hashes like 1: only an explicit bool check refuses it
         with pytest.raises(ValueError):
             mb.confidence_number_statement(bad)
