@@ -291,6 +291,8 @@ def test_out_holding_files_no_checkpoint_writes_is_refused_and_kept(tmp_path, qu
         f"{'rl' if script == 'train_rl' else 'base'} checkpoint there would delete it; name another --out\n")
     assert sorted((str(p), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
     assert mb.check_out_folder(quick_pipeline["rl"], stage="rl") is None  # its own stage's checkpoint: a rerun
+    (tmp_path / "empty").mkdir()
+    assert mb.check_out_folder(str(tmp_path / "empty"), stage="rl") is None  # nothing there to lose
 
 
 @pytest.mark.parametrize("script, seed", [("train_sft.py", "-1"), ("train_rl.py", str(2 ** 31)), ("evaluate.py", "-1")])
