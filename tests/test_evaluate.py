@@ -639,6 +639,19 @@ def test_ablation_plan_rows_and_flags(tmp_path):
     commands, _ = ev.ablation_plan(cfg)
     assert "wo_mte/rl" not in dict(commands) and "wo_lnlp/rl" in dict(commands)
     assert "--resume" in dict(commands)["wo_lnlp/warmup"] and "--resume" not in dict(commands)["wo_lnlp/rl"]
+    # a rerun that finds every folder finished but wo_lnlp's RL, which was stopped: that run alone is continued,
+    # from its variant's finished warm-up (the main RL and every finished variant are never retrained); all done: none
+    os.remove(os.path.join(abl, "wo_lnlp", "warmup", mb.TRAINING_STATE_JSON))
+    for folder in [rl] + [os.path.join(abl, name, stage) for _, name, _, _ in ev.ABLATIONS if name
+                          for stage in ("warmup", "rl")]:
+        os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(abl, "wo_lnlp", "rl", mb.TRAINING_STATE_JSON), "w") as f:
+        json.dump({"step": 1, "total": 50}, f)
+    commands, _ = ev.ablation_plan(cfg)
+    assert [name for name, _ in commands] == ["wo_lnlp/rl"] and "--resume" in commands[0][1]
+    assert flags(commands[0][1], "--init") == os.path.join(abl, "wo_lnlp", "warmup")
+    os.remove(os.path.join(abl, "wo_lnlp", "rl", mb.TRAINING_STATE_JSON))
+    assert ev.ablation_plan(cfg)[0] == []
 
 
 # the rows of Table 1 in order, with the folder under --ablations-dir each is trained in (None: a main checkpoint)
