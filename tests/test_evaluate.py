@@ -211,6 +211,66 @@ def test_results_md_explains_its_columns_and_rows():
     assert "- rl: MMBoundary, the full method" in by_name and "- base: the base model" in by_name
 
 
+BLUE = "So, the answer is blue."  # a wrong answer step (the gold answer is red)
+
+
+def three_stated_chains():
+    """Three chains on record(): [CIRCLE unstated, ANSWER 5], [WRONG 1, BLUE 2], [WRONG 2, ANSWER 4]."""
+    return [[step(CIRCLE), step(ANSWER, 5)], [step(WRONG, 1), step(BLUE, 2)], [step(WRONG, 2), step(ANSWER, 4)]]
+
+
+def test_chain_metrics_hand_computed_in_one_bin():
+    """chain_metrics passes n_bins to every binned metric; with one bin each is |mean confidence - accuracy|.
+    Steps (confidence, truth): CIRCLE (.5 unstated, right), ANSWER (1, right) | WRONG (0, wrong), BLUE (.25, wrong) |
+    WRONG (.25, wrong), ANSWER (.75, right). Six steps, five stated: Stated 5/6 (not 5/3, per question).
+    MECE = |(.5 + 1 + 0 + .25 + .25 + .75)/6 - 3/6| = |2.75/6 - 3/6| = 1/24 (ten bins: 1.25/6).
+    ECE, answer steps 1 (right), .25 (wrong), .75 (right): |2/3 - 2/3| = 0 (ten bins: 1/6).
+    MECE-perc: CIRCLE .5, WRONG 0, WRONG .25 -> |.25 - 1/3| = 1/12; MECE-reas: |2/3 - 2/3| = 0.
+    AUROC: every right step (.5, 1, .75) above every wrong one (0, .25, .25) -> 1 (1 - confidence would give 0).
+    Brier = (.25 + 0 + 0 + .0625 + .0625 + .0625)/6 = .4375/6. F1 = (1 + 0 + 1/2)/3 = 1/2; Acc 2/3.
+    Class floor: -/perception right 1/3 -> .25, -/answer right 2/3 -> .75; one bin: |(3 .25 + 3 .75)/6 - 1/2| = 0
+    (ten bins: each class 1/12 off -> 1/12). Ceiling: right (1/3, 2/3, 2/3) against wrong (1/3, 1/3, 2/3): the
+    perception's right step ties its two wrong ones (1), each answer beats both wrong perceptions (4) and ties the
+    wrong answer (1) -> 6/9."""
+    steps = three_stated_chains()
+    m = ev.chain_metrics([record()] * 3, steps, [ev.stated_confidences(s) for s in steps], n_bins=1)
+    assert m["stated_fraction"] == pytest.approx(5 / 6) and m["n_steps"] == 6 and m["step_acc"] == 0.5
+    assert m["mece"] == pytest.approx(1 / 24) and m["ece"] == pytest.approx(0.0, abs=1e-12)
+    assert m["mece_perception"] == pytest.approx(1 / 12) and m["mece_reasoning"] == pytest.approx(0.0, abs=1e-12)
+    assert m["auroc"] == 1.0 and m["brier"] == pytest.approx(0.4375 / 6)
+    assert m["f1"] == pytest.approx(0.5) and m["acc"] == pytest.approx(2 / 3)
+    assert m["class_floor"]["mece"] == pytest.approx(0.0, abs=1e-12)
+    assert m["class_floor"]["auroc"] == pytest.approx(2 / 3)
+    ten = ev.chain_metrics([record()] * 3, steps, [ev.stated_confidences(s) for s in steps])
+    assert (ten["mece"], ten["ece"], ten["class_floor"]["mece"]) == pytest.approx((1.25 / 6, 1 / 6, 1 / 12))
+
+
+def test_results_md_tables_hold_each_rows_numbers():
+    """results.md on one split, two rows: "b" (stage base) answers [CIRCLE, ANSWER] three times stating nothing
+    (every step right: MECE |1 - .5| = .5, AUROC undefined "-"), "w" (stage warmup) the chains of the test above at
+    ten bins: Acc .667, F1 .5, ECE .167, MECE .208, MECE-perc .25, MECE-reas .167, AUROC 1, Brier .073, Stated .833;
+    class floor .083, ceiling .667. Only b is a constant row (Stated 0, not w's .833). The "-" sits in the first row,
+    so the note on undefined cells is there. w's self-correction entry (acc 1, MECE .1, 4 steps resampled, 1
+    replaced, 30 extra tokens): ΔAcc 1 - .667 = +.333, ΔMECE .1 - .208 = -.108, 30 tokens / 3 questions = 10.0 (not
+    / 6 steps)."""
+    steps = three_stated_chains()
+    w = ev.chain_metrics([record()] * 3, steps, [ev.stated_confidences(s) for s in steps])
+    w["self_correct"] = dict(w, acc=1.0, mece=0.1, resampled_steps=4, replaced_steps=1, sampled_tokens=30)
+    b = ev.chain_metrics([record()] * 3, [[step(CIRCLE), step(ANSWER)]] * 3, [[None, None]] * 3)
+    cfg = SimpleNamespace(n_bins=10, self_correct=2, sc_temperature=0.7)
+    md = ev.results_markdown({"b": {"test": b}, "w": {"test": w}}, cfg, "", {"test": "3 questions"}, 1.0,
+                             {"b": "base", "w": "warmup"}, splits=["test"]).splitlines()
+    assert "| w | 0.667 | 0.500 | 0.167 | 0.208 | 0.250 | 0.167 | 1.000 | 0.073 | 0.833 |" in md
+    assert "| b | 1.000 | 1.000 | 0.500 | 0.500 | 0.500 | 0.500 | - | 0.250 | 0.000 |" in md
+    assert f"- {ev.UNDEFINED}" in md
+    assert "- Rows with Stated 0 (b: |1.000 - 0.5| = 0.500, AUROC -): every step counts 0.5, so MECE is |step " \
+           "accuracy - 0.5|, small when about half the steps are right, yet AUROC is 0.5. A constant confidence near " \
+           "the average accuracy is calibrated on average but separates nothing; AUROC shows whether confidence " \
+           "ranks right steps above wrong ones." in md
+    assert "| w | 0.208 | 0.083 | 1.000 | 0.667 |" in md  # MECE, floor, AUROC, ceiling
+    assert "| w | test | 0.667 | 1.000 | 0.333 | 0.208 | 0.100 | -0.108 | 4 | 1 | 10.0 |" in md
+
+
 def test_ood_class_floor_scores_the_test_splits_levels(quick_pipeline):
     """evaluate_checkpoint hands test's class accuracies to ood: its "mece_test_levels" is class_floor of the ood
     steps with test's accuracies, recomputed here from the very chains it answered."""
@@ -442,6 +502,112 @@ def test_self_correction_resamples_steps_stating_level_3_or_below(tokenizer, mon
     ck = SimpleNamespace(model=model, tokenizer=tokenizer, clip=None)
     _, counts = ev.generate_self_corrected(ck, mb.make_dataset(2, 0, "test")[:1], 1, max_new_tokens=40)
     assert counts["resampled_steps"] == int(resampled) and counts["samples"] == int(resampled)
+
+
+def test_fitted_from_test_only_on_ood():
+    """class_floor's fitted accuracies go to the ood split alone, and only once test was answered: the test split
+    itself, the held-out split and a --data dataset's split get None (their MECE has no "test's levels" column)."""
+    metrics = {"test": {"class_floor": {"accuracy": {"color/answer": 0.5}}}}
+    assert ev.fitted_from_test(metrics, "ood") == {"color/answer": 0.5}
+    assert ev.fitted_from_test({}, "ood") is None
+    for split in ("test", "held-out", "aokvqa_val_mmb"):
+        assert ev.fitted_from_test(metrics, split) is None, split
+
+
+class RecordingModel(ScriptedModel):
+    """ScriptedModel that also records, for every row it decodes, (temperature, generator)."""
+
+    def generate(self, images, prompt_ids, prompt_mask=None, max_new_tokens=64, temperature=0.0, generator=None,
+                 eos_id=mb.EOS):
+        self.seen = getattr(self, "seen", []) + [(temperature, generator)] * prompt_ids.size(0)
+        return super().generate(images, prompt_ids, prompt_mask, max_new_tokens, temperature, generator, eos_id)
+
+
+def test_self_correction_draws_at_the_given_temperature_from_the_given_generator(tokenizer, monkeypatch):
+    """K = 2 at temperature .3 with a generator g: of two questions' first steps (level 2), the 2 x 2 draws are all
+    decoded at .3 from g (evaluate_checkpoint seeds g, so every checkpoint draws from the same stream); every other
+    decode (greedy steps, answers, <eos>) is at 0 without a generator."""
+    monkeypatch.setattr(ev, "step_clipscores", lambda clip, tok, records, texts, device: [0.5] * len(texts))
+    model = RecordingModel(tokenizer, [HIGH_5, LOW_SAME])
+    g = torch.Generator().manual_seed(0)
+    ck = SimpleNamespace(model=model, tokenizer=tokenizer, clip=None)
+    _, counts = ev.generate_self_corrected(ck, mb.make_dataset(2, 0, "test"), 2, temperature=0.3, max_new_tokens=40,
+                                           generator=g)
+    draws = [(t, gen) for t, gen in model.seen if t != 0]
+    assert counts["samples"] == 4 and len(draws) == 4
+    assert all(t == 0.3 and gen is g for t, gen in draws)
+    assert all(gen is None for t, gen in model.seen if t == 0)
+
+
+def test_self_correction_never_keeps_an_empty_draw(tokenizer, monkeypatch):
+    """A draw that writes nothing but "." has no content; it scores -inf, so even a CLIPScore of .9 for its empty
+    text (above the greedy version's .3) does not keep it: no step replaced, the greedy answer stands."""
+    monkeypatch.setattr(ev, "step_clipscores", lambda clip, tok, records, texts, device: [
+        0.9 if t == "" else CONTENT_SCORE[t] for t in texts])
+    ck = SimpleNamespace(model=ScriptedModel(tokenizer, ["."]), tokenizer=tokenizer, clip=None)
+    responses, counts = ev.generate_self_corrected(ck, mb.make_dataset(2, 0, "test"), 1, max_new_tokens=40)
+    assert counts["resampled_steps"] == 2 and counts["replaced_steps"] == 0
+    assert all(tokenizer.decode(r).startswith("at the center there is a large red circle, but i'm not sure.")
+               for r in responses)
+
+
+def test_self_correction_restates_within_the_token_budget(tokenizer, monkeypatch):
+    """max_new_tokens 15: the greedy step "at the center there is a large red circle, yet this needs checking." is 15
+    tokens (level 1); its draw LOW_1 (15 tokens, blue, CLIPScore .8 against .3) is kept; the kept content is 9 tokens
+    (at the center there is a large blue circle), so its greedy restatement may add 15 - 9 = 6 of RESTATED's 7
+    tokens (", and i am fairly confident" without its period). Each answer: 15 tokens, not 16; sampled tokens
+    2 x 15 (draws) + 2 x 6 (restatements) = 42."""
+    monkeypatch.setattr(ev, "step_clipscores", lambda clip, tok, records, texts, device: [CONTENT_SCORE[t] for t in texts])
+    greedy = "at the center there is a large red circle, yet this needs checking."
+    assert len(tokenizer.encode(greedy)) == len(tokenizer.encode(LOW_1)) == 15 and len(tokenizer.encode(RESTATED)) == 7
+    ck = SimpleNamespace(model=ScriptedModel(tokenizer, [LOW_1], greedy=greedy), tokenizer=tokenizer, clip=None)
+    responses, counts = ev.generate_self_corrected(ck, mb.make_dataset(2, 0, "test"), 1, max_new_tokens=15)
+    assert [len(r) for r in responses] == [15, 15]
+    assert all(tokenizer.decode(r) == "at the center there is a large blue circle, and i am fairly confident"
+               for r in responses)
+    assert counts["replaced_steps"] == 2 and counts["sampled_tokens"] == 2 * 15 + 2 * 6
+
+
+class UnevenModel(ScriptedModel):
+    """Question 0 ("... top right?") answers at once, sure, then <eos>. Question 1 writes two sure steps, then a
+    doubtful third step (greedy level 2) whose draw HIGH_4 is kept and restated; then <eos>. So when question 1's
+    doubt is resampled, question 0 has left the batch: question 1 is row 0 of that pass, not row 1."""
+
+    def generate(self, images, prompt_ids, prompt_mask=None, max_new_tokens=64, temperature=0.0, generator=None,
+                 eos_id=mb.EOS):
+        period, rows = self.tok.index["."], []
+        sure = "at the top left there is a small blue square, with total certainty."
+        for ids in prompt_ids.tolist():
+            question, answered = self.tok.decode(ids[:ids.index(mb.SEP)]), ids[ids.index(mb.SEP) + 1:]
+            n_steps = answered.count(period)
+            if "top right" in question:
+                rows.append(self.tok.encode("so, the answer is red, with total certainty.") if n_steps == 0 else [mb.EOS])
+            elif n_steps < 2:
+                rows.append(self.tok.encode(sure))
+            elif n_steps == 2 and answered[-1] != period:  # a kept draw's content: restate it
+                rows.append(self.tok.encode(RESTATED))
+            elif n_steps == 2:
+                rows.append(self.tok.encode(self.greedy if temperature == 0 else HIGH_4))
+            else:
+                rows.append([mb.EOS])
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [mb.PAD] * (width - len(r)) for r in rows])
+
+
+def test_self_correction_resamples_a_row_after_others_left_the_batch(tokenizer, monkeypatch):
+    """Rows finish at different passes: question 0 is done after two passes, question 1 doubts its third step in pass
+    3, when it is the only active row. Its draw is decoded from its own prefix (position 0 of that pass's batch) and
+    kept (CLIPScore .8 against .3): question 1 ends "..., large blue circle, and i am fairly confident."; question 0
+    is untouched."""
+    monkeypatch.setattr(ev, "step_clipscores", lambda clip, tok, records, texts, device: [CONTENT_SCORE[t] for t in texts])
+    recs = mb.make_dataset(2, 0, "test")
+    assert "top right" in recs[0]["question"] and "top right" not in recs[1]["question"]
+    ck = SimpleNamespace(model=UnevenModel(tokenizer, []), tokenizer=tokenizer, clip=None)
+    responses, counts = ev.generate_self_corrected(ck, recs, 1, max_new_tokens=80)
+    assert tokenizer.decode(responses[0]) == "so, the answer is red, with total certainty."
+    assert tokenizer.decode(responses[1]).endswith("with total certainty. at the center there is a large blue circle, "
+                                                   "and i am fairly confident.")
+    assert (counts["resampled_steps"], counts["replaced_steps"], counts["samples"]) == (1, 1, 1)
 
 
 def test_self_correct_entry_scores_the_corrected_answers(tokenizer, monkeypatch, tmp_path):

@@ -608,6 +608,22 @@ def test_statement_reading_example_hides_exactly_the_statements():
     assert mb.statement_reading_example(tok, dict(rec, keys_filtered={}), random.Random(0), block_size=160) is None
 
 
+def test_statement_reading_example_draws_a_level_then_a_clause_per_step():
+    """For each reference step in order, statement_reading_example draws a level rng.randint(1, 5), then one of that
+    level's clauses (statement_for): replaying those draws on a fresh random.Random(i) rebuilds the response it
+    encodes token for token, and over 20 questions' chains every level 1..5 is stated (so the replay shows the model
+    all five before it learns to state them; a randint(1, 4) would never show level 5)."""
+    tok = mb.build_tokenizer(mb.make_dataset(30, 3))
+    levels = set()
+    for i, rec in enumerate(mb.make_dataset(20, 3)):
+        _, ids, start, _ = mb.statement_reading_example(tok, rec, random.Random(i), block_size=160)
+        rng = random.Random(i)
+        text = " ".join(mb.attach_statement(s, mb.statement_for(rng.randint(1, 5), rng)) for s in mb.reference_steps(rec))
+        assert ids[start:] == tok.encode(text) + [mb.EOS]
+        levels |= {st.level for st in mb.split_steps(ids[start:], tok)}
+    assert levels == {1, 2, 3, 4, 5}
+
+
 def step_of(text):
     """A step with only its text (warmup_examples reads nothing else)."""
     return mb.Step(start=0, end=0, last=0, text=text, level=None)
@@ -842,6 +858,13 @@ def test_mix_with_replay_draws_own_and_replayed_chains_equally_often():
     assert train_sft.mix_with_replay(["a", "b", "c"], list("RSTUV")) == ["a", "b", "c"] * 2 + list("RSTUV")
     assert train_sft.mix_with_replay(["a", "b"], []) == ["a", "b"]
     assert train_sft.mix_with_replay([], ["R", "S"]) == ["R", "S"]
+
+
+def test_mix_with_replay_keeps_each_own_chain_once_against_a_short_replay():
+    """3 own chains and 1 replayed: round(1 / 3) = 0 copies would drop every self-answered chain (the warm-up would
+    learn no statement at all); at least one copy is kept: ["a", "b", "c", "R"]."""
+    import train_sft
+    assert train_sft.mix_with_replay(["a", "b", "c"], ["R"]) == ["a", "b", "c", "R"]
 
 
 def test_warmup_replays_the_reference_chains_of_all_the_bases_training_questions(quick_pipeline, tmp_path, monkeypatch):

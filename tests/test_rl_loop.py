@@ -470,6 +470,46 @@ def test_rollouts_use_this_ranks_generators_the_temperature_and_the_learning_rat
     assert len(opts) == 1 and opts[0].param_groups[0]["lr"] == 3e-4
 
 
+def test_train_hands_each_rollouts_judgement_and_signals_to_the_rewards(quick_pipeline, tmp_path, monkeypatch):
+    """Step 4's glue in train(), on the first rollout (--missing-penalty -.7, --kl-coef .03): step_rewards gets the
+    rollout's own steps, the verifier's judge_steps of each and the u_s that internal_confidence returned (that very
+    list, not a copy or a rounding); place_rewards puts those per-response rewards on the rollout's offsets and mask
+    with --missing-penalty; token_rewards subtracts --kl-coef times the rollout's kl from that score."""
+    cfg = quick_rl_config(quick_pipeline, tmp_path / "rl", missing_penalty=-0.7, kl_coef=0.03, n_eval=0)
+    seen = {}
+
+    def spy(name, module):
+        real = getattr(module, name)
+        def wrapped(*a, **k):
+            out = real(*a, **k)
+            seen[name] = (a, out)
+            return out
+        monkeypatch.setattr(module, name, wrapped)
+    spy("generate_responses", mb)
+    spy("internal_confidence", mb)
+    spy("score_rollout", train_rl)
+    spy("step_rewards", train_rl)
+    spy("place_rewards", train_rl)
+
+    def token_rewards(score, kl, mask, kl_coef):
+        seen["token_rewards"] = (score, kl, mask, kl_coef)
+        raise Stop
+    monkeypatch.setattr(train_rl, "token_rewards", token_rewards)
+    with pytest.raises(Stop):
+        train_rl.train(cfg, 0, 1, torch.device("cpu"))
+    (_, tok, batch), responses = seen["generate_responses"][0][:3], seen["generate_responses"][1][0]
+    steps = [mb.split_steps(r, tok) for r in responses]
+    ro, internal = seen["score_rollout"][1], seen["internal_confidence"][1]
+    (got_cfg, got_steps, correct, u), (per_response, _) = seen["step_rewards"]
+    assert got_cfg is cfg and got_steps == steps and u is internal
+    assert correct == [mb.judge_steps(rec, st) for rec, st in zip(batch, steps)]
+    (rewards, st2, offsets, mask, penalty), score = seen["place_rewards"]
+    assert rewards is per_response and st2 is got_steps and offsets is ro.offsets and mask is ro.mask
+    assert penalty == -0.7
+    assert seen["token_rewards"][0] is score and seen["token_rewards"][1] is ro.kl
+    assert seen["token_rewards"][2] is ro.mask and seen["token_rewards"][3] == 0.03
+
+
 def test_ppo_minibatches_are_reshuffled_every_iteration(quick_pipeline, tmp_path, monkeypatch):
     """Each (iteration, epoch) shuffles the rollout with its own generator, seed · 1000 + it · 10 + epoch (so a resumed
     run shuffles as an uninterrupted one): seed 1337, 1 epoch, 2 minibatches of 4 of the 8 rollouts; iteration 0 uses
