@@ -429,7 +429,7 @@ def generate_self_corrected(ck, records, k, temperature=0.7, max_new_tokens=128,
                     rows = [b for b, _ in restate]
                     heads = [prompts[b] + responses[b] + content for b, content in restate]
                     tails = _next_step(model, images[torch.tensor(rows, device=images.device)], heads,
-                                       [max(1, max_new_tokens - len(responses[b]) - len(content)) for b, content in restate],
+                                       [max(0, max_new_tokens - len(responses[b]) - len(content)) for b, content in restate],
                                        0.0, None, stop_ids, device)
                     for (b, content), tail in zip(restate, tails):
                         best[b] = content + tail

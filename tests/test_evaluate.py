@@ -566,6 +566,14 @@ def test_self_correction_restates_within_the_token_budget(tokenizer, monkeypatch
     assert all(tokenizer.decode(r) == "at the center there is a large blue circle, and i am fairly confident"
                for r in responses)
     assert counts["replaced_steps"] == 2 and counts["sampled_tokens"] == 2 * 15 + 2 * 6
+    # a kept draw that the budget cut off mid-step (15 tokens, no period) leaves 0 tokens to restate: the answer
+    # stays 15 tokens (a restatement budget of at least 1 made it 16, past --max-new-tokens)
+    monkeypatch.setattr(ev, "step_clipscores", lambda clip, tok, records, texts, device: [
+        0.9 if "blue" in t else 0.3 for t in texts])
+    cut = "at the center there is a large blue circle and a large blue circle too."
+    ck = SimpleNamespace(model=ScriptedModel(tokenizer, [cut], greedy=greedy), tokenizer=tokenizer, clip=None)
+    responses, counts = ev.generate_self_corrected(ck, mb.make_dataset(2, 0, "test"), 1, max_new_tokens=15)
+    assert [len(r) for r in responses] == [15, 15] and counts["sampled_tokens"] == 2 * 15
 
 
 class UnevenModel(ScriptedModel):
