@@ -3224,7 +3224,10 @@ def check_out_folder(path, flag="--out", stage=None):
         raise UserError(f"{flag} {path}: a file is there, not a folder; name another {flag}")
     if stage is None or not os.path.isdir(path):
         return
-    foreign = sorted(set(os.listdir(path)) - CHECKPOINT_FILES)
+    try:
+        foreign = sorted(set(os.listdir(path)) - CHECKPOINT_FILES)
+    except OSError as e:  # e.g. a folder this user may not read: saving there would fail too, after the training
+        raise UserError(f"{flag} {path}: cannot read the folder ({e.strerror}); name another {flag}") from None
     if foreign:
         raise UserError(f"{flag} {path} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
                         f"which no checkpoint writes: saving the {stage} checkpoint there would delete it; "

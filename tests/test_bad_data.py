@@ -291,8 +291,21 @@ def test_out_holding_files_no_checkpoint_writes_is_refused_and_kept(tmp_path, qu
         f"{'rl' if script == 'train_rl' else 'base'} checkpoint there would delete it; name another --out\n")
     assert sorted((str(p), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
     assert mb.check_out_folder(quick_pipeline["rl"], stage="rl") is None  # its own stage's checkpoint: a rerun
+    for stage in ("base", "warmup", "rl"):  # a file a stage adds must join CHECKPOINT_FILES, or reruns are refused
+        assert set(os.listdir(quick_pipeline[stage])) <= mb.CHECKPOINT_FILES, stage
     (tmp_path / "empty").mkdir()
     assert mb.check_out_folder(str(tmp_path / "empty"), stage="rl") is None  # nothing there to lose
+
+
+def test_out_folder_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
+    """A folder the user may not list (root ignores permissions, so os.listdir is made to refuse): a UserError naming
+    the flag and the reason, not os.listdir's PermissionError traceback before any work."""
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(mb.os, "listdir", refuse)
+    with pytest.raises(mb.UserError) as err:
+        mb.check_out_folder(str(tmp_path), stage="base")
+    assert str(err.value) == f"--out {tmp_path}: cannot read the folder (Permission denied); name another --out"
 
 
 @pytest.mark.parametrize("script, seed", [("train_sft.py", "-1"), ("train_rl.py", str(2 ** 31)), ("evaluate.py", "-1")])
